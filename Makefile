@@ -1,0 +1,40 @@
+# The commands the README and CI use. `make help` lists them.
+CARGO ?= cargo
+DEMO_DIR ?= $(CURDIR)/.dev/demo
+
+.PHONY: help build release demo demo-down test lint fmt ci
+
+help:
+	@echo "make demo       build release binaries and run a local cluster on loopback ($(DEMO_DIR))"
+	@echo "make demo-down  stop the local cluster"
+	@echo "make test       run every test (unit, cluster, end to end)"
+	@echo "make lint       rustfmt check and clippy with warnings as errors"
+	@echo "make ci         lint + test, as CI runs them"
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --workspace --release
+
+demo: release
+	DEMO_DIR=$(DEMO_DIR) ./deploy/demo.sh up
+
+demo-down:
+	DEMO_DIR=$(DEMO_DIR) ./deploy/demo.sh down
+
+test:
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+ci: lint test

@@ -1,0 +1,210 @@
+//! `ballast dev up|down`: a whole cluster as processes on loopback, with all
+//! state under one directory.
+//!
+//! Layout of DIR: `cluster.json` (what runs: name, pid, address),
+//! `cluster.env` (`BALLAST_META=...`, `BALLAST_CSI_SOCKET=...`), `logs/`,
+//! and one data directory per process.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ballast_proto::meta as pb;
+use meta_raft::testing::free_ports;
+use meta_raft::MetaClient;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+const STATE_FILE: &str = "cluster.json";
+const ENV_FILE: &str = "cluster.env";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Process {
+    pub name: String,
+    pub binary: String,
+    pub pid: u32,
+    pub address: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub processes: Vec<Process>,
+    pub meta: Vec<String>,
+    pub csi_socket: Option<String>,
+}
+
+pub struct UpOptions {
+    pub dir: PathBuf,
+    pub meta: usize,
+    pub storage: usize,
+    /// Where the daemons' binaries are; defaults to this executable's directory.
+    pub bin_dir: PathBuf,
+}
+
+fn is_running(process: &Process) -> bool {
+    // A recycled pid runs some other program: compare the executable name.
+    fs::read(format!("/proc/{}/cmdline", process.pid))
+        .map(|cmdline| {
+            let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            Path::new(std::str::from_utf8(argv0).unwrap_or_default()).file_name()
+                == Path::new(&process.binary).file_name()
+        })
+        .unwrap_or(false)
+}
+
+fn read_state(dir: &Path) -> anyhow::Result<Option<ClusterState>> {
+    match fs::read(dir.join(STATE_FILE)) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("reading cluster.json")?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).context("reading cluster.json"),
+    }
+}
+
+fn write_state(dir: &Path, state: &ClusterState) -> anyhow::Result<()> {
+    fs::write(dir.join(STATE_FILE), serde_json::to_vec_pretty(state)?).context("writing cluster.json")
+}
+
+fn spawn(dir: &Path, bin_dir: &Path, name: &str, binary: &str, args: &[String]) -> anyhow::Result<u32> {
+    let path = bin_dir.join(binary);
+    if !path.exists() {
+        bail!("{} not found; build the workspace first (cargo build --release)", path.display());
+    }
+    let log = fs::File::create(dir.join("logs").join(format!("{name}.log")))?;
+    let child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: the cluster outlives this command and the
+        // terminal's Ctrl-C.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", path.display()))?;
+    Ok(child.id())
+}
+
+pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
+    let dir = &options.dir;
+    if options.meta == 0 {
+        bail!("a cluster needs at least one metadata member");
+    }
+    if let Some(state) = read_state(dir)? {
+        let running: Vec<String> =
+            state.processes.iter().filter(|p| is_running(p)).map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
+        if !running.is_empty() {
+            bail!(
+                "a cluster is already running in {}: {}; stop it with `ballast dev down --dir {}`",
+                dir.display(),
+                running.join(", "),
+                dir.display()
+            );
+        }
+    }
+    fs::create_dir_all(dir.join("logs"))?;
+    let dir = fs::canonicalize(dir)?;
+    let mut state = ClusterState::default();
+
+    let ports = free_ports(options.meta + 2 * options.storage);
+    let meta_addrs: Vec<String> = ports[..options.meta].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let bootstrap: Vec<String> = meta_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
+    let bootstrap = bootstrap.join(",");
+    state.meta = meta_addrs.clone();
+    for (i, addr) in meta_addrs.iter().enumerate() {
+        let name = format!("meta{}", i + 1);
+        let args = vec![
+            "serve".into(),
+            "--id".into(),
+            (i + 1).to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            dir.join(&name).display().to_string(),
+            "--bootstrap".into(),
+            bootstrap.clone(),
+        ];
+        let pid = spawn(&dir, &options.bin_dir, &name, "meta-raft", &args)?;
+        state.processes.push(Process { name, binary: "meta-raft".into(), pid, address: addr.clone() });
+        write_state(&dir, &state)?;
+    }
+    let meta_list = meta_addrs.join(",");
+    for i in 0..options.storage {
+        let name = format!("storage{}", i + 1);
+        let addr = format!("127.0.0.1:{}", ports[options.meta + 2 * i]);
+        let metrics = format!("127.0.0.1:{}", ports[options.meta + 2 * i + 1]);
+        let args = vec![
+            "serve".into(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            dir.join(&name).display().to_string(),
+            "--meta".into(),
+            meta_list.clone(),
+            "--metrics-addr".into(),
+            metrics,
+            "--labels".into(),
+            format!("host={name}"),
+        ];
+        let pid = spawn(&dir, &options.bin_dir, &name, "storage-server", &args)?;
+        state.processes.push(Process { name, binary: "storage-server".into(), pid, address: addr });
+        write_state(&dir, &state)?;
+    }
+
+    wait_ready(&state, options.storage).await?;
+    let mut env = format!("BALLAST_META={meta_list}\n");
+    if let Some(socket) = &state.csi_socket {
+        env.push_str(&format!("BALLAST_CSI_SOCKET={socket}\n"));
+    }
+    fs::write(dir.join(ENV_FILE), env)?;
+    Ok(state)
+}
+
+async fn wait_ready(state: &ClusterState, storage: usize) -> anyhow::Result<()> {
+    let client = MetaClient::new(state.meta.clone())?.with_deadline(Duration::from_secs(2));
+    let started = Instant::now();
+    let mut last_problem = String::from("not checked yet");
+    while started.elapsed() < READY_TIMEOUT {
+        if let Some(dead) = state.processes.iter().find(|p| !is_running(p)) {
+            bail!("{} (pid {}) exited during startup; see its log under logs/", dead.name, dead.pid);
+        }
+        match client.list_chunk_servers(pb::ListChunkServersRequest {}).await {
+            Ok(reply) => {
+                let alive = reply.servers.iter().filter(|s| s.alive).count();
+                if alive >= storage {
+                    return Ok(());
+                }
+                last_problem = format!("{alive} of {storage} chunk servers registered");
+            }
+            Err(status) => last_problem = status.message().to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("cluster not ready after {READY_TIMEOUT:?}: {last_problem}")
+}
+
+/// Stops everything `up` started in `dir`: SIGTERM, then SIGKILL for
+/// whatever has not exited in time. Returns the names stopped.
+pub fn down(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let Some(state) = read_state(dir)? else {
+        return Ok(Vec::new());
+    };
+    let running: Vec<&Process> = state.processes.iter().filter(|p| is_running(p)).collect();
+    for process in &running {
+        let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while running.iter().any(|p| is_running(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for process in running.iter().filter(|p| is_running(p)) {
+        let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
+    }
+    fs::remove_file(dir.join(STATE_FILE))?;
+    let _ = fs::remove_file(dir.join(ENV_FILE));
+    Ok(running.iter().map(|p| p.name.clone()).collect())
+}

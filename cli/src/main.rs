@@ -1,0 +1,335 @@
+//! `ballast`: run a local development cluster and administer volumes,
+//! snapshots and chunk servers.
+
+mod dev;
+mod output;
+mod size;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use ballast_proto::meta as pb;
+use clap::{Parser, Subcommand};
+use meta_raft::client::META_ENV;
+use meta_raft::MetaClient;
+use output::Format;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "ballast", version, about = "Ballast replicated block storage: administration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(clap::Args, Clone)]
+struct Target {
+    /// Metadata endpoints, comma-separated host:port.
+    #[arg(long, env = META_ENV, global = true, default_value = "")]
+    meta: String,
+    /// Output format of read commands.
+    #[arg(short = 'o', long = "output", value_enum, global = true, default_value_t = Format::Table)]
+    output: Format,
+}
+
+impl Target {
+    fn client(&self) -> anyhow::Result<MetaClient> {
+        Ok(MetaClient::from_list(&self.meta)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// A local cluster of processes on loopback, for development and demos.
+    #[command(subcommand)]
+    Dev(Dev),
+    /// Leader, members, chunk servers, volumes and degraded chunks.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Create, list, inspect, grow and delete volumes.
+    Volume {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: VolumeCmd,
+    },
+    /// Create, list and delete snapshots.
+    Snapshot {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: SnapshotCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dev {
+    /// Start metadata members and chunk servers under DIR and wait until healthy.
+    ///
+    /// Example: ballast dev up --dir /tmp/ballast && . /tmp/ballast/cluster.env
+    Up {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        meta: usize,
+        #[arg(long, default_value_t = 3)]
+        storage: usize,
+        /// Directory holding meta-raft, storage-server, ... (default: next to `ballast`).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Stop everything `dev up` started under DIR.
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Example: ballast volume create db --size 10GiB --replicas 3
+    Create {
+        name: String,
+        #[arg(long, value_parser = size::parse_size)]
+        size: u64,
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+        #[arg(long, value_parser = size::parse_size)]
+        chunk_size: Option<u64>,
+    },
+    List,
+    /// VOLUME is an id or a name.
+    Get {
+        volume: String,
+    },
+    Delete {
+        volume: String,
+    },
+    /// Grow a volume. Example: ballast volume expand db --size 20GiB
+    Expand {
+        volume: String,
+        #[arg(long, value_parser = size::parse_size)]
+        size: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Example: ballast snapshot create nightly --volume db
+    Create {
+        name: String,
+        #[arg(long)]
+        volume: String,
+    },
+    List {
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+/// Resolves a volume given by id or by name.
+async fn find_volume(client: &MetaClient, volume: &str) -> anyhow::Result<pb::Volume> {
+    use pb::get_volume_request::Key;
+    let by_id = client.get_volume(pb::GetVolumeRequest { key: Some(Key::Id(volume.into())) }).await;
+    match by_id {
+        Ok(v) => Ok(v),
+        Err(status) if status.code() == tonic::Code::NotFound => client
+            .get_volume(pb::GetVolumeRequest { key: Some(Key::Name(volume.into())) })
+            .await
+            .with_context(|| format!("no volume with id or name {volume:?}")),
+        Err(status) => Err(status.into()),
+    }
+}
+
+fn print_volumes(format: Format, volumes: &[pb::Volume]) {
+    match format {
+        Format::Json => println!("{}", json!(volumes.iter().map(output::volume).collect::<Vec<_>>())),
+        Format::Table => output::print_table(output::VOLUME_HEADER, volumes.iter().map(output::volume_row).collect()),
+    }
+}
+
+fn print_snapshots(format: Format, snapshots: &[pb::Snapshot]) {
+    match format {
+        Format::Json => println!("{}", json!(snapshots.iter().map(output::snapshot).collect::<Vec<_>>())),
+        Format::Table => {
+            output::print_table(output::SNAPSHOT_HEADER, snapshots.iter().map(output::snapshot_row).collect())
+        }
+    }
+}
+
+async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
+    let client = target.client()?;
+    match command {
+        VolumeCmd::Create { name, size, replicas, chunk_size } => {
+            let request = pb::CreateVolumeRequest {
+                name,
+                size_bytes: size,
+                replicas,
+                chunk_size_bytes: chunk_size.unwrap_or(0),
+                ..Default::default()
+            };
+            print_volumes(target.output, &[client.create_volume(request).await?]);
+        }
+        VolumeCmd::List => print_volumes(target.output, &client.all_volumes().await?),
+        VolumeCmd::Get { volume } => print_volumes(target.output, &[find_volume(&client, &volume).await?]),
+        VolumeCmd::Delete { volume } => {
+            let id = find_volume(&client, &volume).await?.id;
+            client.delete_volume(pb::DeleteVolumeRequest { id: id.clone() }).await?;
+            eprintln!("deleted {id}");
+        }
+        VolumeCmd::Expand { volume, size } => {
+            let id = find_volume(&client, &volume).await?.id;
+            print_volumes(
+                target.output,
+                &[client.expand_volume(pb::ExpandVolumeRequest { id, size_bytes: size }).await?],
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn snapshot(target: Target, command: SnapshotCmd) -> anyhow::Result<()> {
+    let client = target.client()?;
+    match command {
+        SnapshotCmd::Create { name, volume } => {
+            let source_volume_id = find_volume(&client, &volume).await?.id;
+            let snap = client.create_snapshot(pb::CreateSnapshotRequest { name, source_volume_id }).await?;
+            print_snapshots(target.output, &[snap]);
+        }
+        SnapshotCmd::List { volume } => {
+            let source_volume_id = match volume {
+                Some(v) => find_volume(&client, &v).await?.id,
+                None => String::new(),
+            };
+            let mut snapshots = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = pb::ListSnapshotsRequest {
+                    source_volume_id: source_volume_id.clone(),
+                    page_size: 1000,
+                    page_token,
+                    ..Default::default()
+                };
+                let page = client.list_snapshots(request).await?;
+                snapshots.extend(page.snapshots);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            print_snapshots(target.output, &snapshots);
+        }
+        SnapshotCmd::Delete { id } => {
+            let reply = client.delete_snapshot(pb::DeleteSnapshotRequest { id: id.clone() }).await?;
+            eprintln!("{} {id}", if reply.existed { "deleted" } else { "no such snapshot" });
+        }
+    }
+    Ok(())
+}
+
+async fn status(target: Target) -> anyhow::Result<()> {
+    let client = target.client()?;
+    let cluster = client.status(pb::StatusRequest {}).await?;
+    let servers = client.list_chunk_servers(pb::ListChunkServersRequest {}).await?.servers;
+    let volumes = client.all_volumes().await?;
+    let live: std::collections::BTreeSet<&str> = servers.iter().filter(|s| s.alive).map(|s| s.id.as_str()).collect();
+    let mut degraded = Vec::new();
+    for v in &volumes {
+        let map = client.get_chunk_map(pb::GetChunkMapRequest { volume_id: v.id.clone() }).await?;
+        for chunk in map.chunks {
+            let healthy = chunk.replicas.iter().filter(|r| live.contains(r.server_id.as_str())).count();
+            if healthy < v.replicas as usize {
+                degraded.push(json!({"volume_id": v.id, "chunk_index": chunk.chunk_index,
+                    "healthy_replicas": healthy, "replicas": v.replicas, "generation": chunk.generation}));
+            }
+        }
+    }
+    let members: Vec<_> =
+        cluster.members.iter().map(|m| json!({"id": m.id, "address": m.address, "voter": m.voter})).collect();
+    match target.output {
+        Format::Json => println!(
+            "{}",
+            json!({
+                "leader": {"id": cluster.leader_id, "address": cluster.leader_address},
+                "term": cluster.term, "committed_index": cluster.committed_index,
+                "members": members,
+                "chunk_servers": servers.iter().map(output::chunk_server).collect::<Vec<_>>(),
+                "volumes": volumes.iter().map(output::volume).collect::<Vec<_>>(),
+                "degraded_chunks": degraded,
+            })
+        ),
+        Format::Table => {
+            println!("leader: {} ({}), term {}", cluster.leader_id, cluster.leader_address, cluster.term);
+            let rows = cluster
+                .members
+                .iter()
+                .map(|m| vec![m.id.to_string(), m.address.clone(), if m.voter { "voter" } else { "learner" }.into()])
+                .collect();
+            output::print_table(&["MEMBER", "ADDRESS", "ROLE"], rows);
+            println!();
+            let rows = servers
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.address.clone(),
+                        if s.alive { "up" } else { "down" }.into(),
+                        size::format_size(s.capacity_bytes),
+                        size::format_size(s.used_bytes),
+                    ]
+                })
+                .collect();
+            output::print_table(&["CHUNK SERVER", "ADDRESS", "STATE", "CAPACITY", "USED"], rows);
+            println!();
+            print_volumes(Format::Table, &volumes);
+            println!("\ndegraded chunks: {}", degraded.len());
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Top::Dev(Dev::Up { dir, meta, storage, bin_dir }) => {
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()?.parent().context("executable has no directory")?.to_path_buf(),
+            };
+            let state = dev::up(dev::UpOptions { dir: dir.clone(), meta, storage, bin_dir }).await?;
+            println!(
+                "cluster up: {} processes; environment in {}",
+                state.processes.len(),
+                dir.join("cluster.env").display()
+            );
+            println!("BALLAST_META={}", state.meta.join(","));
+            println!("stop it with: ballast dev down --dir {}", dir.display());
+            Ok(())
+        }
+        Top::Dev(Dev::Down { dir }) => {
+            let stopped = dev::down(&dir)?;
+            if stopped.is_empty() {
+                println!("nothing running in {}", dir.display());
+            } else {
+                println!("stopped {}", stopped.join(", "));
+            }
+            Ok(())
+        }
+        Top::Status { target } => status(target).await,
+        Top::Volume { target, command } => volume(target, command).await,
+        Top::Snapshot { target, command } => snapshot(target, command).await,
+    }
+    .or_else(|e: anyhow::Error| match e.downcast_ref::<tonic::Status>() {
+        Some(status) => bail!("{}: {}", code_name(status.code()), status.message()),
+        None => Err(e),
+    })
+}
+
+fn code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
+}

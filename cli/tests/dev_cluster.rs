@@ -1,0 +1,88 @@
+//! `ballast dev up|down` and the volume commands against the cluster it starts.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BALLAST: &str = env!("CARGO_BIN_EXE_ballast");
+
+fn ballast(args: &[&str], meta: Option<&str>) -> Output {
+    let mut command = Command::new(BALLAST);
+    command.args(args).env_remove("BALLAST_META");
+    if let Some(meta) = meta {
+        command.env("BALLAST_META", meta);
+    }
+    command.output().expect("running ballast")
+}
+
+fn ok(output: Output) -> String {
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Stops the cluster even when an assertion fails half-way.
+struct Down<'a>(&'a Path);
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = ballast(&["dev", "down", "--dir", self.0.to_str().unwrap()], None);
+    }
+}
+
+#[test]
+fn dev_up_serves_volume_commands_and_dev_down_stops_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
+    let _down = Down(dir.path());
+    ok(ballast(&["dev", "up", "--dir", dir_arg, "--storage", "0"], None));
+
+    let env = std::fs::read_to_string(dir.path().join("cluster.env")).unwrap();
+    let meta = env.lines().find_map(|l| l.strip_prefix("BALLAST_META=")).expect("BALLAST_META in cluster.env");
+    assert_eq!(meta.split(',').count(), 3);
+
+    let again = ballast(&["dev", "up", "--dir", dir_arg, "--storage", "0"], None);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"), "{again:?}");
+
+    ok(ballast(&["volume", "create", "data", "--size", "64MiB", "--replicas", "3"], Some(meta)));
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(ballast(&["volume", "list", "-o", "json"], Some(meta)))).unwrap();
+    assert_eq!(listed[0]["name"], "data");
+    assert_eq!(listed[0]["size_bytes"], 64 << 20);
+
+    ok(ballast(&["volume", "expand", "data", "--size", "128MiB"], Some(meta)));
+    let got: serde_json::Value =
+        serde_json::from_str(&ok(ballast(&["volume", "get", "data", "-o", "json"], Some(meta)))).unwrap();
+    assert_eq!(got[0]["size_bytes"], 128 << 20);
+
+    ok(ballast(&["snapshot", "create", "snap1", "--volume", "data"], Some(meta)));
+    let snaps: serde_json::Value =
+        serde_json::from_str(&ok(ballast(&["snapshot", "list", "--volume", "data", "-o", "json"], Some(meta))))
+            .unwrap();
+    assert_eq!(snaps[0]["name"], "snap1");
+
+    let status: serde_json::Value = serde_json::from_str(&ok(ballast(&["status", "-o", "json"], Some(meta)))).unwrap();
+    assert_ne!(status["leader"]["id"], 0);
+    assert_eq!(status["volumes"].as_array().unwrap().len(), 1);
+
+    let shrink = ballast(&["volume", "expand", "data", "--size", "4KiB"], Some(meta));
+    assert!(!shrink.status.success());
+    assert!(String::from_utf8_lossy(&shrink.stderr).contains("OutOfRange"), "{shrink:?}");
+
+    ok(ballast(&["volume", "delete", "data"], Some(meta)));
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(ballast(&["volume", "list", "-o", "json"], Some(meta)))).unwrap();
+    assert_eq!(listed, serde_json::json!([]));
+
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cluster.json")).unwrap()).unwrap();
+    let pids: Vec<i32> =
+        state["processes"].as_array().unwrap().iter().map(|p| p["pid"].as_i64().unwrap() as i32).collect();
+    let stopped = ok(ballast(&["dev", "down", "--dir", dir_arg], None));
+    assert!(stopped.contains("meta1"), "{stopped}");
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+                || std::fs::read(format!("/proc/{pid}/cmdline")).unwrap().is_empty(),
+            "pid {pid} stopped"
+        );
+    }
+}

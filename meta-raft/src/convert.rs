@@ -1,0 +1,83 @@
+//! Conversions between the replicated state and the protobuf messages.
+
+use ballast_proto::meta as pb;
+
+use crate::state::{now_ms, Attachment, ChunkServer, MetaState, ReplicaSet, Snapshot, Volume};
+use crate::types::Source;
+
+pub fn source_from_pb(source: Option<pb::ContentSource>) -> Option<Source> {
+    match source?.source? {
+        pb::content_source::Source::SnapshotId(id) => Some(Source::Snapshot(id)),
+        pb::content_source::Source::VolumeId(id) => Some(Source::Volume(id)),
+    }
+}
+
+fn source_to_pb(source: &Option<Source>) -> Option<pb::ContentSource> {
+    source.as_ref().map(|s| pb::ContentSource {
+        source: Some(match s {
+            Source::Snapshot(id) => pb::content_source::Source::SnapshotId(id.clone()),
+            Source::Volume(id) => pb::content_source::Source::VolumeId(id.clone()),
+        }),
+    })
+}
+
+pub fn volume(v: &Volume) -> pb::Volume {
+    pb::Volume {
+        id: v.id.clone(),
+        name: v.name.clone(),
+        size_bytes: v.size_bytes,
+        replicas: v.replicas,
+        chunk_size_bytes: v.chunk_size_bytes,
+        parameters: v.parameters.clone().into_iter().collect(),
+        content_source: source_to_pb(&v.source),
+        state: pb::VolumeState::Ready as i32,
+        created_at_ms: v.created_at_ms,
+        data_id: v.data_id,
+    }
+}
+
+pub fn snapshot(s: &Snapshot) -> pb::Snapshot {
+    pb::Snapshot {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        source_volume_id: s.source_volume_id.clone(),
+        size_bytes: s.size_bytes,
+        created_at_ms: s.created_at_ms,
+        ready_to_use: s.ready_to_use,
+        data_id: s.data_id,
+    }
+}
+
+pub fn chunk_server(s: &ChunkServer) -> pb::ChunkServer {
+    pb::ChunkServer {
+        id: s.id.clone(),
+        address: s.address.clone(),
+        capacity_bytes: s.capacity_bytes,
+        used_bytes: s.used_bytes,
+        allocated_bytes: s.allocated_bytes,
+        labels: s.labels.clone().into_iter().collect(),
+        draining: s.draining,
+        last_heartbeat_ms: s.last_heartbeat_ms,
+        alive: s.is_alive(now_ms()),
+    }
+}
+
+pub fn replica_set(state: &MetaState, volume_id: &str, chunk_index: u64, set: &ReplicaSet) -> pb::ChunkReplicaSet {
+    pb::ChunkReplicaSet {
+        volume_id: volume_id.to_string(),
+        chunk_index,
+        generation: set.generation,
+        replicas: set
+            .servers
+            .iter()
+            .map(|id| pb::Replica {
+                server_id: id.clone(),
+                address: state.servers.get(id).map(|s| s.address.clone()).unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+pub fn attachment(a: &Attachment) -> pb::Attachment {
+    pb::Attachment { volume_id: a.volume_id.clone(), node_id: a.node_id.clone(), epoch: a.epoch, readonly: a.readonly }
+}

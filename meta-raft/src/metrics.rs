@@ -1,0 +1,52 @@
+//! Prometheus metrics of a metadata member.
+
+use std::sync::LazyLock;
+
+use prometheus::{register_histogram_vec, register_int_gauge, HistogramVec, IntGauge};
+
+use crate::types::Raft;
+
+pub static TERM: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("ballast_meta_raft_term", "Current Raft term").unwrap());
+pub static LEADER: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("ballast_meta_raft_leader_id", "Member id of the current leader, 0 if unknown").unwrap()
+});
+pub static IS_LEADER: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("ballast_meta_raft_is_leader", "1 if this member is the leader").unwrap());
+pub static COMMITTED_INDEX: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("ballast_meta_raft_committed_index", "Highest committed log index").unwrap());
+pub static APPLIED_INDEX: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("ballast_meta_raft_applied_index", "Highest log index applied to the state machine").unwrap()
+});
+pub static LAST_LOG_INDEX: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("ballast_meta_raft_last_log_index", "Last log index on this member").unwrap());
+pub static SNAPSHOT_INDEX: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("ballast_meta_raft_snapshot_index", "Last log index covered by the newest snapshot").unwrap()
+});
+pub static REQUEST_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "ballast_meta_request_duration_seconds",
+        "Client API request latency by method and gRPC code",
+        &["method", "code"],
+        ballast_telemetry::latency_buckets()
+    )
+    .unwrap()
+});
+
+/// Mirrors openraft's metrics into the gauges until the member shuts down.
+pub async fn follow_raft(raft: Raft) {
+    let mut rx = raft.metrics();
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            TERM.set(m.current_term as i64);
+            LEADER.set(m.current_leader.unwrap_or(0) as i64);
+            IS_LEADER.set(i64::from(m.current_leader == Some(m.id)));
+            LAST_LOG_INDEX.set(m.last_log_index.unwrap_or(0) as i64);
+            SNAPSHOT_INDEX.set(m.snapshot.map(|s| s.index).unwrap_or(0) as i64);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

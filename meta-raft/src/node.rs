@@ -1,0 +1,118 @@
+//! Running one member: storage, Raft, and the gRPC server that carries both
+//! the Raft RPCs and the client API.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ballast_proto::meta::cluster_server::ClusterServer;
+use ballast_proto::meta::meta_server::MetaServer;
+use ballast_proto::meta::raft_server::RaftServer;
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::cluster::ClusterService;
+use crate::network::{PeerNetwork, RaftService};
+use crate::service::MetaService;
+use crate::types::{NodeId, Raft};
+use crate::{metrics, store};
+
+/// How to run a member.
+#[derive(Clone, Debug)]
+pub struct MemberConfig {
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    /// Address other members and clients use; defaults to `listen`.
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    /// Initial voters; when given, an uninitialised member initialises the
+    /// cluster with them (every member may do so with the same list).
+    pub bootstrap: Vec<(NodeId, String)>,
+    /// Build a snapshot after this many log entries.
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot for lagging followers.
+    pub keep_logs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("opening storage in {dir}: {source}")]
+    Storage { dir: PathBuf, source: sled::Error },
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+    #[error("starting raft: {0}")]
+    Raft(String),
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("serving gRPC: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+fn raft_config(config: &MemberConfig) -> Result<Arc<Config>, StartError> {
+    let raft_config = Config {
+        cluster_name: "ballast-meta".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        install_snapshot_timeout: 2_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+        max_in_snapshot_log_to_keep: config.keep_logs,
+        purge_batch_size: 64,
+        ..Default::default()
+    };
+    raft_config.validate().map(Arc::new).map_err(|e| StartError::Config(e.to_string()))
+}
+
+/// Runs a member until `shutdown` resolves, then stops serving and shuts
+/// Raft down cleanly.
+pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    let (log_store, state_machine) =
+        store::open(&config.data_dir).map_err(|source| StartError::Storage { dir: config.data_dir.clone(), source })?;
+    let shared = state_machine.shared();
+    let raft = Raft::new(config.id, raft_config(&config)?, PeerNetwork, log_store, state_machine)
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+    tokio::spawn(metrics::follow_raft(raft.clone()));
+
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| config.listen.to_string());
+    tracing::info!(id = config.id, listen = %config.listen, %advertise, "metadata member serving");
+
+    if !config.bootstrap.is_empty() {
+        bootstrap(&raft, &config.bootstrap).await;
+    }
+
+    let server = tonic::transport::Server::builder()
+        .add_service(RaftServer::new(RaftService::new(raft.clone())).max_decoding_message_size(usize::MAX))
+        .add_service(MetaServer::new(MetaService::new(raft.clone(), shared)))
+        .add_service(ClusterServer::new(ClusterService::new(raft.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let result = server.await;
+    tracing::info!(id = config.id, "stopping raft");
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    result.map_err(StartError::from)
+}
+
+async fn bootstrap(raft: &Raft, members: &[(NodeId, String)]) {
+    match raft.is_initialized().await {
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell whether the cluster is initialised");
+            return;
+        }
+    }
+    let nodes: BTreeMap<NodeId, BasicNode> =
+        members.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+    match raft.initialize(nodes).await {
+        Ok(()) => tracing::info!(?members, "initialised a new cluster"),
+        // Another member initialised first and already replicated to us.
+        Err(e) => tracing::info!(error = %e, "cluster initialisation skipped"),
+    }
+}

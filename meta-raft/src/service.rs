@@ -1,0 +1,386 @@
+//! The client API (`ballast.meta.v1.Meta`): writes go through the Raft log,
+//! reads are linearizable. A member that is not the leader answers
+//! UNAVAILABLE with the leader's address for the client to follow.
+
+use std::future::Future;
+use std::time::Instant;
+
+use ballast_proto::meta as pb;
+use ballast_proto::meta::meta_server::Meta;
+use openraft::error::{ClientWriteError, RaftError};
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::error::{not_leader, MetaError};
+use crate::metrics::REQUEST_LATENCY;
+use crate::state::{now_ms, page_size, paginate, MetaState};
+use crate::store::SharedState;
+use crate::types::{Command, NodeId, Outcome, Raft};
+
+#[derive(Clone)]
+pub struct MetaService {
+    raft: Raft,
+    state: SharedState,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Turns an openraft error into a status, pointing at the leader if the
+/// error says where it is.
+pub fn raft_status<E>(err: RaftError<NodeId, E>) -> Status
+where
+    E: std::fmt::Debug
+        + std::fmt::Display
+        + openraft::TryAsRef<openraft::error::ForwardToLeader<NodeId, openraft::BasicNode>>,
+{
+    if let Some(forward) = err.forward_to_leader::<openraft::BasicNode>() {
+        return not_leader(forward.leader_node.as_ref().map(|n| n.addr.as_str()));
+    }
+    match err {
+        RaftError::Fatal(fatal) => Status::unavailable(format!("metadata member is shutting down: {fatal}")),
+        RaftError::APIError(api) => Status::unavailable(api.to_string()),
+    }
+}
+
+impl MetaService {
+    pub fn new(raft: Raft, state: SharedState) -> Self {
+        Self { raft, state }
+    }
+
+    /// Commits `command` and returns what applying it produced.
+    async fn propose(&self, command: Command) -> Result<Outcome, Status> {
+        let request = crate::types::Request { at_ms: now_ms(), command };
+        match self.raft.client_write(request).await {
+            Ok(written) => written.data.map_err(Status::from),
+            Err(err) => Err(raft_status::<ClientWriteError<NodeId, openraft::BasicNode>>(err)),
+        }
+    }
+
+    /// Runs `f` on state that reflects every write acknowledged before the call.
+    async fn read<T>(&self, f: impl FnOnce(&MetaState) -> Result<T, MetaError>) -> Result<T, Status> {
+        self.raft.ensure_linearizable().await.map_err(raft_status)?;
+        self.read_local(f)
+    }
+
+    fn read_local<T>(&self, f: impl FnOnce(&MetaState) -> Result<T, MetaError>) -> Result<T, Status> {
+        let applied = self.state.read().expect("state lock poisoned");
+        f(&applied.state).map_err(Status::from)
+    }
+
+    fn replica_reply(&self, outcome: Outcome) -> Reply<pb::ChunkReplicaSet> {
+        match outcome {
+            Outcome::ReplicaSet { volume_id, chunk_index, set } => self
+                .read_local(|state| Ok(convert::replica_set(state, &volume_id, chunk_index, &set)))
+                .map(Response::new),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(outcome: Outcome) -> Status {
+    Status::internal(format!("state machine returned an unexpected outcome: {outcome:?}"))
+}
+
+/// Records the latency of one API call by method and result code.
+async fn timed<T>(method: &'static str, call: impl Future<Output = Reply<T>>) -> Reply<T> {
+    let started = Instant::now();
+    let result = call.await;
+    let code = match &result {
+        Ok(_) => "OK".to_string(),
+        Err(status) => format!("{:?}", status.code()),
+    };
+    REQUEST_LATENCY.with_label_values(&[method, &code]).observe(started.elapsed().as_secs_f64());
+    result
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Meta for MetaService {
+    async fn create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> Reply<pb::Volume> {
+        timed("CreateVolume", async {
+            let r = request.into_inner();
+            let command = Command::CreateVolume {
+                name: r.name,
+                size_bytes: r.size_bytes,
+                replicas: r.replicas,
+                chunk_size_bytes: r.chunk_size_bytes,
+                parameters: r.parameters.into_iter().collect(),
+                source: convert::source_from_pb(r.content_source),
+            };
+            match self.propose(command).await? {
+                Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn delete_volume(&self, request: Request<pb::DeleteVolumeRequest>) -> Reply<pb::DeleteVolumeResponse> {
+        timed("DeleteVolume", async {
+            let id = request.into_inner().id;
+            required("volume id", &id)?;
+            match self.propose(Command::DeleteVolume { id }).await? {
+                Outcome::Existed(existed) => Ok(Response::new(pb::DeleteVolumeResponse { existed })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn get_volume(&self, request: Request<pb::GetVolumeRequest>) -> Reply<pb::Volume> {
+        timed("GetVolume", async {
+            let key =
+                request.into_inner().key.ok_or_else(|| Status::invalid_argument("a volume id or name is required"))?;
+            let volume = self
+                .read(|state| {
+                    let found = match &key {
+                        pb::get_volume_request::Key::Id(id) => state.volumes.get(id),
+                        pb::get_volume_request::Key::Name(name) => state.volume_by_name(name),
+                    };
+                    found.map(convert::volume).ok_or_else(|| MetaError::not_found(format!("volume {key:?}")))
+                })
+                .await?;
+            Ok(Response::new(volume))
+        })
+        .await
+    }
+
+    async fn list_volumes(&self, request: Request<pb::ListVolumesRequest>) -> Reply<pb::ListVolumesResponse> {
+        timed("ListVolumes", async {
+            let r = request.into_inner();
+            let size = page_size(r.page_size)?;
+            let page = self.read(|state| paginate(&state.volumes, |_| true, &r.page_token, size)).await?;
+            Ok(Response::new(pb::ListVolumesResponse {
+                volumes: page.items.iter().map(convert::volume).collect(),
+                next_page_token: page.next.unwrap_or_default(),
+            }))
+        })
+        .await
+    }
+
+    async fn expand_volume(&self, request: Request<pb::ExpandVolumeRequest>) -> Reply<pb::Volume> {
+        timed("ExpandVolume", async {
+            let r = request.into_inner();
+            required("volume id", &r.id)?;
+            match self.propose(Command::ExpandVolume { id: r.id, size_bytes: r.size_bytes }).await? {
+                Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn create_snapshot(&self, request: Request<pb::CreateSnapshotRequest>) -> Reply<pb::Snapshot> {
+        timed("CreateSnapshot", async {
+            let r = request.into_inner();
+            let command = Command::CreateSnapshot { name: r.name, source_volume_id: r.source_volume_id };
+            match self.propose(command).await? {
+                Outcome::Snapshot(s) => Ok(Response::new(convert::snapshot(&s))),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn delete_snapshot(&self, request: Request<pb::DeleteSnapshotRequest>) -> Reply<pb::DeleteSnapshotResponse> {
+        timed("DeleteSnapshot", async {
+            let id = request.into_inner().id;
+            required("snapshot id", &id)?;
+            match self.propose(Command::DeleteSnapshot { id }).await? {
+                Outcome::Existed(existed) => Ok(Response::new(pb::DeleteSnapshotResponse { existed })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn list_snapshots(&self, request: Request<pb::ListSnapshotsRequest>) -> Reply<pb::ListSnapshotsResponse> {
+        timed("ListSnapshots", async {
+            let r = request.into_inner();
+            let size = page_size(r.page_size)?;
+            let page = self
+                .read(|state| {
+                    let keep = |s: &crate::state::Snapshot| {
+                        (r.snapshot_id.is_empty() || s.id == r.snapshot_id)
+                            && (r.source_volume_id.is_empty() || s.source_volume_id == r.source_volume_id)
+                    };
+                    paginate(&state.snapshots, keep, &r.page_token, size)
+                })
+                .await?;
+            Ok(Response::new(pb::ListSnapshotsResponse {
+                snapshots: page.items.iter().map(convert::snapshot).collect(),
+                next_page_token: page.next.unwrap_or_default(),
+            }))
+        })
+        .await
+    }
+
+    async fn register_chunk_server(&self, request: Request<pb::RegisterChunkServerRequest>) -> Reply<pb::ChunkServer> {
+        timed("RegisterChunkServer", async {
+            let r = request.into_inner();
+            let command = Command::RegisterChunkServer {
+                id: r.id,
+                address: r.address,
+                capacity_bytes: r.capacity_bytes,
+                labels: r.labels.into_iter().collect(),
+            };
+            match self.propose(command).await? {
+                Outcome::ChunkServer(s) => Ok(Response::new(convert::chunk_server(&s))),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatResponse> {
+        timed("Heartbeat", async {
+            let r = request.into_inner();
+            required("server id", &r.server_id)?;
+            let held = r.reports_chunks.then(|| r.chunks.iter().map(|c| (c.data_id, c.chunk_index)).collect());
+            let command = Command::Heartbeat {
+                server_id: r.server_id,
+                used_bytes: r.used_bytes,
+                capacity_bytes: r.capacity_bytes,
+                held,
+            };
+            match self.propose(command).await? {
+                Outcome::Orphaned(list) => Ok(Response::new(pb::HeartbeatResponse {
+                    orphaned: list
+                        .into_iter()
+                        .map(|(data_id, chunk_index)| pb::HeldChunk { data_id, chunk_index })
+                        .collect(),
+                })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn list_chunk_servers(
+        &self,
+        _request: Request<pb::ListChunkServersRequest>,
+    ) -> Reply<pb::ListChunkServersResponse> {
+        timed("ListChunkServers", async {
+            let servers = self.read(|state| Ok(state.servers.values().map(convert::chunk_server).collect())).await?;
+            Ok(Response::new(pb::ListChunkServersResponse { servers }))
+        })
+        .await
+    }
+
+    async fn set_draining(&self, request: Request<pb::SetDrainingRequest>) -> Reply<pb::ChunkServer> {
+        timed("SetDraining", async {
+            let r = request.into_inner();
+            required("server id", &r.server_id)?;
+            match self.propose(Command::SetDraining { server_id: r.server_id, draining: r.draining }).await? {
+                Outcome::ChunkServer(s) => Ok(Response::new(convert::chunk_server(&s))),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn allocate_chunk(&self, request: Request<pb::AllocateChunkRequest>) -> Reply<pb::ChunkReplicaSet> {
+        timed("AllocateChunk", async {
+            let r = request.into_inner();
+            required("volume id", &r.volume_id)?;
+            let outcome =
+                self.propose(Command::AllocateChunk { volume_id: r.volume_id, chunk_index: r.chunk_index }).await?;
+            self.replica_reply(outcome)
+        })
+        .await
+    }
+
+    async fn get_chunk_map(&self, request: Request<pb::GetChunkMapRequest>) -> Reply<pb::ChunkMap> {
+        timed("GetChunkMap", async {
+            let volume_id = request.into_inner().volume_id;
+            required("volume id", &volume_id)?;
+            let map = self
+                .read(|state| {
+                    if !state.volumes.contains_key(&volume_id) {
+                        return Err(MetaError::not_found(format!("volume {volume_id}")));
+                    }
+                    let chunks = state
+                        .chunk_map(&volume_id)
+                        .map(|m| m.iter().map(|(i, set)| convert::replica_set(state, &volume_id, *i, set)).collect())
+                        .unwrap_or_default();
+                    Ok(pb::ChunkMap { volume_id: volume_id.clone(), chunks })
+                })
+                .await?;
+            Ok(Response::new(map))
+        })
+        .await
+    }
+
+    async fn report_failed_replica(
+        &self,
+        request: Request<pb::ReportFailedReplicaRequest>,
+    ) -> Reply<pb::ChunkReplicaSet> {
+        timed("ReportFailedReplica", async {
+            let r = request.into_inner();
+            required("volume id", &r.volume_id)?;
+            required("server id", &r.server_id)?;
+            let outcome = self
+                .propose(Command::ReportFailedReplica {
+                    volume_id: r.volume_id,
+                    chunk_index: r.chunk_index,
+                    server_id: r.server_id,
+                    generation: r.generation,
+                })
+                .await?;
+            self.replica_reply(outcome)
+        })
+        .await
+    }
+
+    async fn publish_volume(&self, request: Request<pb::PublishVolumeRequest>) -> Reply<pb::Attachment> {
+        timed("PublishVolume", async {
+            let r = request.into_inner();
+            let command = Command::Publish { volume_id: r.volume_id, node_id: r.node_id, readonly: r.readonly };
+            match self.propose(command).await? {
+                Outcome::Attachment(a) => Ok(Response::new(convert::attachment(&a))),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn unpublish_volume(
+        &self,
+        request: Request<pb::UnpublishVolumeRequest>,
+    ) -> Reply<pb::UnpublishVolumeResponse> {
+        timed("UnpublishVolume", async {
+            let r = request.into_inner();
+            match self.propose(Command::Unpublish { volume_id: r.volume_id, node_id: r.node_id }).await? {
+                Outcome::Existed(existed) => Ok(Response::new(pb::UnpublishVolumeResponse { existed })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn list_attachments(
+        &self,
+        request: Request<pb::ListAttachmentsRequest>,
+    ) -> Reply<pb::ListAttachmentsResponse> {
+        timed("ListAttachments", async {
+            let volume_id = request.into_inner().volume_id;
+            required("volume id", &volume_id)?;
+            let attachments = self
+                .read(|state| {
+                    if !state.volumes.contains_key(&volume_id) {
+                        return Err(MetaError::not_found(format!("volume {volume_id}")));
+                    }
+                    Ok(state.attachments_of(&volume_id).iter().map(convert::attachment).collect())
+                })
+                .await?;
+            Ok(Response::new(pb::ListAttachmentsResponse { attachments }))
+        })
+        .await
+    }
+}

@@ -1,0 +1,773 @@
+//! The replicated metadata: volumes, chunk maps, snapshots, chunk servers and
+//! attachments, and the deterministic rules that change them.
+//!
+//! [`MetaState::apply`] is the only writer. It runs on every member for
+//! every committed command, so it must depend on nothing but its inputs.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::MetaError;
+use crate::placement::{self, LIVENESS_TIMEOUT_MS};
+use crate::types::{Command, Outcome, Source};
+
+pub const DEFAULT_REPLICAS: u32 = 3;
+pub const MAX_REPLICAS: u32 = 5;
+pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 20;
+pub const MIN_CHUNK_SIZE: u64 = 1 << 20;
+pub const MAX_CHUNK_SIZE: u64 = 1 << 30;
+/// Volumes are block devices: sizes are whole 4 KiB blocks.
+pub const SIZE_ALIGNMENT: u64 = 4096;
+pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+pub const MAX_NAME_LEN: usize = 253;
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: String,
+    /// Numeric id carried by data-plane frames.
+    pub data_id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub replicas: u32,
+    pub chunk_size_bytes: u64,
+    pub parameters: BTreeMap<String, String>,
+    pub source: Option<Source>,
+    pub created_at_ms: u64,
+    /// The newest fencing epoch handed out for this volume.
+    pub epoch: u64,
+}
+
+impl Volume {
+    pub fn chunk_count(&self) -> u64 {
+        self.size_bytes.div_ceil(self.chunk_size_bytes)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub data_id: u64,
+    pub name: String,
+    pub source_volume_id: String,
+    pub size_bytes: u64,
+    pub created_at_ms: u64,
+    pub ready_to_use: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkServer {
+    pub id: String,
+    pub address: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub allocated_bytes: u64,
+    pub labels: BTreeMap<String, String>,
+    pub draining: bool,
+    pub last_heartbeat_ms: u64,
+}
+
+impl ChunkServer {
+    /// Space not yet promised to replicas nor used on disk.
+    pub fn free_bytes(&self) -> u64 {
+        self.capacity_bytes.saturating_sub(self.used_bytes.max(self.allocated_bytes))
+    }
+
+    pub fn is_alive(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_heartbeat_ms) <= LIVENESS_TIMEOUT_MS
+    }
+
+    /// Servers with identical labels share a failure domain; a server
+    /// without labels is a domain of its own.
+    pub fn failure_domain(&self) -> String {
+        if self.labels.is_empty() {
+            return format!("server={}", self.id);
+        }
+        let parts: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parts.join(",")
+    }
+}
+
+/// The servers holding one chunk. The generation grows whenever a member
+/// leaves, so a stale view of the set can be recognised.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSet {
+    pub generation: u64,
+    pub servers: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub volume_id: String,
+    pub node_id: String,
+    pub epoch: u64,
+    pub readonly: bool,
+}
+
+/// All replicated metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    pub volumes: BTreeMap<String, Volume>,
+    pub volume_names: BTreeMap<String, String>,
+    pub chunk_maps: BTreeMap<String, BTreeMap<u64, ReplicaSet>>,
+    pub snapshots: BTreeMap<String, Snapshot>,
+    pub snapshot_names: BTreeMap<String, String>,
+    pub servers: BTreeMap<String, ChunkServer>,
+    /// volume id → node id → attachment.
+    pub attachments: BTreeMap<String, BTreeMap<String, Attachment>>,
+}
+
+pub fn volume_id(data_id: u64) -> String {
+    format!("vol-{data_id:x}")
+}
+
+pub fn snapshot_id(data_id: u64) -> String {
+    format!("snap-{data_id:x}")
+}
+
+fn validate_name(what: &str, name: &str) -> Result<(), MetaError> {
+    if name.is_empty() {
+        return Err(MetaError::invalid(format!("{what} name must not be empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(MetaError::invalid(format!("{what} name is longer than {MAX_NAME_LEN} bytes")));
+    }
+    Ok(())
+}
+
+fn validate_size(size_bytes: u64) -> Result<(), MetaError> {
+    if size_bytes == 0 {
+        return Err(MetaError::invalid("volume size must be greater than zero"));
+    }
+    if !size_bytes.is_multiple_of(SIZE_ALIGNMENT) {
+        return Err(MetaError::invalid(format!(
+            "volume size {size_bytes} is not a multiple of {SIZE_ALIGNMENT} bytes"
+        )));
+    }
+    if size_bytes > MAX_VOLUME_SIZE {
+        return Err(MetaError::OutOfRange(format!(
+            "volume size {size_bytes} exceeds the maximum of {MAX_VOLUME_SIZE} bytes"
+        )));
+    }
+    Ok(())
+}
+
+impl MetaState {
+    /// Applies one committed command. `index` is the command's log index,
+    /// unique for the cluster's lifetime, and names whatever it creates.
+    pub fn apply(&mut self, index: u64, at_ms: u64, command: Command) -> Result<Outcome, MetaError> {
+        match command {
+            Command::CreateVolume { name, size_bytes, replicas, chunk_size_bytes, parameters, source } => {
+                self.create_volume(index, at_ms, name, size_bytes, replicas, chunk_size_bytes, parameters, source)
+            }
+            Command::DeleteVolume { id } => self.delete_volume(&id),
+            Command::ExpandVolume { id, size_bytes } => self.expand_volume(&id, size_bytes),
+            Command::CreateSnapshot { name, source_volume_id } => {
+                self.create_snapshot(index, at_ms, name, source_volume_id)
+            }
+            Command::DeleteSnapshot { id } => {
+                let existed = match self.snapshots.remove(&id) {
+                    Some(snap) => {
+                        self.snapshot_names.remove(&snap.name);
+                        true
+                    }
+                    None => false,
+                };
+                Ok(Outcome::Existed(existed))
+            }
+            Command::RegisterChunkServer { id, address, capacity_bytes, labels } => {
+                self.register_server(at_ms, id, address, capacity_bytes, labels)
+            }
+            Command::Heartbeat { server_id, used_bytes, capacity_bytes, held } => {
+                self.heartbeat(at_ms, &server_id, used_bytes, capacity_bytes, held)
+            }
+            Command::SetDraining { server_id, draining } => {
+                let server = self
+                    .servers
+                    .get_mut(&server_id)
+                    .ok_or_else(|| MetaError::not_found(format!("chunk server {server_id}")))?;
+                server.draining = draining;
+                Ok(Outcome::ChunkServer(server.clone()))
+            }
+            Command::AllocateChunk { volume_id, chunk_index } => self.allocate_chunk(at_ms, &volume_id, chunk_index),
+            Command::ReportFailedReplica { volume_id, chunk_index, server_id, generation } => {
+                self.report_failed_replica(&volume_id, chunk_index, &server_id, generation)
+            }
+            Command::Publish { volume_id, node_id, readonly } => self.publish(&volume_id, &node_id, readonly),
+            Command::Unpublish { volume_id, node_id } => {
+                if volume_id.is_empty() || node_id.is_empty() {
+                    return Err(MetaError::invalid("volume id and node id are required"));
+                }
+                let existed = match self.attachments.get_mut(&volume_id) {
+                    Some(nodes) => {
+                        let existed = nodes.remove(&node_id).is_some();
+                        if nodes.is_empty() {
+                            self.attachments.remove(&volume_id);
+                        }
+                        existed
+                    }
+                    None => false,
+                };
+                Ok(Outcome::Existed(existed))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_volume(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        name: String,
+        size_bytes: u64,
+        replicas: u32,
+        chunk_size_bytes: u64,
+        parameters: BTreeMap<String, String>,
+        source: Option<Source>,
+    ) -> Result<Outcome, MetaError> {
+        validate_name("volume", &name)?;
+        validate_size(size_bytes)?;
+        let replicas = if replicas == 0 { DEFAULT_REPLICAS } else { replicas };
+        if replicas > MAX_REPLICAS {
+            return Err(MetaError::invalid(format!("replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")));
+        }
+        let chunk_size_bytes = if chunk_size_bytes == 0 { DEFAULT_CHUNK_SIZE } else { chunk_size_bytes };
+        if !chunk_size_bytes.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size_bytes) {
+            return Err(MetaError::invalid(format!(
+                "chunk size must be a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes, not {chunk_size_bytes}"
+            )));
+        }
+        if let Some(existing_id) = self.volume_names.get(&name) {
+            let existing = &self.volumes[existing_id];
+            let compatible = existing.size_bytes == size_bytes
+                && existing.replicas == replicas
+                && existing.chunk_size_bytes == chunk_size_bytes
+                && existing.parameters == parameters
+                && existing.source == source;
+            return if compatible {
+                Ok(Outcome::Volume(existing.clone()))
+            } else {
+                Err(MetaError::AlreadyExists(format!(
+                    "volume {name:?} exists as {} with a different size, replica count, chunk size, parameters or source",
+                    existing.id
+                )))
+            };
+        }
+        match &source {
+            Some(Source::Snapshot(id)) => {
+                let snap = self.snapshots.get(id).ok_or_else(|| MetaError::not_found(format!("snapshot {id}")))?;
+                if size_bytes < snap.size_bytes {
+                    return Err(MetaError::OutOfRange(format!(
+                        "volume size {size_bytes} is smaller than snapshot {id} ({} bytes)",
+                        snap.size_bytes
+                    )));
+                }
+            }
+            Some(Source::Volume(id)) => {
+                let src = self.volumes.get(id).ok_or_else(|| MetaError::not_found(format!("volume {id}")))?;
+                if size_bytes < src.size_bytes {
+                    return Err(MetaError::OutOfRange(format!(
+                        "volume size {size_bytes} is smaller than source volume {id} ({} bytes)",
+                        src.size_bytes
+                    )));
+                }
+            }
+            None => {}
+        }
+        let volume = Volume {
+            id: volume_id(index),
+            data_id: index,
+            name: name.clone(),
+            size_bytes,
+            replicas,
+            chunk_size_bytes,
+            parameters,
+            source,
+            created_at_ms: at_ms,
+            epoch: 0,
+        };
+        self.volume_names.insert(name, volume.id.clone());
+        self.volumes.insert(volume.id.clone(), volume.clone());
+        Ok(Outcome::Volume(volume))
+    }
+
+    fn delete_volume(&mut self, id: &str) -> Result<Outcome, MetaError> {
+        if id.is_empty() {
+            return Err(MetaError::invalid("volume id must not be empty"));
+        }
+        let Some(volume) = self.volumes.get(id) else {
+            return Ok(Outcome::Existed(false));
+        };
+        if let Some(nodes) = self.attachments.get(id) {
+            let names: Vec<&str> = nodes.keys().map(String::as_str).collect();
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {id} is published to {}; unpublish it first",
+                names.join(", ")
+            )));
+        }
+        let chunk_size = volume.chunk_size_bytes;
+        self.volume_names.remove(&volume.name);
+        self.volumes.remove(id);
+        for set in self.chunk_maps.remove(id).unwrap_or_default().into_values() {
+            self.release(&set.servers, chunk_size);
+        }
+        Ok(Outcome::Existed(true))
+    }
+
+    fn release(&mut self, servers: &[String], chunk_size: u64) {
+        for server_id in servers {
+            if let Some(server) = self.servers.get_mut(server_id) {
+                server.allocated_bytes = server.allocated_bytes.saturating_sub(chunk_size);
+            }
+        }
+    }
+
+    fn expand_volume(&mut self, id: &str, size_bytes: u64) -> Result<Outcome, MetaError> {
+        validate_size(size_bytes)?;
+        let volume = self.volumes.get_mut(id).ok_or_else(|| MetaError::not_found(format!("volume {id}")))?;
+        if size_bytes < volume.size_bytes {
+            return Err(MetaError::OutOfRange(format!(
+                "volume {id} is {} bytes; it can grow but not shrink to {size_bytes}",
+                volume.size_bytes
+            )));
+        }
+        volume.size_bytes = size_bytes;
+        Ok(Outcome::Volume(volume.clone()))
+    }
+
+    fn create_snapshot(&mut self, index: u64, at_ms: u64, name: String, source: String) -> Result<Outcome, MetaError> {
+        validate_name("snapshot", &name)?;
+        if source.is_empty() {
+            return Err(MetaError::invalid("snapshot source volume id must not be empty"));
+        }
+        if let Some(existing_id) = self.snapshot_names.get(&name) {
+            let existing = &self.snapshots[existing_id];
+            return if existing.source_volume_id == source {
+                Ok(Outcome::Snapshot(existing.clone()))
+            } else {
+                Err(MetaError::AlreadyExists(format!(
+                    "snapshot {name:?} exists as {} of volume {}",
+                    existing.id, existing.source_volume_id
+                )))
+            };
+        }
+        let volume = self.volumes.get(&source).ok_or_else(|| MetaError::not_found(format!("volume {source}")))?;
+        let snapshot = Snapshot {
+            id: snapshot_id(index),
+            data_id: index,
+            name: name.clone(),
+            source_volume_id: source,
+            size_bytes: volume.size_bytes,
+            created_at_ms: at_ms,
+            ready_to_use: true,
+        };
+        self.snapshot_names.insert(name, snapshot.id.clone());
+        self.snapshots.insert(snapshot.id.clone(), snapshot.clone());
+        Ok(Outcome::Snapshot(snapshot))
+    }
+
+    fn register_server(
+        &mut self,
+        at_ms: u64,
+        id: String,
+        address: String,
+        capacity_bytes: u64,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Outcome, MetaError> {
+        if id.is_empty() || address.is_empty() {
+            return Err(MetaError::invalid("chunk server id and address are required"));
+        }
+        let server = self.servers.entry(id.clone()).or_insert_with(|| ChunkServer {
+            id,
+            address: String::new(),
+            capacity_bytes: 0,
+            used_bytes: 0,
+            allocated_bytes: 0,
+            labels: BTreeMap::new(),
+            draining: false,
+            last_heartbeat_ms: 0,
+        });
+        server.address = address;
+        server.capacity_bytes = capacity_bytes;
+        server.labels = labels;
+        server.last_heartbeat_ms = at_ms;
+        Ok(Outcome::ChunkServer(server.clone()))
+    }
+
+    fn heartbeat(
+        &mut self,
+        at_ms: u64,
+        server_id: &str,
+        used_bytes: u64,
+        capacity_bytes: u64,
+        held: Option<Vec<(u64, u64)>>,
+    ) -> Result<Outcome, MetaError> {
+        let server = self
+            .servers
+            .get_mut(server_id)
+            .ok_or_else(|| MetaError::not_found(format!("chunk server {server_id} is not registered")))?;
+        server.used_bytes = used_bytes;
+        server.capacity_bytes = capacity_bytes;
+        server.last_heartbeat_ms = at_ms;
+        let orphaned = held
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&(data_id, chunk_index)| !self.references(server_id, data_id, chunk_index))
+            .collect();
+        Ok(Outcome::Orphaned(orphaned))
+    }
+
+    /// Whether metadata still expects `server_id` to hold this chunk.
+    fn references(&self, server_id: &str, data_id: u64, chunk_index: u64) -> bool {
+        if self.snapshots.contains_key(&snapshot_id(data_id)) {
+            return true;
+        }
+        self.chunk_maps
+            .get(&volume_id(data_id))
+            .and_then(|chunks| chunks.get(&chunk_index))
+            .is_some_and(|set| set.servers.iter().any(|s| s == server_id))
+    }
+
+    fn allocate_chunk(&mut self, at_ms: u64, volume_id: &str, chunk_index: u64) -> Result<Outcome, MetaError> {
+        let volume = self.volumes.get(volume_id).ok_or_else(|| MetaError::not_found(format!("volume {volume_id}")))?;
+        if chunk_index >= volume.chunk_count() {
+            return Err(MetaError::OutOfRange(format!(
+                "chunk {chunk_index} is beyond the end of volume {volume_id} ({} chunks)",
+                volume.chunk_count()
+            )));
+        }
+        if let Some(set) = self.chunk_maps.get(volume_id).and_then(|m| m.get(&chunk_index)) {
+            return Ok(self.replica_outcome(volume_id, chunk_index, set.clone()));
+        }
+        let wanted = volume.replicas as usize;
+        let chunk_size = volume.chunk_size_bytes;
+        let servers = placement::choose_replicas(&self.servers, wanted, chunk_size, at_ms, &[]);
+        // A new chunk may start degraded, but never without a majority of
+        // its replicas: the repair loop can only rebuild from survivors.
+        let needed = wanted / 2 + 1;
+        if servers.len() < needed {
+            return Err(MetaError::ResourceExhausted(format!(
+                "only {} live chunk servers with {chunk_size} bytes free; chunk needs at least {needed} of {wanted} replicas",
+                servers.len()
+            )));
+        }
+        for id in &servers {
+            if let Some(server) = self.servers.get_mut(id) {
+                server.allocated_bytes += chunk_size;
+            }
+        }
+        let set = ReplicaSet { generation: 1, servers };
+        self.chunk_maps.entry(volume_id.to_string()).or_default().insert(chunk_index, set.clone());
+        Ok(self.replica_outcome(volume_id, chunk_index, set))
+    }
+
+    fn replica_outcome(&self, volume_id: &str, chunk_index: u64, set: ReplicaSet) -> Outcome {
+        Outcome::ReplicaSet { volume_id: volume_id.to_string(), chunk_index, set }
+    }
+
+    fn report_failed_replica(
+        &mut self,
+        volume_id: &str,
+        chunk_index: u64,
+        server_id: &str,
+        generation: u64,
+    ) -> Result<Outcome, MetaError> {
+        let chunk_size = self
+            .volumes
+            .get(volume_id)
+            .ok_or_else(|| MetaError::not_found(format!("volume {volume_id}")))?
+            .chunk_size_bytes;
+        let set = self.chunk_maps.get_mut(volume_id).and_then(|m| m.get_mut(&chunk_index)).ok_or_else(|| {
+            MetaError::not_found(format!("chunk {chunk_index} of volume {volume_id} is not allocated"))
+        })?;
+        // A report against an older generation, or about a server already
+        // gone, changes nothing: the reporter re-reads the current set.
+        if set.generation != generation || !set.servers.iter().any(|s| s == server_id) {
+            let current = set.clone();
+            return Ok(self.replica_outcome(volume_id, chunk_index, current));
+        }
+        if set.servers.len() == 1 {
+            return Err(MetaError::FailedPrecondition(format!(
+                "server {server_id} holds the last replica of chunk {chunk_index} of volume {volume_id}"
+            )));
+        }
+        set.servers.retain(|s| s != server_id);
+        set.generation += 1;
+        let current = set.clone();
+        self.release(&[server_id.to_string()], chunk_size);
+        Ok(self.replica_outcome(volume_id, chunk_index, current))
+    }
+
+    fn publish(&mut self, volume_id: &str, node_id: &str, readonly: bool) -> Result<Outcome, MetaError> {
+        if volume_id.is_empty() || node_id.is_empty() {
+            return Err(MetaError::invalid("volume id and node id are required"));
+        }
+        let volume =
+            self.volumes.get_mut(volume_id).ok_or_else(|| MetaError::not_found(format!("volume {volume_id}")))?;
+        let nodes = self.attachments.entry(volume_id.to_string()).or_default();
+        if let Some(existing) = nodes.get(node_id) {
+            return if existing.readonly == readonly {
+                Ok(Outcome::Attachment(existing.clone()))
+            } else {
+                Err(MetaError::AlreadyExists(format!(
+                    "volume {volume_id} is already published to node {node_id} with readonly={}",
+                    existing.readonly
+                )))
+            };
+        }
+        // One writer, or any number of readers: never both.
+        if let Some(other) = nodes.values().find(|a| !a.readonly || !readonly) {
+            let other = other.node_id.clone();
+            if nodes.is_empty() {
+                self.attachments.remove(volume_id);
+            }
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {volume_id} is published to node {other}; a writable volume is attached to one node at a time"
+            )));
+        }
+        volume.epoch += 1;
+        let attachment = Attachment {
+            volume_id: volume_id.to_string(),
+            node_id: node_id.to_string(),
+            epoch: volume.epoch,
+            readonly,
+        };
+        nodes.insert(node_id.to_string(), attachment.clone());
+        Ok(Outcome::Attachment(attachment))
+    }
+
+    // ---- queries -------------------------------------------------------
+
+    pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
+        self.volume_names.get(name).and_then(|id| self.volumes.get(id))
+    }
+
+    pub fn chunk_map(&self, volume_id: &str) -> Option<&BTreeMap<u64, ReplicaSet>> {
+        self.chunk_maps.get(volume_id)
+    }
+
+    pub fn attachments_of(&self, volume_id: &str) -> Vec<Attachment> {
+        self.attachments.get(volume_id).map(|nodes| nodes.values().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// One page of a listing in key order.
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Key to pass back to continue after this page; `None` at the end.
+    pub next: Option<String>,
+}
+
+const TOKEN_PREFIX: &str = "after:";
+
+/// Checks a page size; 0 selects the default.
+pub fn page_size(requested: u32) -> Result<usize, MetaError> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE_SIZE as usize),
+        n if n > MAX_PAGE_SIZE => {
+            Err(MetaError::invalid(format!("page size {n} exceeds the maximum of {MAX_PAGE_SIZE}")))
+        }
+        n => Ok(n as usize),
+    }
+}
+
+/// Returns the entries of `map` that pass `keep`, in key order, starting
+/// after the key encoded in `token`.
+pub fn paginate<T: Clone>(
+    map: &BTreeMap<String, T>,
+    keep: impl Fn(&T) -> bool,
+    token: &str,
+    size: usize,
+) -> Result<Page<T>, MetaError> {
+    let start = if token.is_empty() {
+        Bound::Unbounded
+    } else {
+        let key = token
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or_else(|| MetaError::invalid(format!("page token {token:?} was not issued by this service")))?;
+        Bound::Excluded(key)
+    };
+    let mut page: Vec<(&String, &T)> =
+        map.range::<str, _>((start, Bound::Unbounded)).filter(|(_, v)| keep(v)).take(size + 1).collect();
+    let next = if page.len() > size {
+        page.truncate(size);
+        page.last().map(|(k, _)| format!("{TOKEN_PREFIX}{k}"))
+    } else {
+        None
+    };
+    Ok(Page { items: page.into_iter().map(|(_, v)| v.clone()).collect(), next })
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+
+    fn apply(state: &mut MetaState, index: u64, command: Command) -> Result<Outcome, MetaError> {
+        state.apply(index, NOW, command)
+    }
+
+    fn with_servers(count: usize) -> MetaState {
+        let mut state = MetaState::default();
+        for i in 0..count {
+            apply(
+                &mut state,
+                i as u64 + 1,
+                Command::RegisterChunkServer {
+                    id: format!("s{i}"),
+                    address: format!("127.0.0.1:{}", 7400 + i),
+                    capacity_bytes: 100 << 30,
+                    labels: BTreeMap::new(),
+                },
+            )
+            .unwrap();
+        }
+        state
+    }
+
+    fn volume(state: &mut MetaState, index: u64, name: &str, size_bytes: u64) -> Volume {
+        let command = Command::CreateVolume {
+            name: name.into(),
+            size_bytes,
+            replicas: 3,
+            chunk_size_bytes: 0,
+            parameters: BTreeMap::new(),
+            source: None,
+        };
+        match apply(state, index, command).unwrap() {
+            Outcome::Volume(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn replica_set(outcome: Outcome) -> ReplicaSet {
+        match outcome {
+            Outcome::ReplicaSet { set, .. } => set,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn chunk_allocation_is_idempotent_and_failure_reports_bump_the_generation() {
+        let mut state = with_servers(4);
+        let v = volume(&mut state, 10, "v", 256 << 20);
+        let alloc = Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 2 };
+        let first = replica_set(apply(&mut state, 11, alloc.clone()).unwrap());
+        assert_eq!(first.servers.len(), 3);
+        assert_eq!(replica_set(apply(&mut state, 12, alloc).unwrap()), first);
+
+        let failed = first.servers[0].clone();
+        let report = Command::ReportFailedReplica {
+            volume_id: v.id.clone(),
+            chunk_index: 2,
+            server_id: failed.clone(),
+            generation: first.generation,
+        };
+        let second = replica_set(apply(&mut state, 13, report.clone()).unwrap());
+        assert_eq!(second.generation, first.generation + 1);
+        assert!(!second.servers.contains(&failed));
+        // The same report again (a retry, or a second client) changes nothing.
+        assert_eq!(replica_set(apply(&mut state, 14, report).unwrap()), second);
+        assert_eq!(state.servers[&failed].allocated_bytes, 0);
+    }
+
+    #[test]
+    fn the_last_replica_is_never_dropped() {
+        let mut state = with_servers(1);
+        let mut v = volume(&mut state, 10, "v", 64 << 20);
+        v.replicas = 1;
+        state.volumes.insert(v.id.clone(), v.clone());
+        let set = replica_set(
+            apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0 }).unwrap(),
+        );
+        let report = Command::ReportFailedReplica {
+            volume_id: v.id,
+            chunk_index: 0,
+            server_id: set.servers[0].clone(),
+            generation: set.generation,
+        };
+        assert!(matches!(apply(&mut state, 12, report), Err(MetaError::FailedPrecondition(_))));
+    }
+
+    #[test]
+    fn allocation_needs_a_majority_of_live_servers() {
+        let mut state = with_servers(1);
+        let v = volume(&mut state, 10, "v", 64 << 20);
+        let result = apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id, chunk_index: 0 });
+        assert!(matches!(result, Err(MetaError::ResourceExhausted(_))), "{result:?}");
+    }
+
+    #[test]
+    fn heartbeats_name_chunks_nobody_references() {
+        let mut state = with_servers(3);
+        let v = volume(&mut state, 10, "v", 128 << 20);
+        let set = replica_set(
+            apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0 }).unwrap(),
+        );
+        let holder = set.servers[0].clone();
+        let held = vec![(v.data_id, 0), (v.data_id, 1), (999, 0)];
+        let beat = Command::Heartbeat {
+            server_id: holder.clone(),
+            used_bytes: 1,
+            capacity_bytes: 100 << 30,
+            held: Some(held),
+        };
+        match apply(&mut state, 12, beat).unwrap() {
+            Outcome::Orphaned(list) => assert_eq!(list, vec![(v.data_id, 1), (999, 0)]),
+            other => panic!("{other:?}"),
+        }
+        apply(&mut state, 13, Command::DeleteVolume { id: v.id.clone() }).unwrap();
+        let beat = Command::Heartbeat {
+            server_id: holder,
+            used_bytes: 1,
+            capacity_bytes: 100 << 30,
+            held: Some(vec![(v.data_id, 0)]),
+        };
+        match apply(&mut state, 14, beat).unwrap() {
+            Outcome::Orphaned(list) => assert_eq!(list, vec![(v.data_id, 0)]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pagination_walks_every_entry_once() {
+        let mut state = MetaState::default();
+        for i in 0..25 {
+            volume(&mut state, 100 + i, &format!("v{i}"), 1 << 20);
+        }
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = paginate(&state.volumes, |_| true, &token, 10).unwrap();
+            seen.extend(page.items.into_iter().map(|v| v.id));
+            match page.next {
+                Some(next) => token = next,
+                None => break,
+            }
+        }
+        let all: Vec<String> = state.volumes.keys().cloned().collect();
+        assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn deleting_a_published_volume_is_refused() {
+        let mut state = MetaState::default();
+        let v = volume(&mut state, 10, "v", 1 << 20);
+        apply(&mut state, 11, Command::Publish { volume_id: v.id.clone(), node_id: "n".into(), readonly: false })
+            .unwrap();
+        assert!(matches!(
+            apply(&mut state, 12, Command::DeleteVolume { id: v.id.clone() }),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        apply(&mut state, 13, Command::Unpublish { volume_id: v.id.clone(), node_id: "n".into() }).unwrap();
+        assert!(matches!(apply(&mut state, 14, Command::DeleteVolume { id: v.id }), Ok(Outcome::Existed(true))));
+    }
+}

@@ -1,0 +1,126 @@
+//! The Raft type configuration and the commands the log carries.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::MetaError;
+use crate::state::{Attachment, ChunkServer, ReplicaSet, Snapshot, Volume};
+
+/// Identifies a member of the metadata cluster.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// Openraft type configuration of the metadata service.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// A log entry's application payload: a command stamped with the proposer's
+/// wall clock, so that applying it is deterministic on every member.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub at_ms: u64,
+    pub command: Command,
+}
+
+/// A content source of a new volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    Snapshot(String),
+    Volume(String),
+}
+
+/// Every state change of the metadata service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    CreateVolume {
+        name: String,
+        size_bytes: u64,
+        replicas: u32,
+        chunk_size_bytes: u64,
+        parameters: BTreeMap<String, String>,
+        source: Option<Source>,
+    },
+    DeleteVolume {
+        id: String,
+    },
+    ExpandVolume {
+        id: String,
+        size_bytes: u64,
+    },
+    CreateSnapshot {
+        name: String,
+        source_volume_id: String,
+    },
+    DeleteSnapshot {
+        id: String,
+    },
+    RegisterChunkServer {
+        id: String,
+        address: String,
+        capacity_bytes: u64,
+        labels: BTreeMap<String, String>,
+    },
+    Heartbeat {
+        server_id: String,
+        used_bytes: u64,
+        capacity_bytes: u64,
+        /// Chunks the server reports holding, `(data_id, chunk_index)`.
+        held: Option<Vec<(u64, u64)>>,
+    },
+    SetDraining {
+        server_id: String,
+        draining: bool,
+    },
+    AllocateChunk {
+        volume_id: String,
+        chunk_index: u64,
+    },
+    ReportFailedReplica {
+        volume_id: String,
+        chunk_index: u64,
+        server_id: String,
+        generation: u64,
+    },
+    Publish {
+        volume_id: String,
+        node_id: String,
+        readonly: bool,
+    },
+    Unpublish {
+        volume_id: String,
+        node_id: String,
+    },
+}
+
+/// What applying a command produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Outcome {
+    None,
+    Volume(Volume),
+    Snapshot(Snapshot),
+    ChunkServer(ChunkServer),
+    ReplicaSet {
+        volume_id: String,
+        chunk_index: u64,
+        set: ReplicaSet,
+    },
+    Attachment(Attachment),
+    Existed(bool),
+    Orphaned(Vec<(u64, u64)>),
+    /// Entries that carry no command (blank and membership entries).
+    Empty,
+}
+
+/// The state machine's answer to one log entry.
+pub type Response = Result<Outcome, MetaError>;

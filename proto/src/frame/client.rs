@@ -1,0 +1,542 @@
+//! An async client for the data-plane protocol, used by volume engines.
+//!
+//! One [`DataClient`] owns one connection. Requests are pipelined: any number
+//! of tasks may call it concurrently (it is cheap to clone); a writer task
+//! batches their frames into vectored writes and a reader task hands each
+//! reply to its caller by request id. Read data is verified against the
+//! checksums the server returned before it is handed out.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpStream, ToSocketAddrs, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::payload::{decode_data_payload, decode_entries, BadBlocks, ChunkEntry, ChunkInfo, DirtyRegion, Entry};
+use super::{
+    decode_reply, first_bad_block, write_loop, Checksums, ErrorCode, Opcode, Reply, RequestHeader, WireFrame,
+    FLAG_ALL_VOLUMES, FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE,
+};
+
+/// Frames queued for the writer task before callers wait.
+const SEND_QUEUE: usize = 1024;
+/// Frames of one streaming reply buffered before the connection waits for
+/// the consumer. Use a dedicated connection for long streams.
+const STREAM_QUEUE: usize = 8;
+const READ_CHUNK: usize = 256 << 10;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{code} (aux {aux}): {message}")]
+    Remote { code: ErrorCode, aux: u64, message: String },
+    /// Received data did not match the checksums that came with it.
+    #[error("received block {block} does not match its checksum")]
+    Corrupt { block: usize },
+    #[error("connecting: {0}")]
+    Connect(#[source] io::Error),
+    /// The connection failed or was closed; the request may or may not have
+    /// been executed.
+    #[error("connection closed: {0}")]
+    Closed(String),
+    /// The server sent something this client does not understand.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The server's error code, for [`ClientError::Remote`].
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+type ReplyResult = Result<Reply, ClientError>;
+
+enum Waiter {
+    One(oneshot::Sender<ReplyResult>),
+    Stream(mpsc::Sender<ReplyResult>),
+}
+
+#[derive(Default)]
+struct Shared {
+    next_id: AtomicU64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<u64, Waiter>,
+    closed: Option<String>,
+}
+
+impl Shared {
+    fn register(&self, waiter: Waiter) -> Result<u64, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.lock().expect("client state poisoned");
+        if let Some(reason) = &state.closed {
+            return Err(ClientError::Closed(reason.clone()));
+        }
+        state.pending.insert(id, waiter);
+        Ok(id)
+    }
+
+    fn forget(&self, id: u64) {
+        self.state.lock().expect("client state poisoned").pending.remove(&id);
+    }
+
+    /// Fails every outstanding request and refuses new ones.
+    fn close(&self, reason: String) {
+        let pending = {
+            let mut state = self.state.lock().expect("client state poisoned");
+            state.closed.get_or_insert(reason.clone());
+            std::mem::take(&mut state.pending)
+        };
+        for waiter in pending.into_values() {
+            let err = Err(ClientError::Closed(reason.clone()));
+            match waiter {
+                Waiter::One(tx) => drop(tx.send(err)),
+                Waiter::Stream(tx) => drop(tx.try_send(err)),
+            }
+        }
+    }
+
+    async fn dispatch(&self, reply: Reply) {
+        let id = reply.header.request_id;
+        let stream = {
+            let mut state = self.state.lock().expect("client state poisoned");
+            match state.pending.get(&id) {
+                Some(Waiter::Stream(tx)) => {
+                    let tx = tx.clone();
+                    if reply.header.is_end() {
+                        state.pending.remove(&id);
+                    }
+                    Some(tx)
+                }
+                Some(Waiter::One(_)) => {
+                    if let Some(Waiter::One(tx)) = state.pending.remove(&id) {
+                        let _ = tx.send(Ok(reply));
+                    }
+                    return;
+                }
+                // The caller gave up waiting.
+                None => return,
+            }
+        };
+        if let Some(tx) = stream {
+            let _ = tx.send(Ok(reply)).await;
+        }
+    }
+}
+
+/// A pipelined connection to one chunk server.
+#[derive(Clone)]
+pub struct DataClient {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<WireFrame>,
+}
+
+/// One segment of a `CHUNK_READ_STREAM`.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    /// Byte offset of the segment within the chunk.
+    pub offset: u64,
+    pub data: Bytes,
+    pub checksums: Vec<u32>,
+}
+
+/// Result of an admin scrub.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    pub blocks_checked: u64,
+    pub bad: Vec<BadBlocks>,
+}
+
+/// Segments of a chunk stream, in order. Ends after the last segment or
+/// the first error.
+pub struct ChunkStream {
+    rx: mpsc::Receiver<ReplyResult>,
+    done: bool,
+}
+
+impl ChunkStream {
+    pub async fn next(&mut self) -> Option<Result<Segment, ClientError>> {
+        if self.done {
+            return None;
+        }
+        let reply = match self.rx.recv().await {
+            Some(Ok(reply)) => reply,
+            Some(Err(e)) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+            None => {
+                self.done = true;
+                return Some(Err(ClientError::Closed("stream ended without END".into())));
+            }
+        };
+        self.done = reply.header.is_end();
+        Some(into_result(reply).and_then(|reply| {
+            let offset = reply.header.aux;
+            let (data, checksums) = verified_data(reply)?;
+            Ok(Segment { offset, data, checksums })
+        }))
+    }
+}
+
+fn into_result(reply: Reply) -> Result<Reply, ClientError> {
+    match reply.header.status {
+        Ok(()) => Ok(reply),
+        Err(code) => Err(ClientError::Remote { code, aux: reply.header.aux, message: reply.message() }),
+    }
+}
+
+fn verified_data(reply: Reply) -> Result<(Bytes, Vec<u32>), ClientError> {
+    let (data, checksums) = decode_data_payload(reply.payload)
+        .ok_or_else(|| ClientError::Protocol("data payload of invalid length".into()))?;
+    if let Some(block) = first_bad_block(&data, &checksums) {
+        return Err(ClientError::Corrupt { block });
+    }
+    Ok((data, checksums.to_vec()))
+}
+
+fn entries<E: Entry>(payload: Bytes) -> Result<Vec<E>, ClientError> {
+    decode_entries(payload).ok_or_else(|| ClientError::Protocol("record payload of invalid length".into()))
+}
+
+fn volume_scope(header: &mut RequestHeader, volume: Option<u64>) {
+    match volume {
+        Some(v) => header.volume = v,
+        None => header.flags |= FLAG_ALL_VOLUMES,
+    }
+}
+
+impl DataClient {
+    /// Connects to `endpoint`: `unix:/path/to/socket` or `host:port`.
+    pub async fn connect(endpoint: &str) -> Result<DataClient, ClientError> {
+        match endpoint.strip_prefix("unix:") {
+            Some(path) => DataClient::connect_unix(path).await,
+            None => DataClient::connect_tcp(endpoint).await,
+        }
+    }
+
+    pub async fn connect_tcp(addr: impl ToSocketAddrs) -> Result<DataClient, ClientError> {
+        let stream = TcpStream::connect(addr).await.map_err(ClientError::Connect)?;
+        stream.set_nodelay(true).map_err(ClientError::Connect)?;
+        let (r, w) = stream.into_split();
+        Ok(DataClient::spawn(r, w))
+    }
+
+    pub async fn connect_unix(path: impl AsRef<Path>) -> Result<DataClient, ClientError> {
+        let stream = UnixStream::connect(path).await.map_err(ClientError::Connect)?;
+        let (r, w) = stream.into_split();
+        Ok(DataClient::spawn(r, w))
+    }
+
+    /// Runs the protocol over an already connected stream.
+    pub fn from_stream<S>(stream: S) -> DataClient
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        DataClient::spawn(r, w)
+    }
+
+    fn spawn<R, W>(reader: R, writer: W) -> DataClient
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let on_error = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = write_loop(writer, rx).await {
+                on_error.close(format!("write failed: {e}"));
+            }
+        });
+        tokio::spawn(read_loop(reader, shared.clone()));
+        DataClient { shared, tx }
+    }
+
+    async fn send(&self, header: RequestHeader, data: Bytes, tail: Bytes) -> Result<(), ClientError> {
+        let id = header.request_id;
+        let frame = WireFrame::request(&header, data, tail);
+        if self.tx.send(frame).await.is_err() {
+            self.shared.forget(id);
+            return Err(ClientError::Closed("writer stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Sends one request and waits for its single reply.
+    async fn call(&self, mut header: RequestHeader, data: Bytes, tail: Bytes) -> Result<Reply, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        header.request_id = self.shared.register(Waiter::One(tx))?;
+        self.send(header, data, tail).await?;
+        let reply = rx.await.map_err(|_| ClientError::Closed("reply channel dropped".into()))??;
+        into_result(reply)
+    }
+
+    /// Sends one request whose reply spans several frames.
+    async fn call_stream(&self, mut header: RequestHeader) -> Result<mpsc::Receiver<ReplyResult>, ClientError> {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        header.request_id = self.shared.register(Waiter::Stream(tx))?;
+        self.send(header, Bytes::new(), Bytes::new()).await?;
+        Ok(rx)
+    }
+
+    /// Collects the records of a multi-frame listing, and the last frame's `aux`.
+    async fn collect<E: Entry>(&self, header: RequestHeader) -> Result<(Vec<E>, u64), ClientError> {
+        let mut rx = self.call_stream(header).await?;
+        let mut out = Vec::new();
+        loop {
+            let reply = match rx.recv().await {
+                Some(reply) => into_result(reply?)?,
+                None => return Err(ClientError::Closed("listing ended without END".into())),
+            };
+            let end = reply.header.is_end();
+            let aux = reply.header.aux;
+            out.extend(entries::<E>(reply.payload)?);
+            if end {
+                return Ok((out, aux));
+            }
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.call(RequestHeader::new(Opcode::Ping, 0), Bytes::new(), Bytes::new()).await.map(drop)
+    }
+
+    /// Writes `data` (a multiple of 4 KiB) at `offset` of the chunk.
+    /// `checksums` holds the CRC32 of each 4 KiB block ([`super::block_checksums`]).
+    /// With `fua` the data is durable when this returns.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write(
+        &self,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        data: Bytes,
+        checksums: &[u32],
+        epoch: u64,
+        generation: u64,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let length = u32::try_from(data.len()).map_err(|_| ClientError::Protocol("write too large".into()))?;
+        let header = RequestHeader {
+            flags: if fua { FLAG_FUA } else { 0 },
+            volume,
+            chunk,
+            offset,
+            length,
+            epoch,
+            generation,
+            ..RequestHeader::new(Opcode::Write, 0)
+        };
+        let tail = Checksums::from_slice(checksums).into_bytes();
+        self.call(header, data, tail).await.map(drop)
+    }
+
+    /// Reads `length` bytes at `offset`; returns the data and its per-block
+    /// CRC32s, already verified. `generation` 0 skips the generation check.
+    pub async fn read(
+        &self,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        length: u32,
+        generation: u64,
+    ) -> Result<(Bytes, Vec<u32>), ClientError> {
+        let header = RequestHeader { volume, chunk, offset, length, generation, ..RequestHeader::new(Opcode::Read, 0) };
+        let reply = self.call(header, Bytes::new(), Bytes::new()).await?;
+        let (data, checksums) = verified_data(reply)?;
+        if data.len() != length as usize {
+            return Err(ClientError::Protocol(format!("asked for {length} bytes, got {}", data.len())));
+        }
+        Ok((data, checksums))
+    }
+
+    /// Makes every write acknowledged so far durable, for one volume or all.
+    pub async fn flush(&self, volume: Option<u64>) -> Result<(), ClientError> {
+        let mut header = RequestHeader::new(Opcode::Flush, 0);
+        volume_scope(&mut header, volume);
+        self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn zero_range(
+        &self,
+        opcode: Opcode,
+        flags: u16,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        length: u32,
+        epoch: u64,
+        generation: u64,
+    ) -> Result<(), ClientError> {
+        let header =
+            RequestHeader { flags, volume, chunk, offset, length, epoch, generation, ..RequestHeader::new(opcode, 0) };
+        self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
+    }
+
+    /// Discards a range; it reads as zeros afterwards and its space is released.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn trim(
+        &self,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        length: u32,
+        epoch: u64,
+        generation: u64,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let flags = if fua { FLAG_FUA } else { 0 };
+        self.zero_range(Opcode::Trim, flags, volume, chunk, offset, length, epoch, generation).await
+    }
+
+    /// Zeroes a range; with `no_hole` its space stays allocated.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write_zeroes(
+        &self,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        length: u32,
+        epoch: u64,
+        generation: u64,
+        fua: bool,
+        no_hole: bool,
+    ) -> Result<(), ClientError> {
+        let flags = if fua { FLAG_FUA } else { 0 } | if no_hole { FLAG_NO_HOLE } else { 0 };
+        self.zero_range(Opcode::WriteZeroes, flags, volume, chunk, offset, length, epoch, generation).await
+    }
+
+    /// Creates an empty (all zeros) chunk of `size` bytes (a multiple of 4 KiB).
+    pub async fn create_chunk(&self, volume: u64, chunk: u64, size: u32, generation: u64) -> Result<(), ClientError> {
+        let header =
+            RequestHeader { volume, chunk, length: size, generation, ..RequestHeader::new(Opcode::ChunkCreate, 0) };
+        self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
+    }
+
+    /// Deletes a chunk; `generation` 0 deletes whatever generation it has.
+    pub async fn delete_chunk(&self, volume: u64, chunk: u64, generation: u64) -> Result<(), ClientError> {
+        let header = RequestHeader { volume, chunk, generation, ..RequestHeader::new(Opcode::ChunkDelete, 0) };
+        self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
+    }
+
+    /// Moves a chunk to a newer replica-set generation (durably).
+    pub async fn set_generation(&self, volume: u64, chunk: u64, generation: u64) -> Result<(), ClientError> {
+        let header = RequestHeader { volume, chunk, generation, ..RequestHeader::new(Opcode::ChunkSetGeneration, 0) };
+        self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
+    }
+
+    pub async fn chunk_info(&self, volume: u64, chunk: u64) -> Result<ChunkInfo, ClientError> {
+        let header = RequestHeader { volume, chunk, ..RequestHeader::new(Opcode::ChunkInfo, 0) };
+        let reply = self.call(header, Bytes::new(), Bytes::new()).await?;
+        entries::<ChunkInfo>(reply.payload)?.pop().ok_or_else(|| ClientError::Protocol("empty chunk info".into()))
+    }
+
+    /// Chunks stored on the server, for one volume or all, sorted.
+    pub async fn list_chunks(&self, volume: Option<u64>) -> Result<Vec<ChunkEntry>, ClientError> {
+        let mut header = RequestHeader::new(Opcode::ListChunks, 0);
+        volume_scope(&mut header, volume);
+        Ok(self.collect(header).await?.0)
+    }
+
+    /// Verifies every block now (one volume or all) and reports the bad ones.
+    pub async fn scrub(&self, volume: Option<u64>) -> Result<ScrubReport, ClientError> {
+        let mut header = RequestHeader::new(Opcode::Scrub, 0);
+        volume_scope(&mut header, volume);
+        let (bad, blocks_checked) = self.collect(header).await?;
+        Ok(ScrubReport { blocks_checked, bad })
+    }
+
+    /// Regions in the activity log: written since their last flush, or
+    /// recovered after an unclean stop ([`super::DIRTY_RECOVERED`]).
+    pub async fn dirty_regions(&self, volume: Option<u64>) -> Result<Vec<DirtyRegion>, ClientError> {
+        let mut header = RequestHeader::new(Opcode::DirtyRegions, 0);
+        volume_scope(&mut header, volume);
+        Ok(self.collect(header).await?.0)
+    }
+
+    /// Forgets the recovered dirty regions of a chunk overlapping
+    /// `offset..offset + length` (`length` 0 = to the chunk end), once
+    /// they have been resynced. Returns the regions still listed for the chunk.
+    pub async fn clear_dirty_regions(
+        &self,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<DirtyRegion>, ClientError> {
+        let header = RequestHeader {
+            flags: FLAG_CLEAR,
+            volume,
+            chunk,
+            offset,
+            length,
+            ..RequestHeader::new(Opcode::DirtyRegions, 0)
+        };
+        Ok(self.collect(header).await?.0)
+    }
+
+    /// Streams a chunk range (`length` 0 = to the chunk end) in segments,
+    /// for rebuilds. `generation` 0 skips the generation check.
+    pub async fn read_chunk_stream(
+        &self,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        length: u32,
+        generation: u64,
+    ) -> Result<ChunkStream, ClientError> {
+        let header = RequestHeader {
+            volume,
+            chunk,
+            offset,
+            length,
+            generation,
+            ..RequestHeader::new(Opcode::ChunkReadStream, 0)
+        };
+        let rx = self.call_stream(header).await?;
+        Ok(ChunkStream { rx, done: false })
+    }
+}
+
+async fn read_loop<R>(mut reader: R, shared: Arc<Shared>)
+where
+    R: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let reason = loop {
+        match decode_reply(&mut buf) {
+            Ok(Some(reply)) => {
+                shared.dispatch(reply).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => break format!("undecodable reply: {e}"),
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match reader.read_buf(&mut buf).await {
+            Ok(0) => break "server closed the connection".to_string(),
+            Ok(_) => {}
+            Err(e) => break format!("read failed: {e}"),
+        }
+    };
+    shared.close(reason);
+}

@@ -1,0 +1,17 @@
+//! Every wire format Ballast speaks.
+//!
+//! - [`csi`]: the Container Storage Interface (package `csi.v1`), spoken to
+//!   Kubernetes sidecars and the kubelet.
+//! - [`meta`]: the metadata service API and the Raft transport between members.
+//! - [`frame`]: the binary data-plane protocol between volume engines and
+//!   chunk servers.
+
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}
+
+pub mod meta {
+    tonic::include_proto!("ballast.meta.v1");
+}
+
+pub mod frame;

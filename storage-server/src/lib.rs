@@ -1,0 +1,1 @@
+//! The chunk server: see ARCHITECTURE.md.
