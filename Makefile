@@ -38,3 +38,18 @@ fmt:
 	$(CARGO) fmt --all
 
 ci: lint test
+
+.PHONY: bench-meta
+bench-meta:
+	$(CARGO) build --release -p meta-raft --bins --examples
+	./target/release/examples/create_volumes 2000
+
+.PHONY: bench
+bench: release
+	python3 bench/run.py
+
+# Kernel NBD tests in a VM (Debian kernel under QEMU TCG; needs root, fetches
+# the kernel and QEMU .debs into .cache/vm/). See tests/vm/run.sh for knobs.
+.PHONY: vm-test
+vm-test:
+	./tests/vm/run.sh

@@ -208,3 +208,64 @@ pub fn down(dir: &Path) -> anyhow::Result<Vec<String>> {
     let _ = fs::remove_file(dir.join(ENV_FILE));
     Ok(running.iter().map(|p| p.name.clone()).collect())
 }
+
+/// A development cluster that is stopped when dropped: for tests of every
+/// crate that needs real metadata members and chunk servers.
+pub struct DevCluster {
+    pub dir: PathBuf,
+    pub state: ClusterState,
+}
+
+/// Where cargo put the workspace binaries, seen from a test executable
+/// (`target/<profile>/deps/<test>`).
+pub fn workspace_bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable");
+    let dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("profile directory").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+impl DevCluster {
+    pub async fn start(dir: &Path, meta: usize, storage: usize) -> anyhow::Result<DevCluster> {
+        let options = UpOptions { dir: dir.to_path_buf(), meta, storage, bin_dir: workspace_bin_dir() };
+        match up(options).await {
+            Ok(state) => Ok(DevCluster { dir: dir.to_path_buf(), state }),
+            Err(e) => {
+                let _ = down(dir);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn meta_endpoints(&self) -> String {
+        self.state.meta.join(",")
+    }
+
+    pub fn meta(&self) -> MetaClient {
+        MetaClient::new(self.state.meta.clone()).expect("valid endpoints")
+    }
+
+    pub fn process(&self, name: &str) -> &Process {
+        self.state.processes.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// SIGKILLs one process (e.g. `storage2`) and waits until it is gone.
+    pub fn kill(&self, name: &str) {
+        let process = self.process(name);
+        let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
+        while is_running(process) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        if let Err(e) = down(&self.dir) {
+            eprintln!("stopping the cluster in {}: {e:#}", self.dir.display());
+        }
+    }
+}

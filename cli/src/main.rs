@@ -1,18 +1,15 @@
 //! `ballast`: run a local development cluster and administer volumes,
 //! snapshots and chunk servers.
 
-mod dev;
-mod output;
-mod size;
-
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use ballast_cli::output::{self, Format};
+use ballast_cli::{dev, size};
 use ballast_proto::meta as pb;
 use clap::{Parser, Subcommand};
 use meta_raft::client::META_ENV;
 use meta_raft::MetaClient;
-use output::Format;
 use serde_json::json;
 
 #[derive(Parser)]

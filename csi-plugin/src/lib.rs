@@ -1,1 +1,23 @@
-//! Placeholder until this crate is built.
+//! The Ballast CSI plugin: Kubernetes volumes as Ballast volumes.
+//!
+//! - [`identity`], [`controller`], [`node`]: the three CSI services.
+//! - [`params`]: StorageClass parameters and capacity ranges;
+//!   [`capability`]: which access types and modes are served.
+//! - [`error`]: every failure and its gRPC status.
+//! - [`server`]: the unix socket and the tonic server; [`metrics`]: the
+//!   Prometheus metrics and the span every call runs in.
+
+pub mod capability;
+pub mod controller;
+pub mod error;
+pub mod health;
+pub mod identity;
+mod inflight;
+pub mod metrics;
+pub mod node;
+pub mod params;
+pub mod server;
+
+pub use error::CsiError;
+pub use identity::DRIVER_NAME;
+pub use server::{serve, Config, Mode, ServerError};

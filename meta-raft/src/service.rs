@@ -370,9 +370,17 @@ impl Meta for MetaService {
     ) -> Reply<pb::ListAttachmentsResponse> {
         timed("ListAttachments", async {
             let volume_id = request.into_inner().volume_id;
-            required("volume id", &volume_id)?;
             let attachments = self
                 .read(|state| {
+                    // No volume id: every attachment of the cluster.
+                    if volume_id.is_empty() {
+                        return Ok(state
+                            .attachments
+                            .values()
+                            .flat_map(|n| n.values())
+                            .map(convert::attachment)
+                            .collect());
+                    }
                     if !state.volumes.contains_key(&volume_id) {
                         return Err(MetaError::not_found(format!("volume {volume_id}")));
                     }

@@ -10,10 +10,17 @@ use ballast_proto::meta as pb;
 
 use crate::MetaClient;
 
-/// Ports that were free a moment ago.
+/// Ports that were free a moment ago. They come from below the kernel's
+/// ephemeral range, so outgoing connections (which take their source port
+/// from that range) cannot grab one before its server binds it.
 pub fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> =
-        (0..count).map(|_| TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port")).collect();
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
+    while listeners.len() < count {
+        let port = rand::random_range(10_000..32_000);
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(listener);
+        }
+    }
     listeners.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
 }
 

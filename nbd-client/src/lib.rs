@@ -1,1 +1,17 @@
-//! Placeholder until this crate is built.
+//! The node data path.
+//!
+//! - [`export`]: the block-device interface the NBD server serves.
+//! - [`engine`]: the replicated volume engine, which implements it.
+//! - [`nbd`]: the NBD protocol server.
+//! - [`attach`]: kernel NBD (netlink, ioctl) and the FUSE + loop fallback.
+//! - [`volume_service`]: opening a volume with its fencing epoch.
+//! - [`mapping`]: records of mapped volumes for `map`/`unmap`/`list`.
+
+pub mod attach;
+pub mod engine;
+pub mod export;
+pub mod mapping;
+pub mod nbd;
+pub mod volume_service;
+
+pub use export::{BlockExport, ExportError};

@@ -84,6 +84,16 @@
 //! request id is readable and closes the connection. Other errors (unknown
 //! opcode, inconsistent lengths) consume the frame; the server replies with
 //! the error and carries on.
+//!
+//! # Reading and writing
+//!
+//! [`decode_request`] and [`decode_reply`] work on a `BytesMut` read buffer
+//! and split payloads off it without copying. A reader that wants a large
+//! payload in a buffer of its own (the chunk server receives write data
+//! straight into 4 KiB-aligned buffers for O_DIRECT) parses the header with
+//! [`peek_request`] and completes it with [`RequestPrefix::finish`].
+//! [`WireFrame`] and [`write_frames`] send a header and its payload `Bytes`
+//! with vectored writes. [`DataClient`] is the client side.
 
 mod client;
 mod payload;
@@ -305,11 +315,12 @@ impl DecodeError {
         matches!(self, DecodeError::BadMagic(_) | DecodeError::BadVersion { .. } | DecodeError::TooLarge { .. })
     }
 
-    /// The opcode of the offending frame, when known.
-    pub fn opcode(&self) -> Option<Opcode> {
+    /// The opcode byte of the offending frame, for the error reply (0 when unknown).
+    pub fn opcode_byte(&self) -> u8 {
         match self {
-            DecodeError::Invalid { opcode, .. } => Some(*opcode),
-            _ => None,
+            DecodeError::UnknownOpcode { opcode, .. } => *opcode,
+            DecodeError::Invalid { opcode, .. } => *opcode as u8,
+            _ => 0,
         }
     }
 }
@@ -552,13 +563,59 @@ fn validate_request(h: &RequestHeader, payload_len: usize) -> Result<(), DecodeE
     Ok(())
 }
 
-/// Decodes one request from the front of `buf`.
-///
-/// Returns `Ok(None)` when more bytes are needed (and reserves room for the
-/// rest of the frame), `Ok(Some)` with the payload split off `buf` without
-/// copying, or an error (see [`DecodeError::is_fatal`]); a non-fatal error
-/// has consumed the frame.
-pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, DecodeError> {
+/// A request header whose payload may not have arrived yet: lets a reader
+/// receive a large payload straight into a buffer of its choosing, then
+/// [`RequestPrefix::finish`] the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestPrefix {
+    /// Opcode byte as received (checked by `finish`).
+    pub opcode: u8,
+    pub flags: u16,
+    pub request_id: u64,
+    pub volume: u64,
+    pub chunk: u64,
+    pub offset: u64,
+    pub length: u32,
+    pub payload_len: usize,
+    pub epoch: u64,
+    pub generation: u64,
+}
+
+impl RequestPrefix {
+    /// Header plus payload length.
+    pub fn frame_len(&self) -> usize {
+        REQUEST_HEADER_LEN + self.payload_len
+    }
+
+    /// Completes the request with its payload (`payload_len` bytes),
+    /// checking the opcode and that the payload suits it.
+    pub fn finish(&self, payload: Bytes) -> Result<Request, DecodeError> {
+        let request_id = self.request_id;
+        let opcode =
+            Opcode::from_u8(self.opcode).ok_or(DecodeError::UnknownOpcode { opcode: self.opcode, request_id })?;
+        let header = RequestHeader {
+            opcode,
+            flags: self.flags,
+            request_id,
+            volume: self.volume,
+            chunk: self.chunk,
+            offset: self.offset,
+            length: self.length,
+            epoch: self.epoch,
+            generation: self.generation,
+        };
+        if payload.len() != self.payload_len {
+            return Err(invalid(opcode, request_id, ErrorCode::BadFrame, "payload length differs from the header"));
+        }
+        validate_request(&header, payload.len())?;
+        Ok(Request { header, payload })
+    }
+}
+
+/// Parses the request header at the front of `buf` without consuming
+/// anything: `Ok(None)` until the whole header is there; an error for a bad
+/// magic, version or payload length (all fatal).
+pub fn peek_request(buf: &[u8]) -> Result<Option<RequestPrefix>, DecodeError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -567,40 +624,51 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, DecodeError
         return Err(DecodeError::BadMagic(magic));
     }
     if buf.len() < REQUEST_HEADER_LEN {
-        buf.reserve(REQUEST_HEADER_LEN - buf.len());
         return Ok(None);
     }
     let mut h = &buf[4..REQUEST_HEADER_LEN];
     let version = h.get_u8();
-    let opcode = h.get_u8();
-    let flags = h.get_u16_le();
-    let request_id = h.get_u64_le();
-    let volume = h.get_u64_le();
-    let chunk = h.get_u64_le();
-    let offset = h.get_u64_le();
-    let length = h.get_u32_le();
-    let payload_len = h.get_u32_le();
-    let epoch = h.get_u64_le();
-    let generation = h.get_u64_le();
+    let prefix = RequestPrefix {
+        opcode: h.get_u8(),
+        flags: h.get_u16_le(),
+        request_id: h.get_u64_le(),
+        volume: h.get_u64_le(),
+        chunk: h.get_u64_le(),
+        offset: h.get_u64_le(),
+        length: h.get_u32_le(),
+        payload_len: h.get_u32_le() as usize,
+        epoch: h.get_u64_le(),
+        generation: h.get_u64_le(),
+    };
+    let request_id = prefix.request_id;
     if version != VERSION {
         return Err(DecodeError::BadVersion { version, request_id });
     }
-    if payload_len as usize > MAX_PAYLOAD {
-        return Err(DecodeError::TooLarge { len: payload_len, request_id });
+    if prefix.payload_len > MAX_PAYLOAD {
+        return Err(DecodeError::TooLarge { len: prefix.payload_len as u32, request_id });
     }
-    let total = REQUEST_HEADER_LEN + payload_len as usize;
+    Ok(Some(prefix))
+}
+
+/// Decodes one request from the front of `buf`.
+///
+/// Returns `Ok(None)` when more bytes are needed (and reserves room for the
+/// rest of the frame), `Ok(Some)` with the payload split off `buf` without
+/// copying, or an error (see [`DecodeError::is_fatal`]); a non-fatal error
+/// has consumed the frame.
+pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, DecodeError> {
+    let Some(prefix) = peek_request(buf)? else {
+        buf.reserve(REQUEST_HEADER_LEN.saturating_sub(buf.len()));
+        return Ok(None);
+    };
+    let total = prefix.frame_len();
     if buf.len() < total {
         buf.reserve(total - buf.len());
         return Ok(None);
     }
     let mut frame = buf.split_to(total);
-    let Some(opcode) = Opcode::from_u8(opcode) else {
-        return Err(DecodeError::UnknownOpcode { opcode, request_id });
-    };
-    let header = RequestHeader { opcode, flags, request_id, volume, chunk, offset, length, epoch, generation };
-    validate_request(&header, payload_len as usize)?;
     let payload = frame.split_off(REQUEST_HEADER_LEN).freeze();
-    Ok(Some(Request { header, payload }))
+    prefix.finish(payload).map(Some)
 }
 
 /// Decodes one reply from the front of `buf`; same contract as [`decode_request`].

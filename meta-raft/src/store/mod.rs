@@ -2,6 +2,10 @@
 //! ([`log::LogStore`]) and the state machine with its snapshots
 //! ([`state_machine::StateMachineStore`]).
 
+// openraft's storage traits return its `StorageError`, which is large; the
+// helpers here return the same type rather than box and unbox it.
+#![allow(clippy::result_large_err)]
+
 pub mod log;
 pub mod state_machine;
 

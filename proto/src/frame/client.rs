@@ -313,6 +313,12 @@ impl DataClient {
         }
     }
 
+    /// True once the connection has failed or closed; every call fails from
+    /// then on and the caller should connect again.
+    pub fn is_closed(&self) -> bool {
+        self.shared.state.lock().expect("client state poisoned").closed.is_some()
+    }
+
     pub async fn ping(&self) -> Result<(), ClientError> {
         self.call(RequestHeader::new(Opcode::Ping, 0), Bytes::new(), Bytes::new()).await.map(drop)
     }

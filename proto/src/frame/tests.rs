@@ -288,3 +288,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn prefix_lets_a_reader_supply_the_payload_buffer() {
+    let req = request_for(Opcode::Write);
+    let mut full = BytesMut::new();
+    req.encode(&mut full);
+    assert_eq!(peek_request(&full[..REQUEST_HEADER_LEN - 1]), Ok(None));
+    let prefix = peek_request(&full[..REQUEST_HEADER_LEN + 10]).unwrap().unwrap();
+    assert_eq!(prefix.frame_len(), full.len());
+    assert_eq!(prefix.opcode, Opcode::Write as u8);
+    let payload = Bytes::copy_from_slice(&full[REQUEST_HEADER_LEN..]);
+    assert_eq!(prefix.finish(payload.clone()).unwrap(), req);
+    let short = prefix.finish(payload.slice(..payload.len() - 4)).unwrap_err();
+    assert_eq!(short.code(), ErrorCode::BadFrame);
+    assert!(!short.is_fatal());
+    assert!(peek_request(b"nope").is_err());
+}

@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Runs the fio jobs in bench/jobs against the baselines and Ballast, in one go.
+
+Targets, all measured in the same run on the same machine:
+  local-file   a file in the work directory, ioengine=io_uring, direct=1 (the disk's ceiling)
+  qemu-nbd     qemu-nbd serving a file (cache=none), ioengine=nbd (the ceiling behind NBD on loopback)
+  ballast-r1   a Ballast volume with replicas=1 served by `nbd-client serve`, ioengine=nbd
+  ballast-r3   the same with replicas=3
+
+Writes bench/results/<timestamp>.json, .md (table with ratios to qemu-nbd) and
+.svg (chart). Environment: BENCH_RUNTIME (s, default 10), BENCH_SIZE (default
+512MiB), BENCH_TARGETS (comma list, default all), BENCH_DIR (work directory).
+"""
+
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = ROOT / "bench" / "jobs"
+RESULTS = ROOT / "bench" / "results"
+BIN = ROOT / "target" / "release"
+ALL_TARGETS = ["local-file", "qemu-nbd", "ballast-r1", "ballast-r3"]
+BASELINE = "qemu-nbd"
+DAEMONS = ["meta-raft", "storage-server", "nbd-client"]
+# Where each job's headline figure comes from.
+JOB_ORDER = [p.stem for p in sorted(JOBS.glob("*.fio"))]
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    log(" ".join(str(c) for c in cmd))
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def wait_for(path, timeout=30):
+    deadline = time.time() + timeout
+    while not Path(path).exists():
+        if time.time() > deadline:
+            raise RuntimeError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.1)
+
+
+class Target:
+    """Where fio sends I/O: the [global] lines that point it there."""
+
+    def __init__(self, name, global_lines, processes=()):
+        self.name = name
+        self.global_lines = global_lines
+        self.processes = list(processes)
+
+    def stop(self):
+        for p in self.processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def fio(target, job, size, runtime, workdir, time_based=True):
+    text = "[global]\n" + "\n".join(target.global_lines) + f"\nsize={size}\n"
+    if time_based:
+        text += f"time_based=1\nruntime={runtime}\nramp_time=2\n"
+    text += "group_reporting=1\n\n" + job
+    jobfile = Path(workdir) / f"{target.name}.fio"
+    jobfile.write_text(text)
+    out = subprocess.run(
+        ["fio", "--output-format=json", str(jobfile)], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out[out.index("{"):])["jobs"][0]
+
+
+def summarize(job):
+    def side(d):
+        pct = d.get("clat_ns", {}).get("percentile", {})
+        return {
+            "iops": d["iops"],
+            "bw_mib": d["bw"] / 1024,
+            "p50_us": pct.get("50.000000", 0) / 1000,
+            "p99_us": pct.get("99.000000", 0) / 1000,
+        }
+
+    return {"read": side(job["read"]), "write": side(job["write"])}
+
+
+def headline(result):
+    """The side that did the work (reads for read jobs, both summed for mixes)."""
+    r, w = result["read"], result["write"]
+    if r["iops"] and w["iops"]:
+        return {
+            "iops": r["iops"] + w["iops"],
+            "bw_mib": r["bw_mib"] + w["bw_mib"],
+            "p50_us": max(r["p50_us"], w["p50_us"]),
+            "p99_us": max(r["p99_us"], w["p99_us"]),
+        }
+    return r if r["iops"] else w
+
+
+def start_local_file(workdir, size):
+    path = Path(workdir) / "local.img"
+    return Target("local-file", ["ioengine=io_uring", "direct=1", f"filename={path}"])
+
+
+def start_qemu_nbd(workdir, size):
+    image = Path(workdir) / "qemu.img"
+    run(["truncate", "-s", str(size), str(image)])
+    sock = Path(workdir) / "qemu.sock"
+    proc = subprocess.Popen(
+        ["qemu-nbd", "--format=raw", f"--socket={sock}", "--persistent", "--shared=16", "--cache=none",
+         "--aio=native", "--discard=unmap", str(image)],
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(sock)
+    return Target("qemu-nbd", ["ioengine=nbd", f"uri=nbd+unix:///?socket={sock}"], [proc])
+
+
+class Cluster:
+    def __init__(self, workdir):
+        self.dir = Path(workdir) / "cluster"
+        run([BIN / "ballast", "dev", "up", "--dir", self.dir], stdout=subprocess.DEVNULL)
+        env = dict(line.split("=", 1) for line in (self.dir / "cluster.env").read_text().split() if "=" in line)
+        self.meta = env["BALLAST_META"]
+
+    def volume_target(self, name, replicas, size, workdir):
+        run([BIN / "ballast", "volume", "create", name, "--size", str(size), "--replicas", str(replicas),
+             "--meta", self.meta], stdout=subprocess.DEVNULL)
+        sock = Path(workdir) / f"{name}.sock"
+        proc = subprocess.Popen(
+            [BIN / "nbd-client", "serve", name, "--listen", f"unix:{sock}", "--meta", self.meta],
+            stderr=open(Path(workdir) / f"{name}.log", "w"),
+        )
+        wait_for(sock)
+        return Target(f"ballast-r{replicas}", ["ioengine=nbd", f"uri=nbd+unix:///?socket={sock}"], [proc])
+
+    def down(self):
+        subprocess.run([BIN / "ballast", "dev", "down", "--dir", self.dir], stdout=subprocess.DEVNULL)
+
+
+def peak_rss_mib():
+    """VmHWM of every running daemon, by binary name (the largest instance)."""
+    peaks = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        name = fields.get("Name", "").strip()
+        # /proc truncates names to 15 characters.
+        match = next((d for d in DAEMONS if d.startswith(name) and name), None)
+        if match and "VmHWM" in fields:
+            kib = int(fields["VmHWM"].split()[0])
+            peaks[match] = max(peaks.get(match, 0), kib / 1024)
+    return peaks
+
+
+def markdown(report):
+    targets = [t for t in ALL_TARGETS if t in report["results"]]
+    lines = [
+        f"# Ballast fio benchmark, {report['timestamp']}",
+        "",
+        f"size {report['size']} bytes, runtime {report['runtime_s']} s per job, fio {report['fio']}.",
+        f"Ratios are against `{BASELINE}` from the same run (IOPS; for latency, ours / baseline).",
+        "",
+        "| "
+        + " | ".join(
+            ["job"]
+            + [f"{t} {m}" for t in targets for m in ("IOPS", "MiB/s", "p50 µs", "p99 µs")]
+            + [f"{t}/{BASELINE} {m}" for t in targets if t.startswith("ballast") for m in ("IOPS", "p50")]
+        )
+        + " |",
+        "|---" * (1 + 4 * len(targets) + 2 * sum(t.startswith("ballast") for t in targets)) + "|",
+    ]
+    for job in JOB_ORDER:
+        row = [job]
+        for t in targets:
+            h = report["results"][t].get(job, {}).get("headline")
+            row += [f"{h['iops']:.0f}", f"{h['bw_mib']:.1f}", f"{h['p50_us']:.0f}", f"{h['p99_us']:.0f}"] if h else ["-"] * 4
+        base = report["results"].get(BASELINE, {}).get(job, {}).get("headline")
+        for t in targets:
+            if not t.startswith("ballast"):
+                continue
+            h = report["results"][t].get(job, {}).get("headline")
+            if h and base and base["iops"] and base["p50_us"]:
+                row += [f"{h['iops'] / base['iops']:.2f}", f"{h['p50_us'] / base['p50_us']:.2f}"]
+            else:
+                row += ["-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Peak RSS (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(report["peak_rss_mib"].items()))]
+    return "\n".join(lines) + "\n"
+
+
+def svg(report):
+    """Grouped bars: IOPS of each target per job, normalised to the baseline."""
+    targets = [t for t in ALL_TARGETS if t in report["results"]]
+    colors = ["#888888", "#4c72b0", "#55a868", "#c44e52"]
+    width, height, left, bottom = 900, 360, 60, 80
+    group = (width - left - 20) / max(1, len(JOB_ORDER))
+    bar = group * 0.8 / max(1, len(targets))
+    ratios = []
+    for job in JOB_ORDER:
+        base = report["results"].get(BASELINE, {}).get(job, {}).get("headline")
+        for t in targets:
+            h = report["results"][t].get(job, {}).get("headline")
+            ratios.append(h["iops"] / base["iops"] if h and base and base["iops"] else 0)
+    top = max([1.0] + ratios) * 1.1
+    scale = (height - bottom - 20) / top
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+           f'<text x="{left}" y="14">IOPS relative to {BASELINE} (same run)</text>']
+    y1 = height - bottom - scale
+    out.append(f'<line x1="{left}" y1="{y1:.1f}" x2="{width - 20}" y2="{y1:.1f}" stroke="#000" stroke-dasharray="4"/>')
+    out.append(f'<text x="5" y="{y1 + 4:.1f}">1.0×</text>')
+    i = 0
+    for j, job in enumerate(JOB_ORDER):
+        x0 = left + j * group + group * 0.1
+        for k, t in enumerate(targets):
+            r = ratios[i]
+            i += 1
+            h = r * scale
+            out.append(f'<rect x="{x0 + k * bar:.1f}" y="{height - bottom - h:.1f}" width="{bar - 1:.1f}" '
+                       f'height="{h:.1f}" fill="{colors[k % len(colors)]}"><title>{t} {job}: {r:.2f}×</title></rect>')
+        out.append(f'<text x="{x0:.1f}" y="{height - bottom + 14}" transform="rotate(20 {x0:.1f} {height - bottom + 14})">{job}</text>')
+    for k, t in enumerate(targets):
+        out.append(f'<rect x="{left + k * 150}" y="{height - 18}" width="10" height="10" fill="{colors[k % len(colors)]}"/>')
+        out.append(f'<text x="{left + k * 150 + 14}" y="{height - 9}">{t}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    runtime = int(os.environ.get("BENCH_RUNTIME", "10"))
+    size = os.environ.get("BENCH_SIZE", "512MiB")
+    units = {"KiB": 10, "MiB": 20, "GiB": 30}
+    size_bytes = next((int(size[: -len(u)]) << s for u, s in units.items() if size.endswith(u)), None) or int(size)
+    wanted = os.environ.get("BENCH_TARGETS", ",".join(ALL_TARGETS)).split(",")
+    for tool in ["fio", "qemu-nbd"]:
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed (apt-get install fio qemu-utils)")
+    workdir = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="ballast-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+        "runtime_s": runtime,
+        "size": size_bytes,
+        "fio": subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip(),
+        "results": {},
+        "peak_rss_mib": {},
+    }
+    jobs = {name: (JOBS / f"{name}.fio").read_text() for name in JOB_ORDER}
+    cluster = None
+    targets = []
+    try:
+        for name in wanted:
+            if name == "local-file":
+                targets.append(start_local_file(workdir, size_bytes))
+            elif name == "qemu-nbd":
+                targets.append(start_qemu_nbd(workdir, size_bytes))
+            elif name in ("ballast-r1", "ballast-r3"):
+                if cluster is None:
+                    cluster = Cluster(workdir)
+                replicas = int(name[-1])
+                targets.append(cluster.volume_target(f"bench-r{replicas}", replicas, size_bytes, workdir))
+            else:
+                sys.exit(f"unknown target {name}")
+        for target in targets:
+            log(f"{target.name}: filling {size} so reads hit written data")
+            fio(target, "[fill]\nrw=write\nbs=1m\niodepth=8\n", size_bytes, runtime, workdir, time_based=False)
+            results = {}
+            for job in JOB_ORDER:
+                log(f"{target.name}: {job}")
+                results[job] = summarize(fio(target, jobs[job], size_bytes, runtime, workdir))
+                results[job]["headline"] = headline(results[job])
+            report["results"][target.name] = results
+        report["peak_rss_mib"] = peak_rss_mib()
+    finally:
+        for target in targets:
+            target.stop()
+        if cluster is not None:
+            cluster.down()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / report["timestamp"]
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    stem.with_suffix(".svg").write_text(svg(report))
+    print(markdown(report))
+    log(f"wrote {stem}.json, .md and .svg")
+    if not os.environ.get("BENCH_DIR"):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+//! The `ballast` admin command's library: the local development cluster
+//! ([`dev`]), human sizes ([`size`]) and output formatting ([`output`]).
+//! Tests of other crates start clusters through [`dev`].
+
+pub mod dev;
+pub mod output;
+pub mod size;

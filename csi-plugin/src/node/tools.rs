@@ -1,0 +1,184 @@
+//! The external programs the node service drives: a runner with a time
+//! limit, and blkid, mkfs, resize2fs and xfs_growfs on top of it.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::error::{CsiError, Result};
+use crate::params::FsType;
+
+/// Runs `program args...`, returning its stdout. A non-zero exit or a run
+/// longer than `limit` is an error naming the tool and its stderr.
+pub async fn run<I, S>(program: &Path, args: I, limit: Duration) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let output = run_status(program, args, limit).await?;
+    if output.status.success() {
+        return Ok(output.stdout);
+    }
+    Err(failure(program, &output))
+}
+
+/// Like [`run`], but hands back the exit status instead of judging it.
+pub async fn run_status<I, S>(program: &Path, args: I, limit: Duration) -> Result<Finished>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let tool = tool_name(program);
+    let mut command = Command::new(program);
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    tracing::debug!(tool, "running");
+    let child = command.spawn().map_err(|e| CsiError::Tool { tool: tool.clone(), detail: e.to_string() })?;
+    let output = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .map_err(|_| CsiError::Tool { tool: tool.clone(), detail: format!("no answer within {limit:?}") })?
+        .map_err(|e| CsiError::Tool { tool: tool.clone(), detail: e.to_string() })?;
+    Ok(Finished {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn failure(program: &Path, output: &Finished) -> CsiError {
+    let stderr = output.stderr.trim();
+    let detail = match output.status.code() {
+        Some(code) if stderr.is_empty() => format!("exit status {code}"),
+        Some(code) => format!("exit status {code}: {stderr}"),
+        None => format!("killed by a signal: {stderr}"),
+    };
+    CsiError::Tool { tool: tool_name(program), detail }
+}
+
+fn tool_name(program: &Path) -> String {
+    program.file_name().unwrap_or(program.as_os_str()).to_string_lossy().into_owned()
+}
+
+/// Finds `name` in `PATH` (plus the sbin directories, which a container's
+/// PATH may lack).
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn tool(name: &str) -> Result<PathBuf> {
+    which(name).ok_or_else(|| CsiError::precondition(format!("{name} is not installed on this node")))
+}
+
+const PROBE_LIMIT: Duration = Duration::from_secs(30);
+const MKFS_LIMIT: Duration = Duration::from_secs(600);
+const RESIZE_LIMIT: Duration = Duration::from_secs(600);
+
+/// What `blkid -p` finds on a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// No signature at all: safe to format.
+    Blank,
+    Filesystem(String),
+    /// A partition table or another non-filesystem signature: never format.
+    Other(String),
+}
+
+/// Probes `device` with `blkid -p` (low-level, bypassing the cache).
+pub async fn probe_content(device: &Path) -> Result<Content> {
+    let blkid = tool("blkid")?;
+    let output =
+        run_status(&blkid, [OsStr::new("-p"), OsStr::new("-o"), OsStr::new("export"), device.as_os_str()], PROBE_LIMIT)
+            .await?;
+    match output.status.code() {
+        // 2: nothing was found.
+        Some(2) => Ok(Content::Blank),
+        Some(0) => Ok(parse_blkid(&output.stdout)),
+        _ => Err(failure(&blkid, &output)),
+    }
+}
+
+pub fn parse_blkid(export: &str) -> Content {
+    let mut fs_type = None;
+    let mut usage = None;
+    let mut pt_type = None;
+    for line in export.lines() {
+        match line.split_once('=') {
+            Some(("TYPE", v)) => fs_type = Some(v.to_string()),
+            Some(("USAGE", v)) => usage = Some(v.to_string()),
+            Some(("PTTYPE", v)) => pt_type = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    match (fs_type, usage.as_deref(), pt_type) {
+        (Some(t), Some("filesystem") | None, None) => Content::Filesystem(t),
+        (Some(t), Some(usage), _) => Content::Other(format!("{t} ({usage})")),
+        (Some(t), None, Some(pt)) => Content::Other(format!("{t}, partition table {pt}")),
+        (None, _, Some(pt)) => Content::Other(format!("partition table {pt}")),
+        (None, _, None) => Content::Other("an unrecognised signature".to_string()),
+    }
+}
+
+/// Creates a filesystem on a blank device. No discard: a new Ballast
+/// volume is thin and already reads as zeros.
+pub async fn mkfs(device: &Path, fs: FsType) -> Result<()> {
+    let (program, args): (&str, &[&str]) = match fs {
+        FsType::Ext4 => ("mkfs.ext4", &["-F", "-q", "-E", "nodiscard"]),
+        FsType::Xfs => ("mkfs.xfs", &["-f", "-q", "-K"]),
+    };
+    let program = tool(program)?;
+    let mut argv: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    argv.push(device.as_os_str());
+    run(&program, argv, MKFS_LIMIT).await?;
+    Ok(())
+}
+
+/// Grows the filesystem on `device` (mounted at `mount_point`) to fill it.
+pub async fn grow_filesystem(device: &Path, mount_point: &Path, fs: FsType) -> Result<()> {
+    match fs {
+        FsType::Ext4 => run(&tool("resize2fs")?, [device.as_os_str()], RESIZE_LIMIT).await?,
+        FsType::Xfs => run(&tool("xfs_growfs")?, [mount_point.as_os_str()], RESIZE_LIMIT).await?,
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blkid_output() {
+        let ext4 = "DEVNAME=/dev/loop0\nUUID=ae0d\nVERSION=1.0\nBLOCK_SIZE=1024\nTYPE=ext4\nUSAGE=filesystem\n";
+        assert_eq!(parse_blkid(ext4), Content::Filesystem("ext4".into()));
+        let gpt = "DEVNAME=/dev/loop0\nPTUUID=1234\nPTTYPE=gpt\n";
+        assert!(matches!(parse_blkid(gpt), Content::Other(_)));
+        let luks = "DEVNAME=/dev/loop0\nTYPE=crypto_LUKS\nUSAGE=crypto\n";
+        assert!(matches!(parse_blkid(luks), Content::Other(_)));
+    }
+
+    #[tokio::test]
+    async fn runner_reports_the_tool_and_its_stderr() {
+        let sh = which("sh").unwrap();
+        assert_eq!(run(&sh, ["-c", "echo hi"], Duration::from_secs(5)).await.unwrap(), "hi\n");
+        let err = run(&sh, ["-c", "echo bad >&2; exit 3"], Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(err.to_string(), "sh failed: exit status 3: bad");
+        let err = run(&sh, ["-c", "sleep 5"], Duration::from_millis(100)).await.unwrap_err();
+        assert!(err.to_string().contains("no answer"), "{err}");
+    }
+}

@@ -1,0 +1,165 @@
+//! Identity service and the socket, against the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use ballast_proto::csi;
+use ballast_proto::csi::plugin_capability::{service, volume_expansion, Type};
+use common::*;
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn services(caps: &csi::GetPluginCapabilitiesResponse) -> Vec<service::Type> {
+    caps.capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Type::Service(s)) => Some(s.r#type()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn expansion(caps: &csi::GetPluginCapabilitiesResponse) -> Vec<volume_expansion::Type> {
+    caps.capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Type::VolumeExpansion(e)) => Some(e.r#type()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn controller_identity_reports_name_capabilities_and_real_readiness() {
+    let metrics_addr = format!("127.0.0.1:{}", meta_raft::testing::free_ports(1)[0]);
+    let mut h = Harness::start(&[
+        "--mode",
+        "controller",
+        "--topology",
+        "topology.ballast.io/cluster=test",
+        "--metrics-addr",
+        &metrics_addr,
+    ])
+    .await;
+    let mut identity = h.plugin.identity().await;
+
+    let info = identity.get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.name, "csi.ballast.io");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+
+    let caps = identity.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    assert_eq!(services(&caps), vec![service::Type::ControllerService, service::Type::VolumeAccessibilityConstraints]);
+    assert_eq!(expansion(&caps), vec![volume_expansion::Type::Online]);
+
+    let probe = identity.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+
+    // Calls are counted by RPC and code, and timed.
+    let mut c = h.plugin.controller().await;
+    let _ = c.delete_volume(csi::DeleteVolumeRequest::default()).await;
+    let metrics = http_get(&metrics_addr, "/metrics");
+    assert!(metrics.contains(r#"ballast_csi_operations_total{code="OK",rpc="GetPluginInfo"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"ballast_csi_operations_total{code="InvalidArgument",rpc="DeleteVolume"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ballast_csi_operation_duration_seconds_bucket"), "{metrics}");
+
+    // Without a metadata quorum the controller cannot serve: not ready,
+    // and the answer comes within the probe's short deadline.
+    for member in [1, 2, 3] {
+        h.cluster.kill_member(member);
+    }
+    let started = std::time::Instant::now();
+    let probe = identity.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(false));
+    assert!(started.elapsed() < Duration::from_secs(5), "probe took {:?}", started.elapsed());
+
+    // SIGTERM: a clean exit, and the socket file is gone.
+    let status = h.plugin.stop();
+    assert!(status.success(), "{status}");
+    assert!(!h.plugin.socket.exists());
+}
+
+#[tokio::test]
+async fn node_identity_needs_the_attach_tool() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-nbd-client");
+    let missing = missing.to_str().unwrap();
+    // No metadata service needed to answer identity calls.
+    let plugin = Plugin::start(
+        dir.path(),
+        "node",
+        "127.0.0.1:1",
+        &["--mode", "node", "--node-id", "n1", "--nbd-client-bin", missing],
+        &[],
+    )
+    .await;
+    let mut identity = plugin.identity().await;
+    let caps = identity.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    assert!(services(&caps).is_empty(), "a node plugin offers no controller service");
+    assert_eq!(expansion(&caps), vec![volume_expansion::Type::Online]);
+    assert_eq!(code(identity.probe(csi::ProbeRequest {}).await), tonic::Code::FailedPrecondition);
+
+    let fake = dir.path().join("nbd-client");
+    std::fs::write(&fake, "#!/bin/sh\necho '[]'\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let plugin = Plugin::start(
+        dir.path(),
+        "node2",
+        "127.0.0.1:1",
+        &["--mode", "node", "--node-id", "n1", "--nbd-client-bin", fake.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    let probe = plugin.identity().await.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+}
+
+#[tokio::test]
+async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("nbd-client");
+    std::fs::write(&fake, "#!/bin/sh\necho '[]'\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let args = ["--mode", "node", "--node-id", "n1", "--nbd-client-bin", fake.to_str().unwrap()];
+
+    // A socket file nobody listens on, as a killed plugin leaves behind.
+    let socket = dir.path().join("csi.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let mut first = Plugin::start(dir.path(), "csi", "127.0.0.1:1", &args, &[]).await;
+    first.identity().await.get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap();
+
+    // A second plugin on the live socket must refuse, and leave it alone.
+    let second = std::process::Command::new(PLUGIN)
+        .args(["--endpoint", &format!("unix://{}", socket.display()), "--meta", "127.0.0.1:1"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("is in use"), "{stderr}");
+    assert!(socket.exists());
+    first.identity().await.get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap();
+    assert!(first.try_wait().is_none());
+
+    // Something that is not a socket is never removed either.
+    let file = dir.path().join("file.sock");
+    std::fs::write(&file, "data").unwrap();
+    let third = std::process::Command::new(PLUGIN)
+        .args(["--endpoint", &format!("unix://{}", file.display()), "--meta", "127.0.0.1:1"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!third.status.success());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
+}

@@ -1,0 +1,66 @@
+//! What `/sys/block` tells about nbd devices: which are free, and which
+//! backend a connected device serves.
+
+use std::path::Path;
+
+pub const SYS_BLOCK: &str = "/sys/block";
+
+/// The lowest-numbered nbd device not connected: the driver creates
+/// `nbdN/pid` while a device is in use.
+pub fn first_free_nbd(sys_block: &Path) -> Option<u32> {
+    nbd_indices(sys_block).into_iter().find(|index| !sys_block.join(format!("nbd{index}/pid")).exists())
+}
+
+/// The backend identifier a device was connected with (kernel ≥ 5.13 and
+/// only when given at connect).
+pub fn nbd_backend(sys_block: &Path, index: u32) -> Option<String> {
+    let backend = std::fs::read_to_string(sys_block.join(format!("nbd{index}/backend"))).ok()?;
+    let backend = backend.trim_end_matches('\n');
+    (!backend.is_empty()).then(|| backend.to_owned())
+}
+
+/// The connected nbd device serving `backend`, e.g. to reconnect to it after
+/// a restart.
+pub fn find_nbd_by_backend(sys_block: &Path, backend: &str) -> Option<u32> {
+    nbd_indices(sys_block).into_iter().find(|index| nbd_backend(sys_block, *index).as_deref() == Some(backend))
+}
+
+fn nbd_indices(sys_block: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(sys_block) else {
+        return Vec::new();
+    };
+    let mut indices: Vec<u32> =
+        entries.flatten().filter_map(|entry| entry.file_name().to_str()?.strip_prefix("nbd")?.parse().ok()).collect();
+    indices.sort_unstable();
+    indices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_device_and_backend_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for name in ["nbd0", "nbd1", "nbd10", "nbd2", "loop0"] {
+            std::fs::create_dir(root.join(name)).unwrap();
+        }
+        std::fs::write(root.join("nbd0/pid"), "123\n").unwrap();
+        std::fs::write(root.join("nbd0/backend"), "vol-a\n").unwrap();
+        assert_eq!(first_free_nbd(root), Some(1));
+        std::fs::write(root.join("nbd1/pid"), "123\n").unwrap();
+        std::fs::write(root.join("nbd1/backend"), "\n").unwrap();
+        std::fs::write(root.join("nbd2/pid"), "123\n").unwrap();
+        std::fs::write(root.join("nbd2/backend"), "vol-b\n").unwrap();
+        assert_eq!(first_free_nbd(root), Some(10));
+        std::fs::write(root.join("nbd10/pid"), "123\n").unwrap();
+        assert_eq!(first_free_nbd(root), None);
+        assert_eq!(first_free_nbd(&root.join("missing")), None);
+
+        assert_eq!(nbd_backend(root, 0).as_deref(), Some("vol-a"));
+        assert_eq!(nbd_backend(root, 1), None);
+        assert_eq!(find_nbd_by_backend(root, "vol-b"), Some(2));
+        assert_eq!(find_nbd_by_backend(root, "vol-c"), None);
+    }
+}

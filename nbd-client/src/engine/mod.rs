@@ -1,0 +1,332 @@
+//! The replicated volume engine: a volume's bytes spread over chunks, each
+//! chunk written to every replica of its set and read from one.
+//!
+//! - [`layout`]: byte ranges → chunk pieces and whole blocks.
+//! - [`chunk_map`]: where each allocated chunk lives.
+//! - [`pool`]: pipelined connections to chunk servers.
+//! - [`replication`]: fan-out of changes, failure handling, read failover.
+
+mod chunk_map;
+mod error;
+mod layout;
+mod metrics;
+mod pool;
+mod replication;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ballast_proto::frame::BLOCK_SIZE;
+use ballast_proto::meta as pb;
+use bytes::{Bytes, BytesMut};
+use futures::future::try_join_all;
+use meta_raft::MetaClient;
+use tokio::sync::{Mutex, RwLock};
+
+pub use chunk_map::{ChunkView, Replica};
+pub use error::EngineError;
+use layout::{pieces, Piece};
+
+use crate::export::{BlockExport, ExportError};
+
+const BLOCK: u64 = BLOCK_SIZE as u64;
+/// Unaligned writes of one chunk stripe exclude other writes to it.
+const WRITE_STRIPES: usize = 64;
+
+/// How a volume is opened.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Fencing epoch of this node's attachment; carried by every change.
+    pub epoch: u64,
+    /// Fewest replicas a chunk may keep and still acknowledge writes
+    /// (capped at the volume's replica count).
+    pub min_replicas: usize,
+    /// How long one replica may take for one request before it is
+    /// considered failed.
+    pub replica_timeout: Duration,
+    /// Reads prefer replicas whose address starts with this (the local node).
+    pub prefer_address: Option<String>,
+    pub readonly: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            epoch: 0,
+            min_replicas: 2,
+            replica_timeout: Duration::from_secs(5),
+            prefer_address: None,
+            readonly: false,
+        }
+    }
+}
+
+/// An open volume. Implements [`BlockExport`] for the NBD server.
+pub struct Volume {
+    info: pb::Volume,
+    options: EngineOptions,
+    min_replicas: usize,
+    meta: MetaClient,
+    map: chunk_map::ChunkMap,
+    pool: pool::ConnectionPool,
+    write_stripes: Vec<RwLock<()>>,
+    allocation: Mutex<()>,
+    read_rotation: AtomicUsize,
+}
+
+/// Finds a volume by id, else by name.
+pub async fn find_volume(meta: &MetaClient, volume: &str) -> Result<pb::Volume, EngineError> {
+    use pb::get_volume_request::Key;
+    for key in [Key::Id(volume.to_string()), Key::Name(volume.to_string())] {
+        match meta.get_volume(pb::GetVolumeRequest { key: Some(key) }).await {
+            Ok(found) => return Ok(found),
+            Err(status) if status.code() == tonic::Code::NotFound => continue,
+            Err(status) => return Err(status.into()),
+        }
+    }
+    Err(EngineError::NoSuchVolume(volume.to_string()))
+}
+
+impl Volume {
+    /// Opens `volume` (id or name) and loads its chunk map.
+    pub async fn open(meta: MetaClient, volume: &str, options: EngineOptions) -> Result<Volume, EngineError> {
+        let info = find_volume(&meta, volume).await?;
+        let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: info.id.clone() }).await?;
+        let min_replicas = options.min_replicas.clamp(1, info.replicas.max(1) as usize);
+        let volume = Volume {
+            min_replicas,
+            map: chunk_map::ChunkMap::from_meta(&map),
+            pool: pool::ConnectionPool::default(),
+            write_stripes: (0..WRITE_STRIPES).map(|_| RwLock::new(())).collect(),
+            allocation: Mutex::new(()),
+            read_rotation: AtomicUsize::new(0),
+            info,
+            options,
+            meta,
+        };
+        volume.update_degraded_gauge();
+        Ok(volume)
+    }
+
+    pub fn info(&self) -> &pb::Volume {
+        &self.info
+    }
+
+    /// The fencing epoch every change carries.
+    pub fn epoch(&self) -> u64 {
+        self.options.epoch
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.info.size_bytes => Ok(()),
+            _ => Err(EngineError::OutOfRange { offset, len }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), EngineError> {
+        if self.options.readonly {
+            return Err(EngineError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn stripe(&self, chunk: u64) -> &RwLock<()> {
+        &self.write_stripes[chunk as usize % WRITE_STRIPES]
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes, EngineError> {
+        self.check_range(offset, len)?;
+        let parts = pieces(offset, len, self.info.chunk_size_bytes);
+        if let [piece] = parts.as_slice() {
+            return self.read_piece(piece).await;
+        }
+        let datas = try_join_all(parts.iter().map(|p| self.read_piece(p))).await?;
+        let mut out = BytesMut::with_capacity(len as usize);
+        for data in datas {
+            out.extend_from_slice(&data);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_piece(&self, piece: &Piece) -> Result<Bytes, EngineError> {
+        let (start, aligned_len) = piece.aligned();
+        let data = self.read_blocks(piece.chunk, start, aligned_len).await?;
+        let skip = (piece.offset - start) as usize;
+        Ok(data.slice(skip..skip + piece.len as usize))
+    }
+
+    /// Reads whole blocks of a chunk; a chunk never written reads as zeros.
+    async fn read_blocks(&self, chunk: u64, offset: u64, len: u64) -> Result<Bytes, EngineError> {
+        match self.map.get(chunk) {
+            None => Ok(Bytes::from(vec![0u8; len as usize])),
+            Some(view) => self.read_from_replicas(chunk, view, offset, len as u32).await,
+        }
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is durable on every replica
+    /// before this returns.
+    pub async fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        let parts = pieces(offset, data.len() as u64, self.info.chunk_size_bytes);
+        try_join_all(parts.iter().map(|p| {
+            let slice = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
+            self.write_piece(p, slice, fua)
+        }))
+        .await?;
+        Ok(())
+    }
+
+    async fn write_piece(&self, piece: &Piece, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        if piece.is_aligned() {
+            let _shared = self.stripe(piece.chunk).read().await;
+            return self.write_blocks(piece.chunk, piece.offset, data, fua).await;
+        }
+        // Read-modify-write of the partial blocks at either end; exclusive
+        // so that no other write to the chunk lands between read and write.
+        let _exclusive = self.stripe(piece.chunk).write().await;
+        let (start, len) = piece.aligned();
+        let mut merged = BytesMut::with_capacity(len as usize);
+        let head_partial = piece.offset != start;
+        let tail_partial = !(piece.offset + piece.len).is_multiple_of(BLOCK);
+        if head_partial {
+            merged.extend_from_slice(&self.read_blocks(piece.chunk, start, BLOCK).await?);
+            merged.truncate((piece.offset - start) as usize);
+        }
+        merged.extend_from_slice(&data);
+        if tail_partial {
+            let end = piece.offset + piece.len;
+            let tail_block = end / BLOCK * BLOCK;
+            let tail = self.read_blocks(piece.chunk, tail_block, BLOCK).await?;
+            merged.extend_from_slice(&tail[(end - tail_block) as usize..]);
+        }
+        debug_assert_eq!(merged.len() as u64, len);
+        self.write_blocks(piece.chunk, start, merged.freeze(), fua).await
+    }
+
+    /// Writes whole blocks of a chunk to every replica, allocating the
+    /// chunk on first write. The checksums are computed once, here.
+    async fn write_blocks(&self, chunk: u64, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let checksums = ballast_proto::frame::block_checksums(&data);
+        let data_id = self.info.data_id;
+        let epoch = self.options.epoch;
+        self.replicate(chunk, |client, generation| {
+            let data = data.clone();
+            let checksums = &checksums;
+            async move { client.write(data_id, chunk, offset, data, checksums, epoch, generation, fua).await }
+        })
+        .await
+    }
+
+    /// Zeroes (`trim` = also releases space) a range.
+    async fn zero_range(&self, offset: u64, len: u64, fua: bool, trim: bool) -> Result<(), EngineError> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let parts = pieces(offset, len, self.info.chunk_size_bytes);
+        try_join_all(parts.iter().map(|p| async move {
+            if self.map.get(p.chunk).is_none() {
+                return Ok(()); // never written: already zeros
+            }
+            if !p.is_aligned() {
+                return self.write_piece(p, Bytes::from(vec![0u8; p.len as usize]), fua).await;
+            }
+            let _shared = self.stripe(p.chunk).read().await;
+            let (data_id, epoch, chunk, off, n) =
+                (self.info.data_id, self.options.epoch, p.chunk, p.offset, p.len as u32);
+            self.replicate(p.chunk, |client, generation| async move {
+                if trim {
+                    client.trim(data_id, chunk, off, n, epoch, generation, fua).await
+                } else {
+                    client.write_zeroes(data_id, chunk, off, n, epoch, generation, fua, true).await
+                }
+            })
+            .await
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Writes zeros over a range, keeping its space allocated.
+    pub async fn write_zeroes_at(&self, offset: u64, len: u64, fua: bool) -> Result<(), EngineError> {
+        self.zero_range(offset, len, fua, false).await
+    }
+
+    /// Discards a range: it reads as zeros and its space is released.
+    pub async fn trim_at(&self, offset: u64, len: u64, fua: bool) -> Result<(), EngineError> {
+        self.zero_range(offset, len, fua, true).await
+    }
+
+    /// Makes every acknowledged write durable on every replica.
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        self.flush_all_replicas().await
+    }
+
+    fn next_rotation(&self) -> usize {
+        self.read_rotation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn update_degraded_gauge(&self) {
+        let wanted = self.info.replicas as usize;
+        let degraded = self.map.all().iter().filter(|(_, v)| v.replicas.len() < wanted).count();
+        metrics::DEGRADED_CHUNKS.with_label_values(&[&self.info.id]).set(degraded as i64);
+    }
+
+    /// Chunks whose replica set is smaller than the volume asks for.
+    pub fn degraded_chunks(&self) -> Vec<u64> {
+        let wanted = self.info.replicas as usize;
+        let mut chunks: Vec<u64> =
+            self.map.all().into_iter().filter(|(_, v)| v.replicas.len() < wanted).map(|(i, _)| i).collect();
+        chunks.sort_unstable();
+        chunks
+    }
+}
+
+/// Records an operation's outcome, size and latency.
+async fn observed<T>(
+    volume: &str,
+    op: &str,
+    bytes: u64,
+    call: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, ExportError> {
+    let started = Instant::now();
+    let result = call.await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::OPERATIONS.with_label_values(&[volume, op, outcome]).inc();
+    metrics::LATENCY.with_label_values(&[volume, op]).observe(started.elapsed().as_secs_f64());
+    if result.is_ok() && bytes > 0 {
+        metrics::BYTES.with_label_values(&[volume, op]).inc_by(bytes);
+    }
+    if let Err(e) = &result {
+        tracing::warn!(volume, op, error = %e, "volume operation failed");
+    }
+    result.map_err(ExportError::from)
+}
+
+impl BlockExport for Volume {
+    fn size(&self) -> u64 {
+        self.info.size_bytes
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
+        observed(&self.info.id, "read", len as u64, self.read_at(offset, len as u64)).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
+        let len = data.len() as u64;
+        observed(&self.info.id, "write", len, self.write_at(offset, data, fua)).await
+    }
+
+    async fn flush(&self) -> Result<(), ExportError> {
+        observed(&self.info.id, "flush", 0, self.flush_all_replicas()).await
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
+        observed(&self.info.id, "trim", 0, self.zero_range(offset, len as u64, fua, true)).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
+        observed(&self.info.id, "write_zeroes", 0, self.zero_range(offset, len as u64, fua, false)).await
+    }
+}

@@ -1,0 +1,262 @@
+//! Replication: a change goes to every replica of the chunk's current set
+//! and is acknowledged only when each of them has it, or when the ones that
+//! failed have been removed from the set through the metadata service and
+//! enough replicas remain. Reads go to one replica and fail over.
+
+use std::future::Future;
+
+use ballast_proto::frame::{ClientError, DataClient, ErrorCode};
+use ballast_proto::meta as pb;
+use futures::future::join_all;
+
+use super::chunk_map::{ChunkView, Replica};
+use super::{metrics, EngineError, Volume};
+
+/// Attempts of one change before giving up on a chunk whose replica set
+/// keeps changing underneath it.
+const MAX_ATTEMPTS: usize = 5;
+
+impl Volume {
+    /// Runs one request against one replica, bounded by the replica timeout.
+    async fn on_replica<T, F, Fut>(&self, replica: &Replica, request: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(DataClient) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let (slot, client) = self.pool.get(&replica.address).await?;
+        match tokio::time::timeout(self.options.replica_timeout, request(client)).await {
+            Ok(Err(ClientError::Closed(reason))) => {
+                self.pool.discard(&replica.address, slot);
+                Err(ClientError::Closed(reason))
+            }
+            Ok(result) => result,
+            Err(_) => {
+                // The connection may be stuck; start afresh next time.
+                self.pool.discard(&replica.address, slot);
+                Err(ClientError::Closed(format!("no answer within {:?}", self.options.replica_timeout)))
+            }
+        }
+    }
+
+    /// The chunk's replica set, allocating the chunk on its first write.
+    async fn view_for_write(&self, chunk: u64) -> Result<ChunkView, EngineError> {
+        if let Some(view) = self.map.get(chunk) {
+            return Ok(view);
+        }
+        let _allocating = self.allocation.lock().await;
+        if let Some(view) = self.map.get(chunk) {
+            return Ok(view);
+        }
+        let set = self
+            .meta
+            .allocate_chunk(pb::AllocateChunkRequest { volume_id: self.info.id.clone(), chunk_index: chunk })
+            .await?;
+        let view = ChunkView::from(&set);
+        let size = self.info.chunk_size_bytes as u32;
+        let created = join_all(view.replicas.iter().map(|r| {
+            self.on_replica(r, |c| async move {
+                match c.create_chunk(self.info.data_id, chunk, size, view.generation).await {
+                    Err(e) if e.code() == Some(ErrorCode::ChunkExists) => Ok(()),
+                    other => other,
+                }
+            })
+        }))
+        .await;
+        let failed = failures(&view, created);
+        let view = if failed.is_empty() { view } else { self.drop_replicas(chunk, view, failed).await? };
+        Ok(self.map.update(chunk, view))
+    }
+
+    /// Asks meta for the chunk's current replica set.
+    async fn refresh(&self, chunk: u64) -> Result<ChunkView, EngineError> {
+        let map = self.meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: self.info.id.clone() }).await?;
+        let set = map.chunks.iter().find(|s| s.chunk_index == chunk).ok_or(EngineError::Degraded {
+            chunk,
+            have: 0,
+            need: self.min_replicas,
+        })?;
+        Ok(self.map.update(chunk, ChunkView::from(set)))
+    }
+
+    /// Applies a change to every replica of `chunk`. `change` gets a
+    /// connection and the generation the request must carry.
+    pub(super) async fn replicate<F, Fut>(&self, chunk: u64, change: F) -> Result<(), EngineError>
+    where
+        F: Fn(DataClient, u64) -> Fut,
+        Fut: Future<Output = Result<(), ClientError>>,
+    {
+        let mut view = self.view_for_write(chunk).await?;
+        for _ in 0..MAX_ATTEMPTS {
+            let generation = view.generation;
+            let results =
+                join_all(view.replicas.iter().map(|r| self.on_replica(r, |client| change(client, generation)))).await;
+            if let Some(epoch) = fenced(&results) {
+                return Err(EngineError::Fenced(epoch));
+            }
+            if results.iter().any(|r| matches!(r, Err(e) if e.code() == Some(ErrorCode::StaleGeneration))) {
+                // Our view is older than some replica's: re-read and redo.
+                view = self.refresh(chunk).await?;
+                continue;
+            }
+            let failed = failures(&view, results);
+            if failed.is_empty() {
+                return Ok(());
+            }
+            // The survivors have the change; the failed ones leave the set
+            // before the change is acknowledged.
+            self.drop_replicas(chunk, view, failed).await?;
+            return Ok(());
+        }
+        Err(EngineError::Degraded { chunk, have: view.replicas.len(), need: self.min_replicas })
+    }
+
+    /// Reports `failed` replicas to meta, moves the survivors to the new
+    /// generation (so they refuse changes sent under the old one), and
+    /// checks that enough of them remain.
+    async fn drop_replicas(
+        &self,
+        chunk: u64,
+        mut view: ChunkView,
+        mut failed: Vec<(Replica, ClientError)>,
+    ) -> Result<ChunkView, EngineError> {
+        while !failed.is_empty() {
+            for (replica, error) in failed.drain(..) {
+                tracing::warn!(volume = %self.info.id, chunk, server = %replica.server_id, %error,
+                    "dropping failed replica from the chunk's set");
+                let request = pb::ReportFailedReplicaRequest {
+                    volume_id: self.info.id.clone(),
+                    chunk_index: chunk,
+                    server_id: replica.server_id.clone(),
+                    generation: view.generation,
+                };
+                match self.meta.report_failed_replica(request).await {
+                    Ok(set) => {
+                        view = ChunkView::from(&set);
+                        metrics::REPLICAS_DROPPED.with_label_values(&[&self.info.id]).inc();
+                    }
+                    // The last replica is never dropped.
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                        return Err(EngineError::Degraded { chunk, have: 0, need: self.min_replicas })
+                    }
+                    Err(status) => return Err(status.into()),
+                }
+            }
+            let generation = view.generation;
+            let results = join_all(view.replicas.iter().map(|r| {
+                self.on_replica(r, |c| async move { c.set_generation(self.info.data_id, chunk, generation).await })
+            }))
+            .await;
+            failed = failures(&view, results);
+        }
+        let view = self.map.update(chunk, view);
+        self.update_degraded_gauge();
+        if view.replicas.len() < self.min_replicas {
+            return Err(EngineError::Degraded { chunk, have: view.replicas.len(), need: self.min_replicas });
+        }
+        Ok(view)
+    }
+
+    /// Reads whole blocks from one replica, failing over to the others on
+    /// errors and checksum failures, and reporting the replicas that failed.
+    pub(super) async fn read_from_replicas(
+        &self,
+        chunk: u64,
+        mut view: ChunkView,
+        offset: u64,
+        len: u32,
+    ) -> Result<bytes::Bytes, EngineError> {
+        let mut last = String::from("no replicas");
+        for _ in 0..MAX_ATTEMPTS {
+            let mut failed = Vec::new();
+            let mut stale = false;
+            for replica in self.read_order(&view) {
+                let generation = view.generation;
+                let read =
+                    self.on_replica(&replica, |c| async move {
+                        c.read(self.info.data_id, chunk, offset, len, generation).await
+                    })
+                    .await;
+                match read {
+                    Ok((data, _checksums)) => {
+                        if !failed.is_empty() {
+                            // Best effort: the data is good; a failed report only delays repair.
+                            let _ = self.drop_replicas(chunk, view.clone(), failed).await;
+                        }
+                        return Ok(data);
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::StaleGeneration) => {
+                        stale = true;
+                        break;
+                    }
+                    Err(e) => {
+                        metrics::FAILOVERS.with_label_values(&[&self.info.id]).inc();
+                        tracing::warn!(volume = %self.info.id, chunk, server = %replica.server_id, error = %e,
+                            "read failed on replica, trying another");
+                        last = e.to_string();
+                        failed.push((replica, e));
+                    }
+                }
+            }
+            if !stale {
+                if !failed.is_empty() {
+                    let _ = self.drop_replicas(chunk, view.clone(), failed).await;
+                }
+                break;
+            }
+            view = self.refresh(chunk).await?;
+        }
+        Err(EngineError::Unreadable { chunk, last })
+    }
+
+    /// Replicas in the order a read tries them: the local node first, then
+    /// the others rotated so that reads spread over the set.
+    fn read_order(&self, view: &ChunkView) -> Vec<Replica> {
+        let mut order = view.replicas.clone();
+        if order.is_empty() {
+            return order;
+        }
+        let rotation = self.next_rotation() % order.len();
+        order.rotate_left(rotation);
+        if let Some(local) = &self.options.prefer_address {
+            order.sort_by_key(|r| !r.address.starts_with(local.as_str()));
+        }
+        order
+    }
+
+    /// Flushes the volume on every server holding one of its chunks. A
+    /// server that fails the flush may have lost acknowledged writes: it
+    /// leaves the replica set of every chunk it holds.
+    pub(super) async fn flush_all_replicas(&self) -> Result<(), EngineError> {
+        let chunks = self.map.all();
+        let mut servers: Vec<Replica> = chunks.iter().flat_map(|(_, v)| v.replicas.iter().cloned()).collect();
+        servers.sort_by(|a, b| a.server_id.cmp(&b.server_id));
+        servers.dedup_by(|a, b| a.server_id == b.server_id);
+        let data_id = self.info.data_id;
+        let results =
+            join_all(servers.iter().map(|r| self.on_replica(r, |c| async move { c.flush(Some(data_id)).await }))).await;
+        for (server, result) in servers.iter().zip(results) {
+            let Err(error) = result else { continue };
+            for (chunk, view) in
+                chunks.iter().filter(|(_, v)| v.replicas.iter().any(|r| r.server_id == server.server_id))
+            {
+                let current = self.map.get(*chunk).unwrap_or_else(|| view.clone());
+                let failed = vec![(server.clone(), ClientError::Closed(format!("flush failed: {error}")))];
+                self.drop_replicas(*chunk, current, failed).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The epoch a replica reported when it refused a change as fenced.
+fn fenced(results: &[Result<(), ClientError>]) -> Option<u64> {
+    results.iter().find_map(|r| match r {
+        Err(ClientError::Remote { code: ErrorCode::StaleEpoch, aux, .. }) => Some(*aux),
+        _ => None,
+    })
+}
+
+/// Pairs each failed result with its replica.
+fn failures(view: &ChunkView, results: Vec<Result<(), ClientError>>) -> Vec<(Replica, ClientError)> {
+    view.replicas.iter().cloned().zip(results).filter_map(|(r, result)| result.err().map(|e| (r, e))).collect()
+}

@@ -1,0 +1,370 @@
+//! `nbd-client`: serve a Ballast volume over NBD, or map it as a block
+//! device on this node.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ballast_telemetry::LogFormat;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use meta_raft::client::META_ENV;
+use meta_raft::MetaClient;
+use nbd_client::attach::{self, AttachMethod, AttachOptions, AttachedDevice};
+use nbd_client::engine::Volume;
+use nbd_client::mapping::{self, Mapping, StateDir, DEFAULT_STATE_DIR};
+use nbd_client::nbd::{ExportOptions, NbdServer};
+use nbd_client::volume_service::{self, OpenOptions, Opened};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(name = "nbd-client", version, about = "Ballast node data path: serve or map replicated volumes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct VolumeArgs {
+    /// Volume id or name.
+    volume: String,
+    /// Metadata endpoints, comma-separated host:port.
+    #[arg(long, env = META_ENV)]
+    meta: String,
+    /// Fencing epoch of this node's attachment (from ControllerPublish); without it the
+    /// volume is published to --node-id and unpublished again on exit.
+    #[arg(long)]
+    epoch: Option<u64>,
+    #[arg(long, env = "BALLAST_NODE_ID", default_value_t = default_node_id())]
+    node_id: String,
+    #[arg(long)]
+    readonly: bool,
+    /// Fewest replicas a chunk may keep and still acknowledge writes.
+    #[arg(long, default_value_t = 2)]
+    min_replicas: usize,
+    /// Seconds one replica may take for one request before it is dropped from the set.
+    #[arg(long, default_value_t = 5)]
+    replica_timeout: u64,
+    /// Prometheus metrics address.
+    #[arg(long, env = "BALLAST_NBD_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    #[arg(long, env = "BALLAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Method {
+    Auto,
+    Netlink,
+    Ioctl,
+    FuseLoop,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Export a volume over NBD for fio, qemu and libnbd tools.
+    ///
+    /// Example: nbd-client serve db --listen unix:/run/db.sock --meta 10.0.0.1:7101
+    Serve {
+        #[command(flatten)]
+        volume: VolumeArgs,
+        /// unix:PATH or tcp:HOST:PORT
+        #[arg(long)]
+        listen: String,
+    },
+    /// Attach a volume as a block device on this node; prints the device path.
+    ///
+    /// A background process serves the device; it outlives this command.
+    Map {
+        #[command(flatten)]
+        volume: VolumeArgs,
+        #[arg(long, value_enum, default_value_t = Method::Auto)]
+        method: Method,
+        #[arg(long, env = "BALLAST_NBD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Detach a mapped volume (by volume id, name or device path).
+    Unmap {
+        target: String,
+        #[arg(long, env = "BALLAST_NBD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// List mapped volumes.
+    List {
+        #[arg(long, env = "BALLAST_NBD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+    },
+    /// The serving process `map` starts (not for direct use).
+    #[command(hide = true)]
+    ServeDevice {
+        #[command(flatten)]
+        volume: VolumeArgs,
+        #[arg(long, value_enum, default_value_t = Method::Auto)]
+        method: Method,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+}
+
+fn default_node_id() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+}
+
+fn open_options(args: &VolumeArgs) -> OpenOptions {
+    OpenOptions {
+        epoch: args.epoch,
+        node_id: args.node_id.clone(),
+        readonly: args.readonly,
+        min_replicas: args.min_replicas,
+        replica_timeout: Duration::from_secs(args.replica_timeout),
+    }
+}
+
+async fn start_daemon_side(args: &VolumeArgs) -> anyhow::Result<(MetaClient, Opened)> {
+    ballast_telemetry::init_tracing(args.log_format);
+    if let Some(addr) = args.metrics_addr {
+        ballast_telemetry::serve_metrics(addr).await.context("serving metrics")?;
+    }
+    let meta = MetaClient::from_list(&args.meta)?;
+    let opened = volume_service::open(&meta, &args.volume, &open_options(args)).await?;
+    let info = opened.volume.info();
+    tracing::info!(volume = %info.id, name = %info.name, size = info.size_bytes, replicas = info.replicas,
+        epoch = opened.volume.epoch(), "volume open");
+    Ok((meta, opened))
+}
+
+async fn serve(args: VolumeArgs, listen: String) -> anyhow::Result<()> {
+    let (meta, opened) = start_daemon_side(&args).await?;
+    let options = if args.readonly { ExportOptions::read_only() } else { ExportOptions::read_write() };
+    let server = Arc::new(NbdServer::single(opened.volume.clone(), options));
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            match listen.split_once(':') {
+                Some(("unix", path)) => server.serve_unix(path).await,
+                Some(("tcp", addr)) => server.serve_tcp(addr).await,
+                _ => Err(nbd_client::nbd::NbdError::Io(std::io::Error::other(format!(
+                    "--listen must be unix:PATH or tcp:HOST:PORT, not {listen:?}"
+                )))),
+            }
+        })
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut serving = serving;
+    tokio::select! {
+        result = &mut serving => result??,
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: finishing requests in flight");
+            server.shutdown();
+            serving.await??;
+        }
+        _ = tokio::signal::ctrl_c() => {
+            server.shutdown();
+            serving.await??;
+        }
+    }
+    opened.volume.flush().await?;
+    opened.unpublish(&meta).await;
+    Ok(())
+}
+
+fn attach_method(method: Method) -> AttachMethod {
+    match method {
+        Method::Auto => AttachMethod::Auto,
+        Method::Netlink => AttachMethod::Netlink,
+        Method::Ioctl => AttachMethod::Ioctl,
+        Method::FuseLoop => AttachMethod::FuseLoop,
+    }
+}
+
+/// The process behind a mapped device. SIGTERM hands the device over: a
+/// kernel nbd device stays configured and a successor re-attaches to it
+/// (`map` again, or a restarted process); SIGUSR1 (sent by `unmap`)
+/// detaches it. A FUSE + loop device cannot outlive its server, so SIGTERM
+/// detaches it too.
+async fn serve_device(args: VolumeArgs, method: Method, state_dir: PathBuf) -> anyhow::Result<()> {
+    let state = StateDir::new(&state_dir)?;
+    let (meta, opened) = start_daemon_side(&args).await?;
+    let info = opened.volume.info().clone();
+    let mut options = AttachOptions::new(info.id.clone());
+    options.method = attach_method(method);
+    options.read_only = args.readonly;
+    options.fuse_root = state_dir.join("fuse");
+    let mut device: AttachedDevice<Volume> = match attach::find_nbd_by_backend(&info.id) {
+        // A predecessor left the device configured: take it over.
+        Some(index) => {
+            tracing::info!(index, "re-attaching to the live nbd device of this volume");
+            attach::reconnect(opened.volume.clone(), index, options).await?
+        }
+        None => attach::attach(opened.volume.clone(), options).await?,
+    };
+    let mapping = Mapping {
+        volume_id: info.id.clone(),
+        volume_name: info.name.clone(),
+        device: device.path().display().to_string(),
+        method: device.kind().to_string(),
+        pid: std::process::id(),
+        epoch: opened.volume.epoch(),
+    };
+    state.save(&mapping)?;
+    tracing::info!(device = %mapping.device, method = %mapping.method, "volume mapped");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut unmap = signal(SignalKind::user_defined1())?;
+    loop {
+        let detach = tokio::select! {
+            _ = term.recv() => device.kind() == attach::AttachKind::FuseLoop,
+            _ = unmap.recv() => true,
+        };
+        if !detach {
+            let index = device.release().await?;
+            opened.volume.flush().await?;
+            tracing::info!(index, "released the device for a successor");
+            return Ok(());
+        }
+        match device.detach().await {
+            Ok(()) => break,
+            Err(e) => tracing::error!(error = %e, "cannot detach; still serving"),
+        }
+    }
+    opened.volume.flush().await?;
+    state.remove(&info.id)?;
+    opened.unpublish(&meta).await;
+    tracing::info!(device = %mapping.device, "volume unmapped");
+    Ok(())
+}
+
+/// Starts the serving process and waits until it reports the device.
+async fn map(args: VolumeArgs, method: Method, state_dir: PathBuf) -> anyhow::Result<()> {
+    let state = StateDir::new(&state_dir)?;
+    let meta = MetaClient::from_list(&args.meta)?;
+    let info = nbd_client::engine::find_volume(&meta, &args.volume).await?;
+    if let Some(existing) = state.load(&info.id)? {
+        if existing.is_served() {
+            println!("{}", existing.device);
+            return Ok(());
+        }
+    }
+    let log = std::fs::File::create(state.log_path(&info.id))?;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .args(["serve-device", &info.id, "--meta", &args.meta, "--node-id", &args.node_id])
+        .args(["--min-replicas", &args.min_replicas.to_string()])
+        .args(["--replica-timeout", &args.replica_timeout.to_string()])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .args(["--method", method.to_possible_value().expect("named").get_name()]);
+    if let Some(epoch) = args.epoch {
+        command.args(["--epoch", &epoch.to_string()]);
+    }
+    if args.readonly {
+        command.arg("--readonly");
+    }
+    if let Some(addr) = args.metrics_addr {
+        command.args(["--metrics-addr", &addr.to_string()]);
+    }
+    use std::os::unix::process::CommandExt;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        // Its own session: it outlives this command and whoever called it.
+        .process_group(0)
+        .spawn()
+        .context("starting the serving process")?;
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(mapping) = state.load(&info.id)?.filter(|m| m.pid == pid) {
+            println!("{}", mapping.device);
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(state.log_path(&info.id)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            bail!("the serving process exited ({status}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the device was not attached within 60 s; see {}", state.log_path(&info.id).display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn unmap(target: String, state_dir: PathBuf) -> anyhow::Result<()> {
+    let state = StateDir::new(&state_dir)?;
+    let Some(mapping) = state.find(&target)? else {
+        eprintln!("{target} is not mapped");
+        return Ok(());
+    };
+    let mounts = mapping::mount_points(&mapping.device);
+    if !mounts.is_empty() {
+        bail!("{} is mounted at {}; unmount it first", mapping.device, mounts.join(", "));
+    }
+    if mapping.is_served() {
+        let pid = nix::unistd::Pid::from_raw(mapping.pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while mapping.is_served() {
+            if Instant::now() > deadline {
+                bail!("the serving process {} did not detach {} within 60 s", mapping.pid, mapping.device);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    state.remove(&mapping.volume_id)?;
+    eprintln!("unmapped {} ({})", mapping.device, mapping.volume_id);
+    Ok(())
+}
+
+fn list(state_dir: PathBuf, output: &str) -> anyhow::Result<()> {
+    let mappings = StateDir::new(&state_dir)?.all()?;
+    if output == "json" {
+        let rows: Vec<serde_json::Value> = mappings
+            .iter()
+            .map(|m| {
+                serde_json::json!({"volume": m.volume_id, "name": m.volume_name, "device": m.device,
+                    "method": m.method, "pid": m.pid, "epoch": m.epoch, "served": m.is_served()})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        println!("{:<20} {:<20} {:<14} {:<10} {:>8}  SERVED", "VOLUME", "NAME", "DEVICE", "METHOD", "PID");
+        for m in mappings {
+            println!(
+                "{:<20} {:<20} {:<14} {:<10} {:>8}  {}",
+                m.volume_id,
+                m.volume_name,
+                m.device,
+                m.method,
+                m.pid,
+                m.is_served()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Threads that serve a block device must not wait on reclaim of that device.
+        .on_thread_start(|| {
+            let _ = attach::set_io_flusher();
+        })
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve { volume, listen } => serve(volume, listen).await,
+            Command::Map { volume, method, state_dir } => map(volume, method, state_dir).await,
+            Command::Unmap { target, state_dir } => unmap(target, state_dir).await,
+            Command::List { state_dir, output } => list(state_dir, &output),
+            Command::ServeDevice { volume, method, state_dir } => serve_device(volume, method, state_dir).await,
+        }
+    })
+}

@@ -1,0 +1,365 @@
+//! The transmission phase of one connection: one reader parses requests and
+//! starts each as its own task, the tasks answer in whatever order they
+//! finish, and one writer puts the replies on the wire.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use crate::export::{BlockExport, ExportError};
+use crate::nbd::exports::ExportEntry;
+use crate::nbd::proto::{self, RequestHeader, SimpleReplyHeader};
+use crate::nbd::shutdown::ShutdownSignal;
+use crate::nbd::NbdError;
+
+/// Read buffering: big enough that a burst of small requests costs one
+/// syscall, small enough to be irrelevant per connection.
+const READ_BUFFER: usize = 256 * 1024;
+const WRITE_BUFFER: usize = 256 * 1024;
+
+/// One reply on its way to the writer.
+struct Reply {
+    handle: u64,
+    error: u32,
+    data: Option<Bytes>,
+}
+
+impl Reply {
+    fn error(handle: u64, error: u32) -> Self {
+        Self { handle, error, data: None }
+    }
+}
+
+/// Why the reader stopped taking requests.
+#[derive(Debug)]
+enum ReadEnd {
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed its side.
+    Eof,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Serves requests on `stream` until the client disconnects or the server
+/// shuts down; in both cases every request already read is answered first.
+pub(crate) async fn serve<E, S>(
+    stream: S,
+    entry: Arc<ExportEntry<E>>,
+    mut shutdown: ShutdownSignal,
+    max_in_flight: usize,
+) -> Result<(), NbdError>
+where
+    E: BlockExport,
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
+    // Capacity equals the permit count, so a task never waits to queue its reply.
+    let (tx, rx) = mpsc::channel(max_in_flight);
+    let permits = Arc::new(Semaphore::new(max_in_flight));
+
+    let writer = write_replies(write_half, rx);
+    tokio::pin!(writer);
+    let reader_result = {
+        let read = read_requests(&mut reader, &entry, &tx, &permits, &mut shutdown);
+        tokio::pin!(read);
+        tokio::select! {
+            end = &mut read => end,
+            // The writer only ends early when the peer is gone.
+            written = &mut writer => return written.map_err(NbdError::from),
+        }
+    };
+    // Tasks still running hold clones of `tx`: the writer finishes once the
+    // last of them has queued its reply.
+    drop(tx);
+    let written = writer.await;
+    match reader_result {
+        Ok(end) => {
+            debug!(?end, "NBD connection finished");
+            written.map_err(NbdError::from)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn read_requests<E, R>(
+    reader: &mut R,
+    entry: &Arc<ExportEntry<E>>,
+    tx: &mpsc::Sender<Reply>,
+    permits: &Arc<Semaphore>,
+    shutdown: &mut ShutdownSignal,
+) -> Result<ReadEnd, NbdError>
+where
+    E: BlockExport,
+    R: AsyncRead + Unpin,
+{
+    let mut payloads = BytesMut::new();
+    loop {
+        // Waiting for a permit stops reading, which pushes back on the client.
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.wait() => return Ok(ReadEnd::Shutdown),
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+        };
+        let mut header = [0u8; RequestHeader::LEN];
+        tokio::select! {
+            biased;
+            _ = shutdown.wait() => return Ok(ReadEnd::Shutdown),
+            read = reader.read_exact(&mut header) => match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(ReadEnd::Eof),
+                Err(e) => return Err(e.into()),
+            },
+        }
+        let Some(request) = RequestHeader::decode(&header) else {
+            return Err(NbdError::Protocol("bad request magic"));
+        };
+
+        let op = match request.command {
+            proto::CMD_DISC => return Ok(ReadEnd::Disconnect),
+            proto::CMD_WRITE => {
+                if request.length > proto::MAX_PAYLOAD {
+                    // The payload follows regardless: consume it to stay in sync.
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => return Ok(ReadEnd::Shutdown),
+                        drained = drain(reader, request.length) => drained?,
+                    }
+                    debug!(handle = request.handle, len = request.length, "NBD write larger than the maximum payload");
+                    send_now(tx, Reply::error(request.handle, proto::EINVAL), permit).await;
+                    continue;
+                }
+                let data = tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => return Ok(ReadEnd::Shutdown),
+                    data = read_payload(reader, &mut payloads, request.length as usize) => data?,
+                };
+                validate_write(&request, entry, proto::CMD_FLAG_FUA).map(|()| Op::Write(data))
+            }
+            proto::CMD_READ => validate_read(&request, entry).map(|()| Op::Read),
+            proto::CMD_FLUSH => check_flags(&request, proto::CMD_FLAG_FUA).map(|()| Op::Flush),
+            proto::CMD_TRIM => validate_trim(&request, entry).map(|()| Op::Trim),
+            proto::CMD_WRITE_ZEROES => {
+                validate_write(&request, entry, proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE).map(|()| Op::WriteZeroes)
+            }
+            _ => Err(proto::EINVAL),
+        };
+        match op {
+            Ok(op) => {
+                let export = entry.export.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let reply = execute(&*export, &request, op).await;
+                    let _ = tx.send(reply).await;
+                    drop(permit);
+                });
+            }
+            Err(errno) => {
+                debug!(
+                    command = proto::command_name(request.command),
+                    flags = request.flags,
+                    offset = request.offset,
+                    len = request.length,
+                    errno,
+                    "NBD request refused"
+                );
+                send_now(tx, Reply::error(request.handle, errno), permit).await;
+            }
+        }
+    }
+}
+
+/// A request that passed validation, ready for the export.
+enum Op {
+    Read,
+    Write(Bytes),
+    Flush,
+    Trim,
+    WriteZeroes,
+}
+
+async fn execute<E: BlockExport>(export: &E, request: &RequestHeader, op: Op) -> Reply {
+    let fua = request.flags & proto::CMD_FLAG_FUA != 0;
+    let (offset, len) = (request.offset, request.length);
+    let (result, writes) = match op {
+        Op::Read => match export.read(offset, len).await {
+            Ok(data) if data.len() == len as usize => {
+                return Reply { handle: request.handle, error: 0, data: Some(data) };
+            }
+            // A short or long buffer would desynchronise the stream.
+            Ok(data) => {
+                (Err(ExportError::Io(format!("export returned {} bytes for a {len}-byte read", data.len()))), false)
+            }
+            Err(e) => (Err(e), false),
+        },
+        Op::Write(data) => (export.write(offset, data, fua).await, true),
+        Op::Flush => (export.flush().await, false),
+        Op::Trim => (export.trim(offset, len, fua).await, true),
+        Op::WriteZeroes => (export.write_zeroes(offset, len, fua).await, true),
+    };
+    match result {
+        Ok(()) => Reply::error(request.handle, 0),
+        Err(e) => {
+            warn!(command = proto::command_name(request.command), offset, len, error = %e, "NBD request failed");
+            Reply::error(request.handle, errno_for(&e, writes))
+        }
+    }
+}
+
+/// Maps an export error onto the error values the protocol allows.
+fn errno_for(error: &ExportError, writes: bool) -> u32 {
+    match error {
+        ExportError::OutOfRange { .. } if writes => proto::ENOSPC,
+        ExportError::OutOfRange { .. } => proto::EINVAL,
+        ExportError::ReadOnly(_) => proto::EPERM,
+        ExportError::NoSpace(_) => proto::ENOSPC,
+        ExportError::Io(_) => proto::EIO,
+    }
+}
+
+fn check_flags(request: &RequestHeader, allowed: u16) -> Result<(), u32> {
+    if request.flags & !allowed != 0 {
+        Err(proto::EINVAL)
+    } else {
+        Ok(())
+    }
+}
+
+/// True when `[offset, offset + len)` is non-empty and inside the export.
+fn in_range(request: &RequestHeader, size: u64) -> bool {
+    request.length > 0 && request.offset.checked_add(u64::from(request.length)).is_some_and(|end| end <= size)
+}
+
+fn validate_read<E: BlockExport>(request: &RequestHeader, entry: &ExportEntry<E>) -> Result<(), u32> {
+    check_flags(request, proto::CMD_FLAG_FUA)?;
+    if request.length > proto::MAX_PAYLOAD || !in_range(request, entry.size()) {
+        return Err(proto::EINVAL);
+    }
+    Ok(())
+}
+
+/// WRITE and WRITE_ZEROES: refused on read-only exports, `ENOSPC` past the end.
+fn validate_write<E: BlockExport>(request: &RequestHeader, entry: &ExportEntry<E>, allowed: u16) -> Result<(), u32> {
+    check_flags(request, allowed)?;
+    if entry.options.read_only {
+        return Err(proto::EPERM);
+    }
+    if request.length == 0 {
+        return Err(proto::EINVAL);
+    }
+    if !in_range(request, entry.size()) {
+        return Err(proto::ENOSPC);
+    }
+    Ok(())
+}
+
+fn validate_trim<E: BlockExport>(request: &RequestHeader, entry: &ExportEntry<E>) -> Result<(), u32> {
+    check_flags(request, proto::CMD_FLAG_FUA)?;
+    if entry.options.read_only {
+        return Err(proto::EPERM);
+    }
+    if !in_range(request, entry.size()) {
+        return Err(proto::EINVAL);
+    }
+    Ok(())
+}
+
+/// Queues a reply decided by the reader itself.
+async fn send_now(tx: &mpsc::Sender<Reply>, reply: Reply, permit: OwnedSemaphorePermit) {
+    let _ = tx.send(reply).await;
+    drop(permit);
+}
+
+/// Reads a write payload into the shared buffer and splits it off. Once the
+/// export has dropped earlier payloads the allocation is reused, so steady
+/// state does not allocate per request.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut, len: usize) -> io::Result<Bytes> {
+    buf.reserve(len);
+    let mut limited = reader.take(len as u64);
+    while buf.len() < len {
+        if limited.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.split_to(len).freeze())
+}
+
+/// Reads and discards `len` bytes.
+async fn drain<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> io::Result<()> {
+    let copied = tokio::io::copy(&mut reader.take(u64::from(len)), &mut tokio::io::sink()).await?;
+    if copied < u64::from(len) {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<Reply>) -> io::Result<()> {
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
+    while let Some(reply) = rx.recv().await {
+        write_reply(&mut writer, reply).await?;
+        // Coalesce whatever else is ready into the same flush.
+        while let Ok(reply) = rx.try_recv() {
+            write_reply(&mut writer, reply).await?;
+        }
+        writer.flush().await?;
+    }
+    match writer.shutdown().await {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
+    }
+}
+
+async fn write_reply<W: AsyncWrite + Unpin>(writer: &mut BufWriter<W>, reply: Reply) -> io::Result<()> {
+    writer.write_all(&SimpleReplyHeader { error: reply.error, handle: reply.handle }.encode()).await?;
+    if let Some(data) = reply.data {
+        writer.write_all(&data).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(offset: u64, length: u32) -> RequestHeader {
+        RequestHeader { flags: 0, command: proto::CMD_READ, handle: 1, offset, length }
+    }
+
+    #[test]
+    fn range_checks() {
+        assert!(in_range(&request(0, 4096), 4096));
+        assert!(!in_range(&request(1, 4096), 4096));
+        assert!(!in_range(&request(4096, 1), 4096));
+        assert!(!in_range(&request(0, 0), 4096));
+        assert!(!in_range(&request(u64::MAX, 2), u64::MAX));
+    }
+
+    #[test]
+    fn export_errors_map_to_protocol_errors() {
+        let out_of_range = ExportError::OutOfRange { offset: 0, len: 1 };
+        assert_eq!(errno_for(&out_of_range, true), proto::ENOSPC);
+        assert_eq!(errno_for(&out_of_range, false), proto::EINVAL);
+        assert_eq!(errno_for(&ExportError::ReadOnly("fenced".into()), true), proto::EPERM);
+        assert_eq!(errno_for(&ExportError::NoSpace("full".into()), true), proto::ENOSPC);
+        assert_eq!(errno_for(&ExportError::Io("checksum".into()), false), proto::EIO);
+    }
+
+    #[tokio::test]
+    async fn payloads_reuse_the_buffer() {
+        let data = vec![7u8; 8192];
+        let mut reader = &data[..];
+        let mut buf = BytesMut::new();
+        let first = read_payload(&mut reader, &mut buf, 4096).await.unwrap();
+        let ptr = first.as_ptr();
+        drop(first);
+        let second = read_payload(&mut reader, &mut buf, 4096).await.unwrap();
+        assert_eq!(second.as_ptr(), ptr);
+        assert!(second.iter().all(|b| *b == 7));
+        assert!(read_payload(&mut reader, &mut buf, 1).await.is_err());
+    }
+}

@@ -1,0 +1,68 @@
+//! Opening a volume for serving: find it, obtain the attachment's fencing
+//! epoch (given by the caller, e.g. the CSI plugin, or by publishing the
+//! volume to this node), and start the engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_proto::meta as pb;
+use meta_raft::MetaClient;
+
+use crate::engine::{find_volume, EngineError, EngineOptions, Volume};
+
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// The attachment epoch; `None` publishes the volume to `node_id`.
+    pub epoch: Option<u64>,
+    pub node_id: String,
+    pub readonly: bool,
+    pub min_replicas: usize,
+    pub replica_timeout: Duration,
+}
+
+/// An open volume and, if this process published it, the attachment to
+/// release when it stops.
+pub struct Opened {
+    pub volume: Arc<Volume>,
+    pub published: Option<pb::Attachment>,
+}
+
+pub async fn open(meta: &MetaClient, volume: &str, options: &OpenOptions) -> Result<Opened, EngineError> {
+    let info = find_volume(meta, volume).await?;
+    let (epoch, published) = match options.epoch {
+        Some(epoch) => (epoch, None),
+        None => {
+            let request = pb::PublishVolumeRequest {
+                volume_id: info.id.clone(),
+                node_id: options.node_id.clone(),
+                readonly: options.readonly,
+            };
+            let attachment = meta.publish_volume(request).await?;
+            (attachment.epoch, Some(attachment))
+        }
+    };
+    let engine_options = EngineOptions {
+        epoch,
+        min_replicas: options.min_replicas,
+        replica_timeout: options.replica_timeout,
+        prefer_address: None,
+        readonly: options.readonly,
+    };
+    let volume = Volume::open(meta.clone(), &info.id, engine_options).await?;
+    Ok(Opened { volume: Arc::new(volume), published })
+}
+
+impl Opened {
+    /// Gives back an attachment this process made itself.
+    pub async fn unpublish(&self, meta: &MetaClient) {
+        if let Some(attachment) = &self.published {
+            let request = pb::UnpublishVolumeRequest {
+                volume_id: attachment.volume_id.clone(),
+                node_id: attachment.node_id.clone(),
+            };
+            if let Err(e) = meta.unpublish_volume(request).await {
+                tracing::warn!(volume = %attachment.volume_id, error = %e, "unpublishing the volume");
+            }
+        }
+    }
+}

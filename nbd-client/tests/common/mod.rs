@@ -1,0 +1,88 @@
+//! Shared pieces of the end-to-end tests: a local cluster, a volume served
+//! by the real `nbd-client` binary, and the external tools they drive.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ballast_cli::dev::DevCluster;
+use ballast_proto::meta as pb;
+
+pub const NBD_CLIENT: &str = env!("CARGO_BIN_EXE_nbd-client");
+pub const MIB: u64 = 1 << 20;
+
+/// Whether `tool` can run. Under CI a missing tool fails the test instead.
+pub fn have(tool: &str) -> bool {
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{tool} is required under CI");
+        eprintln!("skipping: {tool} is not installed");
+    }
+    found
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+pub fn ok(output: Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub async fn create_volume(cluster: &DevCluster, name: &str, size: u64, replicas: u32) -> pb::Volume {
+    let request = pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: size,
+        replicas,
+        chunk_size_bytes: 4 * MIB,
+        ..Default::default()
+    };
+    cluster.meta().create_volume(request).await.unwrap()
+}
+
+/// `nbd-client serve` on a unix socket; killed when dropped.
+pub struct Served {
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl Served {
+    pub fn start(cluster: &DevCluster, volume: &str, dir: &Path) -> Served {
+        let socket = dir.join(format!("{volume}.sock"));
+        let log = std::fs::File::create(dir.join(format!("{volume}.serve.log"))).unwrap();
+        let child = Command::new(NBD_CLIENT)
+            .args(["serve", volume, "--listen", &format!("unix:{}", socket.display()), "--meta"])
+            .arg(cluster.meta_endpoints())
+            .args(["--replica-timeout", "2"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !socket.exists() {
+            assert!(started.elapsed() < Duration::from_secs(30), "nbd-client serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Served { socket, child }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,51 @@
+//! `storage-server serve`: runs a Ballast chunk server until SIGTERM/SIGINT.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use storage_server::config::ServeArgs;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(name = "storage-server", version, about = "Ballast chunk server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve chunks from a data directory.
+    Serve(ServeArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Command::Serve(args) = Cli::parse().command;
+    ballast_telemetry::init_tracing(args.log_format);
+    let server = storage_server::start(args.into_config()).await.context("starting the storage server")?;
+    // One machine-readable line on stdout with the bound addresses.
+    let mut line = format!("ready server_id={} io_backend={}", server.server_id(), server.backend());
+    if let Some(addr) = server.tcp_addr() {
+        line += &format!(" tcp={addr}");
+    }
+    if let Some(path) = server.unix_path() {
+        line += &format!(" unix={}", path.display());
+    }
+    if let Some(addr) = server.metrics_addr() {
+        line += &format!(" metrics={addr}");
+    }
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    server.shutdown().await.context("shutting down")?;
+    Ok(())
+}

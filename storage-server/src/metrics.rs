@@ -1,0 +1,104 @@
+//! Prometheus metrics of the chunk server, registered in the default
+//! registry (served by `ballast_telemetry::serve_metrics`).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+};
+
+pub struct Metrics {
+    /// Requests by opcode and status (`ok` or the error code).
+    pub ops: IntCounterVec,
+    /// Request latency by opcode, from decode to reply queued.
+    pub latency: HistogramVec,
+    pub bytes_read: IntCounter,
+    pub bytes_written: IntCounter,
+    /// Checksum failures by kind: `payload` (refused write) or `stored` (corrupt block).
+    pub checksum_errors: IntCounterVec,
+    /// 1 for the I/O backend in use, labelled by name.
+    pub io_backend: IntGaugeVec,
+    /// Frames that could not be decoded.
+    pub bad_frames: IntCounter,
+    pub connections: IntGauge,
+    pub chunks: IntGauge,
+    pub capacity_bytes: IntGauge,
+    pub used_bytes: IntGauge,
+    pub dirty_regions: IntGauge,
+    pub scrub_bytes: IntCounter,
+    pub scrub_passes: IntCounter,
+    /// Bad blocks found by the latest complete scrub pass.
+    pub scrub_bad_blocks: IntGauge,
+    /// Unix time the latest complete scrub pass finished.
+    pub scrub_last_pass: IntGauge,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = Metrics {
+        ops: register_int_counter_vec!(
+            "ballast_storage_requests_total",
+            "Data-plane requests by opcode and status",
+            &["op", "status"]
+        )
+        .expect("register metric"),
+        latency: register_histogram_vec!(
+            "ballast_storage_request_duration_seconds",
+            "Data-plane request latency by opcode",
+            &["op"],
+            ballast_telemetry::latency_buckets()
+        )
+        .expect("register metric"),
+        bytes_read: register_int_counter!("ballast_storage_read_bytes_total", "Data bytes read")
+            .expect("register metric"),
+        bytes_written: register_int_counter!("ballast_storage_written_bytes_total", "Data bytes written")
+            .expect("register metric"),
+        checksum_errors: register_int_counter_vec!(
+            "ballast_storage_checksum_errors_total",
+            "Blocks failing their checksum: payload (write refused) or stored (corrupt on disk)",
+            &["kind"]
+        )
+        .expect("register metric"),
+        io_backend: register_int_gauge_vec!(
+            "ballast_storage_io_backend",
+            "Disk I/O backend in use (1 for the active one)",
+            &["backend"]
+        )
+        .expect("register metric"),
+        bad_frames: register_int_counter!("ballast_storage_bad_frames_total", "Undecodable request frames")
+            .expect("register metric"),
+        connections: register_int_gauge!("ballast_storage_connections", "Open data-plane connections")
+            .expect("register metric"),
+        chunks: register_int_gauge!("ballast_storage_chunks", "Chunks stored").expect("register metric"),
+        capacity_bytes: register_int_gauge!("ballast_storage_capacity_bytes", "Bytes available for chunks")
+            .expect("register metric"),
+        used_bytes: register_int_gauge!("ballast_storage_used_bytes", "Bytes allocated to chunks")
+            .expect("register metric"),
+        dirty_regions: register_int_gauge!("ballast_storage_dirty_regions", "Chunk regions in the activity log")
+            .expect("register metric"),
+        scrub_bytes: register_int_counter!("ballast_storage_scrub_bytes_total", "Bytes verified by scrubs")
+            .expect("register metric"),
+        scrub_passes: register_int_counter!("ballast_storage_scrub_passes_total", "Complete background scrub passes")
+            .expect("register metric"),
+        scrub_bad_blocks: register_int_gauge!(
+            "ballast_storage_scrub_bad_blocks",
+            "Bad blocks found by the latest complete scrub pass"
+        )
+        .expect("register metric"),
+        scrub_last_pass: register_int_gauge!(
+            "ballast_storage_scrub_last_pass_timestamp_seconds",
+            "Unix time the latest scrub pass finished"
+        )
+        .expect("register metric"),
+    };
+    // Export the checksum error series at 0 from the start, for alerting.
+    for kind in ["payload", "stored"] {
+        m.checksum_errors.with_label_values(&[kind]);
+    }
+    m
+});
+
+/// The process-wide metrics (registered on first use).
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}

@@ -1,0 +1,456 @@
+//! The chunk store: every chunk of this server, the rules each operation
+//! follows (alignment, checksums, fencing, generations, activity log), and
+//! durability through flushes.
+//!
+//! Files under the data directory:
+//!
+//! ```text
+//! chunks/<volume:016x>/<chunk:016x>.chunk   one file per chunk (see `chunk`)
+//! activity.log                              dirty regions (see `activity_log`)
+//! epochs                                    newest epoch per volume (see `fencing`)
+//! ```
+
+pub mod backend;
+pub mod bitmap;
+pub mod buf;
+pub mod chunk;
+pub mod range_lock;
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use ballast_proto::frame::{
+    first_bad_block, Checksums, ChunkEntry, ChunkInfo, DirtyRegion, BLOCK_SIZE, DIRTY_RECOVERED,
+};
+use bytes::Bytes;
+
+use crate::activity_log::ActivityLog;
+use crate::error::StoreError;
+use crate::fencing::Fencing;
+use crate::metrics::metrics;
+use backend::{IoBackend, PUNCH_HOLE, ZERO_RANGE};
+use buf::BufPool;
+use chunk::{sync_dir, Chunk, ChunkKey, MAX_CHUNK_SIZE, REGION_SIZE};
+use range_lock::RangeGuard;
+
+/// What a change must prove: the attachment epoch and the chunk generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fence {
+    pub epoch: u64,
+    pub generation: u64,
+}
+
+/// How a range is zeroed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroMode {
+    /// Release the space (`TRIM`, `WRITE_ZEROES`).
+    Deallocate,
+    /// Keep the space allocated (`WRITE_ZEROES` with `FLAG_NO_HOLE`).
+    KeepAllocated,
+}
+
+pub struct Store {
+    chunks_dir: PathBuf,
+    backend: Arc<dyn IoBackend>,
+    pool: BufPool,
+    chunks: RwLock<HashMap<ChunkKey, Arc<Chunk>>>,
+    /// Serialises chunk creation and deletion.
+    admin: tokio::sync::Mutex<()>,
+    capacity: u64,
+    used: AtomicU64,
+    log: ActivityLog,
+    fencing: Fencing,
+    /// Exclusive lock on the data directory, held while the store is open.
+    _lock: std::fs::File,
+}
+
+/// Locks `data_dir` against a second server using it at the same time.
+fn lock_data_dir(data_dir: &Path) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(data_dir.join("lock"))?;
+    // SAFETY: plain syscall on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            io::Error::other(format!("{} is in use by another server", data_dir.display()))
+        } else {
+            err
+        });
+    }
+    Ok(file)
+}
+
+/// Free bytes of the filesystem holding `path`.
+fn free_space(path: &Path) -> io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn chunk_path(chunks_dir: &Path, key: ChunkKey) -> PathBuf {
+    chunks_dir.join(format!("{:016x}", key.volume)).join(format!("{:016x}.chunk", key.chunk))
+}
+
+/// Loads every chunk file under `chunks_dir` (blocking). Leftover temporary
+/// files of interrupted creations are removed; unreadable chunks are logged
+/// and left out (their replicas elsewhere take over).
+fn load_chunks(chunks_dir: &Path, backend: &dyn IoBackend, pool: &BufPool) -> io::Result<Vec<Chunk>> {
+    let mut out = Vec::new();
+    for vol in std::fs::read_dir(chunks_dir)? {
+        let vol = vol?.path();
+        if !vol.is_dir() {
+            continue;
+        }
+        for entry in std::fs::read_dir(&vol)? {
+            let path = entry?.path();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("tmp") => std::fs::remove_file(&path)?,
+                Some("chunk") => match Chunk::load(&path, backend, pool) {
+                    Ok(chunk) if chunk_path(chunks_dir, chunk.key) == path => out.push(chunk),
+                    Ok(chunk) => {
+                        tracing::error!(path = %path.display(), key = %chunk.key, "chunk file is misnamed; ignored")
+                    }
+                    Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot load chunk; ignored"),
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Store {
+    /// Opens (or initialises) the store in `data_dir`. `capacity` defaults
+    /// to the free space of its filesystem plus what chunks already use.
+    pub async fn open(
+        data_dir: &Path,
+        capacity: Option<u64>,
+        backend: Arc<dyn IoBackend>,
+    ) -> Result<Store, StoreError> {
+        let chunks_dir = data_dir.join("chunks");
+        std::fs::create_dir_all(&chunks_dir).map_err(|e| StoreError::io("creating the data directory", e))?;
+        let lock = lock_data_dir(data_dir).map_err(|e| StoreError::io("locking the data directory", e))?;
+        let pool = BufPool::default();
+        let loaded = {
+            let (dir, backend, pool) = (chunks_dir.clone(), backend.clone(), pool.clone());
+            tokio::task::spawn_blocking(move || load_chunks(&dir, &*backend, &pool))
+                .await
+                .map_err(|e| StoreError::io("loading chunks", io::Error::other(e)))?
+                .map_err(|e| StoreError::io("loading chunks", e))?
+        };
+        let used: u64 = loaded.iter().map(|c| c.file_len()).sum();
+        let capacity = match capacity {
+            Some(c) => c,
+            None => free_space(data_dir).map_err(|e| StoreError::io("measuring free space", e))? + used,
+        };
+        let chunks: HashMap<ChunkKey, Arc<Chunk>> = loaded.into_iter().map(|c| (c.key, Arc::new(c))).collect();
+        let log = ActivityLog::open(&data_dir.join("activity.log"))
+            .map_err(|e| StoreError::io("opening the activity log", e))?;
+        log.retain_chunks(|k| chunks.contains_key(&k));
+        let fencing = Fencing::open(&data_dir.join("epochs")).map_err(|e| StoreError::io("loading epochs", e))?;
+        let m = metrics();
+        m.chunks.set(chunks.len() as i64);
+        m.used_bytes.set(used as i64);
+        m.capacity_bytes.set(capacity as i64);
+        tracing::info!(
+            chunks = chunks.len(),
+            used,
+            capacity,
+            recovered_regions = log.regions(None).len(),
+            "chunk store open"
+        );
+        Ok(Store {
+            chunks_dir,
+            backend,
+            pool,
+            chunks: RwLock::new(chunks),
+            admin: tokio::sync::Mutex::new(()),
+            capacity,
+            used: AtomicU64::new(used),
+            log,
+            fencing,
+            _lock: lock,
+        })
+    }
+
+    pub fn backend(&self) -> &dyn IoBackend {
+        &*self.backend
+    }
+
+    /// The aligned buffer pool of the data path.
+    pub fn pool(&self) -> &BufPool {
+        &self.pool
+    }
+
+    /// Bytes taken by chunk files.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn get(&self, key: ChunkKey) -> Result<Arc<Chunk>, StoreError> {
+        self.chunks
+            .read()
+            .expect("chunk map poisoned")
+            .get(&key)
+            .cloned()
+            .ok_or(StoreError::NoSuchChunk { volume: key.volume, chunk: key.chunk })
+    }
+
+    /// Chunks of `volume` (or all), sorted by key.
+    pub fn chunks(&self, volume: Option<u64>) -> Vec<Arc<Chunk>> {
+        let mut out: Vec<Arc<Chunk>> = self
+            .chunks
+            .read()
+            .expect("chunk map poisoned")
+            .values()
+            .filter(|c| volume.is_none_or(|v| v == c.key.volume))
+            .cloned()
+            .collect();
+        out.sort_unstable_by_key(|c| c.key);
+        out
+    }
+
+    /// Writes whole blocks after verifying the payload against its checksums.
+    pub async fn write(
+        &self,
+        key: ChunkKey,
+        offset: u64,
+        data: Bytes,
+        checksums: Checksums,
+        fence: Fence,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        let chunk = self.get(key)?;
+        let len = data.len() as u64;
+        chunk.check_range(offset, len)?;
+        if let Some(block) = first_bad_block(&data, &checksums) {
+            metrics().checksum_errors.with_label_values(&["payload"]).inc();
+            return Err(StoreError::ChecksumMismatch { offset: offset + (block * BLOCK_SIZE) as u64 });
+        }
+        self.change(&chunk, offset, len, fence, fua, |locked| chunk.write_blocks(locked, offset, &data, &checksums))
+            .await?;
+        metrics().bytes_written.inc_by(len);
+        Ok(())
+    }
+
+    /// Makes a range read as zeros.
+    pub async fn zero(
+        &self,
+        key: ChunkKey,
+        offset: u64,
+        len: u64,
+        fence: Fence,
+        mode: ZeroMode,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        let chunk = self.get(key)?;
+        chunk.check_range(offset, len)?;
+        let mode = match mode {
+            ZeroMode::Deallocate => PUNCH_HOLE,
+            ZeroMode::KeepAllocated => ZERO_RANGE,
+        };
+        self.change(&chunk, offset, len, fence, fua, |locked| chunk.zero_blocks(locked, offset, len, mode)).await
+    }
+
+    /// The steps every change takes: generation and epoch checks (a newer
+    /// epoch persisted first), the activity log marked, the range locked and
+    /// the fence checked again under the lock (so a change admitted under an
+    /// older epoch cannot land after one of a newer epoch), then `apply`,
+    /// which releases the lock when done.
+    async fn change<'c, F, Fut>(
+        &self,
+        chunk: &'c Chunk,
+        offset: u64,
+        len: u64,
+        fence: Fence,
+        fua: bool,
+        apply: F,
+    ) -> Result<(), StoreError>
+    where
+        F: FnOnce(RangeGuard<'c>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        chunk.check_generation(fence.generation, false)?;
+        self.fencing.admit(chunk.key.volume, fence.epoch).await?;
+        let _busy = self.log.begin_write(chunk.key, offset, len).await?;
+        let locked = chunk.lock_for_write(offset, len).await;
+        self.fencing.check(chunk.key.volume, fence.epoch)?;
+        chunk.check_generation(fence.generation, false)?;
+        apply(locked).await?;
+        if fua {
+            chunk.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads whole blocks, verified; a block failing its stored checksum
+    /// fails the read with `CorruptBlock` (its bytes are never returned).
+    pub async fn read(
+        &self,
+        key: ChunkKey,
+        offset: u64,
+        len: u64,
+        generation: u64,
+    ) -> Result<(Bytes, Checksums), StoreError> {
+        let chunk = self.get(key)?;
+        chunk.check_range(offset, len)?;
+        chunk.check_generation(generation, true)?;
+        let out = chunk.read_blocks(offset, len).await?;
+        if let Some(&block) = out.bad.first() {
+            metrics().checksum_errors.with_label_values(&["stored"]).inc_by(out.bad.len() as u64);
+            tracing::warn!(%key, block, bad = out.bad.len(), "read found blocks failing their checksum");
+            return Err(StoreError::CorruptBlock { offset: (block * BLOCK_SIZE) as u64 });
+        }
+        metrics().bytes_read.inc_by(len);
+        Ok((out.data.into_bytes(), out.checksums))
+    }
+
+    /// Makes every change completed so far (to `volume`, or all) durable,
+    /// then marks the regions it covered clean in the activity log.
+    pub async fn flush(&self, volume: Option<u64>) -> Result<(), StoreError> {
+        let snapshot = self.log.flush_snapshot(volume);
+        let mut flushes = tokio::task::JoinSet::new();
+        for chunk in self.chunks(volume).into_iter().filter(|c| c.needs_flush()) {
+            flushes.spawn(async move { chunk.flush().await });
+        }
+        while let Some(done) = flushes.join_next().await {
+            done.map_err(|e| StoreError::io("flushing", io::Error::other(e)))??;
+        }
+        self.log.complete_flush(snapshot);
+        Ok(())
+    }
+
+    /// Creates an empty chunk of `size` bytes at `generation`.
+    pub async fn create_chunk(&self, key: ChunkKey, size: u64, generation: u64) -> Result<(), StoreError> {
+        if size == 0 || size > MAX_CHUNK_SIZE {
+            return Err(StoreError::Invalid(format!("chunk size {size} out of range")));
+        }
+        if size % BLOCK_SIZE as u64 != 0 {
+            return Err(StoreError::Misaligned { offset: 0, len: size });
+        }
+        let _admin = self.admin.lock().await;
+        if self.get(key).is_ok() {
+            return Err(StoreError::ChunkExists { volume: key.volume, chunk: key.chunk });
+        }
+        let needed = chunk::file_len(size);
+        let available = self.capacity.saturating_sub(self.used.load(Ordering::Acquire));
+        if needed > available {
+            return Err(StoreError::NoSpace { needed, available });
+        }
+        let path = chunk_path(&self.chunks_dir, key);
+        let (backend, pool, chunks_dir) = (self.backend.clone(), self.pool.clone(), self.chunks_dir.clone());
+        let chunk = tokio::task::spawn_blocking(move || {
+            let dir = path.parent().expect("chunk path has a parent");
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)?;
+                sync_dir(&chunks_dir)?;
+            }
+            Chunk::create(&path, key, size, generation, &*backend, &pool)
+        })
+        .await
+        .map_err(|e| StoreError::io("creating a chunk", io::Error::other(e)))?
+        .map_err(|e| StoreError::io(format!("creating chunk {key}"), e))?;
+        let mut chunks = self.chunks.write().expect("chunk map poisoned");
+        chunks.insert(key, Arc::new(chunk));
+        let used = self.used.fetch_add(needed, Ordering::AcqRel) + needed;
+        metrics().chunks.set(chunks.len() as i64);
+        metrics().used_bytes.set(used as i64);
+        Ok(())
+    }
+
+    /// Deletes a chunk; `generation` 0 deletes any generation.
+    pub async fn delete_chunk(&self, key: ChunkKey, generation: u64) -> Result<(), StoreError> {
+        let _admin = self.admin.lock().await;
+        let chunk = self.get(key)?;
+        chunk.check_generation(generation, true)?;
+        let path = chunk.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            std::fs::remove_file(&path)?;
+            sync_dir(path.parent().expect("chunk path has a parent"))
+        })
+        .await
+        .map_err(|e| StoreError::io("deleting a chunk", io::Error::other(e)))?
+        .map_err(|e| StoreError::io(format!("deleting chunk {key}"), e))?;
+        let count = {
+            let mut chunks = self.chunks.write().expect("chunk map poisoned");
+            chunks.remove(&key);
+            chunks.len()
+        };
+        let used = self.used.fetch_sub(chunk.file_len(), Ordering::AcqRel) - chunk.file_len();
+        self.log.retain_chunks(|k| k != key);
+        metrics().chunks.set(count as i64);
+        metrics().used_bytes.set(used as i64);
+        Ok(())
+    }
+
+    pub async fn set_generation(&self, key: ChunkKey, generation: u64) -> Result<(), StoreError> {
+        self.get(key)?.set_generation(generation).await
+    }
+
+    pub fn chunk_info(&self, key: ChunkKey, generation: u64) -> Result<ChunkInfo, StoreError> {
+        let chunk = self.get(key)?;
+        chunk.check_generation(generation, true)?;
+        let counts = chunk.block_counts();
+        Ok(ChunkInfo {
+            size: chunk.size,
+            generation: chunk.generation(),
+            blocks_ok: counts.ok as u32,
+            blocks_bad: counts.bad as u32,
+            blocks_unknown: counts.unknown as u32,
+            dirty_regions: self.log.count_for(key) as u32,
+        })
+    }
+
+    pub fn list_chunks(&self, volume: Option<u64>) -> Vec<ChunkEntry> {
+        self.chunks(volume)
+            .iter()
+            .map(|c| ChunkEntry { volume: c.key.volume, chunk: c.key.chunk, size: c.size, generation: c.generation() })
+            .collect()
+    }
+
+    /// Regions in the activity log for `volume` (or all), sorted.
+    pub fn dirty_regions(&self, volume: Option<u64>) -> Vec<DirtyRegion> {
+        self.log
+            .regions(volume)
+            .into_iter()
+            .map(|(region, recovered)| {
+                let size = self.get(region.chunk).map_or(u64::MAX, |c| c.size);
+                let offset = region.offset();
+                DirtyRegion {
+                    volume: region.chunk.volume,
+                    chunk: region.chunk.chunk,
+                    offset,
+                    length: REGION_SIZE.min(size.saturating_sub(offset)) as u32,
+                    flags: if recovered { DIRTY_RECOVERED } else { 0 },
+                }
+            })
+            .collect()
+    }
+
+    /// Forgets the recovered regions of a chunk in `offset..offset + len`
+    /// (`len` 0 = to the end of the chunk) once they have been resynced.
+    pub fn clear_recovered(&self, key: ChunkKey, offset: u64, len: u64) {
+        let len = if len == 0 { u64::MAX - offset } else { len };
+        self.log.clear_recovered(key, offset, len);
+    }
+
+    /// Flushes everything and closes the activity log cleanly.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let flushed = self.flush(None).await;
+        self.log.close().await;
+        flushed
+    }
+}

@@ -1,0 +1,52 @@
+//! The Prometheus endpoint serves the server's metrics. In a file of its
+//! own: metrics are process-wide, so no other server may run beside it.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use ballast_proto::frame::DataClient;
+use common::{pattern, write, BLOCK};
+use storage_server::BackendChoice;
+
+const MIB: u64 = 1 << 20;
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served() {
+    for (backend, active) in [(BackendChoice::Uring, "uring"), (BackendChoice::Threadpool, "threadpool")] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = common::config(dir.path(), backend);
+        config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        let server = storage_server::start(config).await.unwrap();
+        let c = DataClient::connect_tcp(server.tcp_addr().unwrap()).await.unwrap();
+        c.create_chunk(1, 1, MIB as u32, 1).await.unwrap();
+        write(&c, 1, 1, 0, pattern(1, 0, 1), 0, false).await.unwrap();
+        c.read(1, 1, 0, BLOCK as u32, 0).await.unwrap();
+        let body = scrape(server.metrics_addr().unwrap()).await;
+        for name in [
+            "ballast_storage_requests_total{op=\"write\",status=\"ok\"}",
+            "ballast_storage_request_duration_seconds_bucket{op=\"read\"",
+            "ballast_storage_written_bytes_total",
+            "ballast_storage_read_bytes_total",
+            "ballast_storage_checksum_errors_total",
+            "ballast_storage_dirty_regions 1",
+            "ballast_storage_chunks 1",
+        ] {
+            assert!(body.contains(name), "{name} missing from metrics:\n{body}");
+        }
+        assert!(body.contains(&format!("ballast_storage_io_backend{{backend=\"{active}\"}} 1")), "{body}");
+        server.shutdown().await.unwrap();
+    }
+}

@@ -1,0 +1,348 @@
+#!/bin/sh
+# Runs inside the VM (busybox sh), started by /init. A whole Ballast cluster
+# on the guest's loopback, real /dev/nbdN devices attached by our
+# nbd-client, ext4 on top. Prints one line per scenario:
+#   RESULT <scenario> PASS|FAIL|SKIP <details>
+# and exits non-zero if any scenario failed.
+#
+# Kernel command line knobs: vmtest.only=a,b,c (scenario names, default all),
+# vmtest.load_secs=N (load after a restart, default 6).
+
+set -u
+ONLY=all
+LOAD_SECS=6
+for a in $(cat /proc/cmdline); do
+    case "$a" in
+        vmtest.only=*) ONLY=${a#*=} ;;
+        vmtest.load_secs=*) LOAD_SECS=${a#*=} ;;
+    esac
+done
+
+C=/tmp/c                # `ballast dev up` directory
+STATE=/run/ballast/nbd  # nbd-client's default state directory
+MNT=/mnt/v1
+FAILED=0
+META=
+
+ts() { cut -d' ' -f1 /proc/uptime; }
+log() { echo "[vm $(ts)] $*"; }
+# elapsed START [END]: seconds between two ts values, 3 decimals.
+elapsed() { awk -v a="$1" -v b="${2:-$(ts)}" 'BEGIN{printf "%.3f", b-a}'; }
+result() {
+    name=$1; verdict=$2; shift 2
+    echo "RESULT $name $verdict $*"
+    [ "$verdict" != FAIL ] || FAILED=1
+}
+wanted() { [ "$ONLY" = all ] || echo ",$ONLY," | grep -q ",$1,"; }
+# kmsg_mark NAME: a marker in the kernel log; kmsg_since NAME prints what followed it.
+kmsg_mark() { echo "vmtest: mark $1" > /dev/kmsg; }
+# (Everything if the marker is gone: nothing is missed when the ring buffer wrapped.)
+kmsg_since() {
+    dmesg > /tmp/kmsg.txt
+    if grep -q "vmtest: mark $1\$" /tmp/kmsg.txt; then
+        awk -v m="vmtest: mark $1" 'index($0, m){f=1; next} f' /tmp/kmsg.txt
+    else
+        cat /tmp/kmsg.txt
+    fi
+}
+# Kernel complaints that mean the application or the filesystem saw an error.
+kmsg_errors() {
+    # ("Receive control failed (result -32)" is the kernel noticing its server
+    # went away, expected on a restart: requests wait for the successor.)
+    kmsg_since "$1" | grep -Ei 'I/O error|blk_update_request|EXT4-fs (error|warning)|read-only|journal.*abort|nbd.*(timed out|Dead connection|shutting down)' || true
+}
+
+# Field of one mapping in `nbd-client list -o json`: mapping_field VOLUME_NAME FIELD
+mapping_field() {
+    nbd-client list -o json | tr '{' '\n' | grep "\"name\":\"$1\"" |
+        sed -n "s/.*\"$2\":\"\{0,1\}\([^\",}]*\).*/\1/p" | head -n1
+}
+# pid of a process of the dev cluster from cluster.json: cluster_pid storage2
+cluster_pid() {
+    awk -v n="\"name\": \"$1\"" 'index($0, n){f=1} f && /"pid"/{gsub(/[^0-9]/, ""); print; exit}' "$C/cluster.json"
+}
+mounted_rw() { awk -v m="$1" '$2 == m {split($4, o, ","); print o[1]; exit}' /proc/mounts; }
+dev_size() { cat "/sys/block/$(basename "$1")/size" 2>/dev/null || echo 0; }
+
+dump_logs() {
+    log "---- diagnostics ($1) ----"
+    for f in "$STATE"/*.log; do [ -f "$f" ] && { echo "== $f (tail)"; tail -n 30 "$f"; }; done
+    for f in "$C"/logs/*.log; do [ -f "$f" ] && { echo "== $f (tail)"; tail -n 15 "$f"; }; done
+    dmesg > /tmp/dmesg.txt 2>&1; echo "== dmesg (rc $?, $(wc -l < /tmp/dmesg.txt) lines; tail)"; tail -n 40 /tmp/dmesg.txt
+    echo "== nbd-client list"; nbd-client list 2>&1
+    log "---- end of diagnostics ----"
+}
+
+map() { # map VOLUME [nbd-client map flags...] -> prints the device
+    v=$1; shift
+    timeout 120 nbd-client map "$v" --meta "$META" "$@"
+}
+unmap() { timeout 90 nbd-client unmap "$1"; }
+
+# ensure_fs DEV: an ext4 filesystem on DEV, made if there is none yet.
+ensure_fs() {
+    # ext2/3/4 superblock magic 0xEF53 at byte 1080
+    [ "$(dd if="$1" bs=8 skip=135 count=1 2>/dev/null | od -An -tx1 | awk '{print $1 $2}')" != 53ef ] || return 0
+    log "mkfs.ext4 $1"
+    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -L v1 "$1"
+}
+
+# write_set DIR TAG: files of several sizes (random data) and their sha256s in /tmp/sums.TAG
+write_set() {
+    d=$1; tag=$2
+    mkdir -p "$d/$tag" || return 1
+    echo "written through $tag at $(ts)" > "$d/$tag/hello.txt" || return 1
+    dd if=/dev/urandom of="$d/$tag/random.bin" bs=1M count=8 2>/dev/null || return 1
+    i=0
+    while [ $i -lt 20 ]; do
+        dd if=/dev/urandom of="$d/$tag/small.$i" bs=4k count=$((i + 1)) 2>/dev/null || return 1
+        i=$((i + 1))
+    done
+    sync
+    (cd "$d" && sha256sum "$tag"/*) > "/tmp/sums.$tag" || return 1
+}
+verify_set() { (cd "$1" && sha256sum -c -s "/tmp/sums.$2"); }
+
+# ----------------------------------------------------------------- cluster
+cluster_up() {
+    log "ballast dev up --dir $C --storage 3"
+    t0=$(ts)
+    if timeout 150 ballast dev up --dir "$C" --storage 3; then
+        . "$C/cluster.env"; META=$BALLAST_META; export BALLAST_META
+        result cluster PASS "3 meta + 3 storage up in $(elapsed "$t0") s; BALLAST_META=$META"
+        return 0
+    fi
+    result cluster FAIL "ballast dev up --storage 3 failed after $(elapsed "$t0") s"
+    dump_logs "dev up"
+    timeout 30 ballast dev down --dir "$C" >/dev/null 2>&1
+    # What still works without chunk servers: the metadata service alone.
+    rm -rf "$C/logs" "$C"/meta* "$C"/storage*
+    t0=$(ts)
+    if timeout 120 ballast dev up --dir "$C" --storage 0; then
+        . "$C/cluster.env"; META=$BALLAST_META
+        if out=$(timeout 60 ballast volume create v1 --size 256MiB --replicas 3 --meta "$META" 2>&1); then
+            result meta-only PASS "dev up --storage 0 in $(elapsed "$t0") s; volume create: $(echo "$out" | tr '\n' ' ')"
+        else
+            result meta-only FAIL "volume create: $out"
+        fi
+    else
+        result meta-only FAIL "ballast dev up --storage 0 failed"
+        dump_logs "dev up --storage 0"
+    fi
+    return 1
+}
+
+# ----------------------------------------------------------------- 1. map, mkfs, write, unmap, map, verify
+basic_round() { # basic_round SCENARIO METHOD_FLAGS EXPECTED_METHOD
+    name=$1; flags=$2; expect=$3
+    t0=$(ts)
+    dev=$(map v1 $flags) || { result "$name" FAIL "map failed"; dump_logs "$name"; return 1; }
+    method=$(mapping_field v1 method)
+    log "$name: v1 -> $dev (method $method, $(dev_size "$dev") sectors, mapped in $(elapsed "$t0") s)"
+    [ "$method" = "$expect" ] || { result "$name" FAIL "method $method, expected $expect"; return 1; }
+    ensure_fs "$dev" || { result "$name" FAIL "mkfs.ext4"; return 1; }
+    mkdir -p "$MNT"
+    mount -t ext4 "$dev" "$MNT" || { result "$name" FAIL "mount"; dump_logs "$name"; return 1; }
+    # What an earlier round wrote (through another attach method) must be intact.
+    for tag in $(ls "$MNT" | grep '^set-' || true); do
+        verify_set "$MNT" "$tag" || { result "$name" FAIL "$tag from an earlier round differs"; return 1; }
+    done
+    write_set "$MNT" "set-$expect" || { result "$name" FAIL "writing files"; dump_logs "$name"; return 1; }
+    umount "$MNT" || { result "$name" FAIL "umount"; return 1; }
+    e2fsck -fn "$dev" >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; result "$name" FAIL "e2fsck"; return 1; }
+    unmap v1 || { result "$name" FAIL "unmap"; dump_logs "$name"; return 1; }
+    [ "$(dev_size "$dev")" = 0 ] || { result "$name" FAIL "$dev still has a size after unmap"; return 1; }
+    [ -z "$(mapping_field v1 pid)" ] || { result "$name" FAIL "v1 still listed after unmap"; return 1; }
+    dev2=$(map v1 $flags) || { result "$name" FAIL "second map failed"; dump_logs "$name"; return 1; }
+    mount -t ext4 -o ro "$dev2" "$MNT" || { result "$name" FAIL "second mount"; return 1; }
+    ok=1
+    for tag in $(ls "$MNT" | grep '^set-'); do
+        verify_set "$MNT" "$tag" || { ok=0; log "$tag: checksums differ after unmap+map"; }
+    done
+    sets=$(ls "$MNT" | grep -c '^set-')
+    umount "$MNT"
+    unmap v1 || { result "$name" FAIL "second unmap"; return 1; }
+    [ $ok = 1 ] || { result "$name" FAIL "checksums differ after unmap+map"; return 1; }
+    result "$name" PASS "$dev ($method): mkfs/mount/write 8 MiB + 20 files, e2fsck clean, unmap, map ($dev2), $sets file sets verified by sha256 in $(elapsed "$t0") s"
+}
+
+# ----------------------------------------------------------------- 2./3. disruption under load
+# under_load SCENARIO ACTION: mounts v1 (mapped), runs loadgen, performs ACTION
+# (a shell function) while it runs, lets the load go on LOAD_SECS, checks.
+under_load() {
+    name=$1; action=$2
+    dev=$(map v1) || { result "$name" FAIL "map failed"; dump_logs "$name"; return 1; }
+    ensure_fs "$dev" || { result "$name" FAIL "mkfs.ext4"; return 1; }
+    mkdir -p "$MNT"
+    mountpoint -q "$MNT" || mount -t ext4 "$dev" "$MNT" || { result "$name" FAIL "mount"; return 1; }
+    kmsg_mark "$name"
+    rm -f /tmp/stop
+    loadgen --file "$MNT/load-$name.dat" --size-mib 16 --bs-kib 64 --sync-every 8 --duration 300 \
+        --stop-file /tmp/stop --slow-ms 250 > "/tmp/load-$name.log" 2>&1 &
+    lpid=$!
+    # Let the load reach its random phase (first pass over all blocks done).
+    i=0; while [ $i -lt 600 ] && ! grep -q '^progress' "/tmp/load-$name.log"; do sleep 0.1; i=$((i + 1)); done
+    kill -0 $lpid 2>/dev/null || { cat "/tmp/load-$name.log"; result "$name" FAIL "load did not start"; return 1; }
+    ACTION_DETAIL=
+    t_action=$(ts)
+    if ! $action; then
+        touch /tmp/stop; wait $lpid
+        cat "/tmp/load-$name.log"
+        result "$name" FAIL "action: $ACTION_DETAIL"; dump_logs "$name"; return 1
+    fi
+    sleep "$LOAD_SECS"
+    touch /tmp/stop
+    timeout 180 sh -c "while kill -0 $lpid 2>/dev/null; do sleep 0.2; done"
+    wait $lpid; lrc=$?
+    grep -E '^(slow|ERROR|LOADGEN)' "/tmp/load-$name.log" | head -n 30
+    summary=$(grep '^LOADGEN' "/tmp/load-$name.log")
+    errors=$(echo "$summary" | sed -n 's/.* errors=\([0-9]*\).*/\1/p')
+    maxms=$(echo "$summary" | sed -n 's/.* max_op_ms=\([0-9]*\).*/\1/p')
+    ops=$(echo "$summary" | sed -n 's/.*LOADGEN ops=\([0-9]*\).*/\1/p')
+    kerr=$(kmsg_errors "$name")
+    kcount=$(printf '%s' "$kerr" | grep -c . || true)
+    rw=$(mounted_rw "$MNT")
+    echo "METRIC $name max_io_pause_ms=${maxms:-?} load_errors=${errors:-?} kernel_io_errors=$kcount mount=$rw ops=${ops:-?} $ACTION_DETAIL"
+    if [ "$lrc" = 0 ] && [ "${errors:-1}" = 0 ] && [ "$kcount" = 0 ] && [ "$rw" = rw ]; then
+        result "$name" PASS "$ACTION_DETAIL; load ops=$ops errors=0, longest I/O pause ${maxms} ms, kernel I/O errors 0, mount rw"
+    else
+        [ -z "$kerr" ] || { echo "kernel log since the start of $name:"; kmsg_since "$name" | tail -n 40; }
+        result "$name" FAIL "$ACTION_DETAIL; loadgen rc=$lrc errors=${errors:-?} longest pause ${maxms:-?} ms, kernel errors $kcount, mount ${rw:-gone}"
+        dump_logs "$name"
+        return 1
+    fi
+}
+
+# The serving process dies (SIGKILL) or hands over (SIGTERM); `map` again starts a successor.
+restart_with() { # restart_with SIGNAL
+    sig=$1
+    dev=$(mapping_field v1 device); old=$(mapping_field v1 pid)
+    [ -n "$old" ] || { ACTION_DETAIL="no serving process listed"; return 1; }
+    t0=$(ts)
+    kill "-$sig" "$old"
+    i=0; while [ -d "/proc/$old" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+    [ ! -d "/proc/$old" ] || { ACTION_DETAIL="pid $old still alive 30 s after SIG$sig"; return 1; }
+    t1=$(ts)
+    new_dev=$(map v1) || { ACTION_DETAIL="map after SIG$sig failed"; return 1; }
+    t2=$(ts)
+    new=$(mapping_field v1 pid)
+    ACTION_DETAIL="SIG$sig pid $old (exited after $(elapsed "$t0" "$t1") s), successor pid $new re-attached $new_dev in $(elapsed "$t1" "$t2") s"
+    echo "METRIC restart-$sig gone_s=$(elapsed "$t0" "$t1") reattach_s=$(elapsed "$t1" "$t2")"
+    [ "$new_dev" = "$dev" ] || { ACTION_DETAIL="$ACTION_DETAIL; device changed $dev -> $new_dev"; return 1; }
+    [ "$new" != "$old" ] || { ACTION_DETAIL="$ACTION_DETAIL; same pid"; return 1; }
+}
+action_sigkill() { restart_with KILL; }
+action_sigterm() { restart_with TERM; }
+action_kill_storage() {
+    pid=$(cluster_pid storage2)
+    [ -n "$pid" ] || { ACTION_DETAIL="no storage2 in $C/cluster.json"; return 1; }
+    kill -KILL "$pid"
+    ACTION_DETAIL="storage2 (pid $pid) SIGKILLed, serving process pid $(mapping_field v1 pid) kept"
+}
+
+# A second volume gets its own device; the live device keeps its backend id.
+identity() {
+    dev1=$(map v1) || { result identity FAIL "map v1"; return 1; }
+    timeout 60 ballast volume create v2 --size 64MiB --replicas 3 --meta "$META" >/dev/null ||
+        { result identity FAIL "volume create v2"; return 1; }
+    dev2=$(map v2) || { result identity FAIL "map v2"; dump_logs identity; return 1; }
+    id1=$(mapping_field v1 volume); id2=$(mapping_field v2 volume)
+    b1=$(cat "/sys/block/$(basename "$dev1")/backend" 2>/dev/null); b2=$(cat "/sys/block/$(basename "$dev2")/backend" 2>/dev/null)
+    again=$(map v2)
+    unmap v2 >/dev/null 2>&1
+    if [ "$dev1" != "$dev2" ] && [ "$b1" = "$id1" ] && [ "$b2" = "$id2" ] && [ "$again" = "$dev2" ]; then
+        result identity PASS "v1=$dev1 backend $b1; v2=$dev2 backend $b2; mapping v2 again returns $again"
+    else
+        result identity FAIL "v1=$dev1 backend '$b1' (id $id1); v2=$dev2 backend '$b2' (id $id2); again=$again"
+    fi
+}
+
+# ----------------------------------------------------------------- 4. CSI node service on the real device
+# csi-plugin in controller mode (CreateVolume, ControllerPublish: the epoch)
+# and in node mode (what the kubelet drives), through our csi-client.
+csi_node() {
+    command -v csi-client >/dev/null || { result csi-node SKIP "csi-client not in the initramfs"; return 0; }
+    D=/tmp/csi; CTL=$D/controller.sock; NODE=$D/node.sock
+    mkdir -p $D
+    csi-plugin --mode controller --endpoint "unix://$CTL" --meta "$META" > $D/controller.log 2>&1 &
+    cpid=$!
+    csi-plugin --mode node --node-id n1 --endpoint "unix://$NODE" --meta "$META" --state-dir $D/state > $D/node.log 2>&1 &
+    npid=$!
+    i=0; while [ $i -lt 300 ] && ! { [ -S $CTL ] && [ -S $NODE ]; }; do sleep 0.1; i=$((i + 1)); done
+    csi_run() { out=$(timeout 150 csi-client "$@" 2>&1) || { echo "csi-client $*: $out"; return 1; }; }
+    csi_fail() {
+        result csi-node FAIL "$1"
+        echo "== controller log"; tail -n 20 $D/controller.log; echo "== node log"; tail -n 30 $D/node.log
+        dump_logs csi-node
+        kill $cpid $npid 2>/dev/null; wait $cpid $npid 2>/dev/null
+        return 1
+    }
+    csi_run $NODE node-info && [ "$out" = n1 ] || { csi_fail "NodeGetInfo: $out"; return 1; }
+    csi_run $CTL create pvc-csi 128 || { csi_fail "CreateVolume"; return 1; }
+    vid=$(echo "$out" | head -n1)
+    csi_run $CTL controller-publish "$vid" n1 || { csi_fail "ControllerPublishVolume"; return 1; }
+    ctx=$(echo "$out" | tr '\n' ' ')
+    staging=$D/staging/$vid; target=$D/pods/p1/volumes/data
+    csi_run $NODE stage "$vid" "$staging" $ctx || { csi_fail "NodeStageVolume ($ctx)"; return 1; }
+    dev=$(awk -v m="$staging" '$2 == m {print $1}' /proc/mounts)
+    case "$dev" in /dev/nbd*) ;; *) csi_fail "staging path not mounted from an nbd device ($dev)"; return 1 ;; esac
+    fstype=$(awk -v m="$staging" '$2 == m {print $3}' /proc/mounts)
+    csi_run $NODE publish "$vid" "$staging" "$target" || { csi_fail "NodePublishVolume"; return 1; }
+    mountpoint -q "$target" || { csi_fail "target not mounted"; return 1; }
+    write_set "$target" set-csi || { csi_fail "writing through the published path"; return 1; }
+    csi_run $NODE stats "$vid" "$target" || { csi_fail "NodeGetVolumeStats"; return 1; }
+    stats=$(echo "$out" | head -n1)
+    csi_run $NODE unpublish "$vid" "$target" || { csi_fail "NodeUnpublishVolume"; return 1; }
+    ! mountpoint -q "$target" || { csi_fail "target still mounted after NodeUnpublishVolume"; return 1; }
+    csi_run $NODE unstage "$vid" "$staging" || { csi_fail "NodeUnstageVolume"; return 1; }
+    ! grep -q " $staging " /proc/mounts || { csi_fail "staging still mounted after NodeUnstageVolume"; return 1; }
+    [ "$(dev_size "$dev")" = 0 ] || { csi_fail "$dev still attached after NodeUnstageVolume"; return 1; }
+    # Stage and publish again: the data comes back, the filesystem is not reformatted.
+    csi_run $NODE stage "$vid" "$staging" $ctx || { csi_fail "second NodeStageVolume"; return 1; }
+    csi_run $NODE publish "$vid" "$staging" "$target" || { csi_fail "second NodePublishVolume"; return 1; }
+    verify_set "$target" set-csi || { csi_fail "data differs after unstage + stage"; return 1; }
+    csi_run $NODE unpublish "$vid" "$target" && csi_run $NODE unstage "$vid" "$staging" ||
+        { csi_fail "second unpublish/unstage"; return 1; }
+    csi_run $CTL controller-unpublish "$vid" n1 || { csi_fail "ControllerUnpublishVolume"; return 1; }
+    csi_run $CTL delete "$vid" || { csi_fail "DeleteVolume"; return 1; }
+    kill $cpid $npid; wait $cpid $npid 2>/dev/null
+    result csi-node PASS "$vid: staged on $dev ($fstype), published, 21 files written and verified by sha256 after unstage + stage, stats [$stats], unpublished, unstaged (device detached), deleted"
+}
+
+# ----------------------------------------------------------------- main
+log "scenarios: $ONLY; load after each disruption: $LOAD_SECS s"
+mkdir -p "$STATE"
+for b in ballast meta-raft storage-server nbd-client csi-plugin loadgen csi-client; do
+    command -v "$b" >/dev/null || { result binaries FAIL "$b missing"; exit 1; }
+done
+
+if cluster_up; then
+    t0=$(ts)
+    if timeout 60 ballast volume create v1 --size 256MiB --replicas 3 --meta "$META"; then
+        result volume-create PASS "v1 256 MiB, 3 replicas in $(elapsed "$t0") s"
+        wanted basic-netlink && basic_round basic-netlink "" netlink
+        wanted basic-ioctl && basic_round basic-ioctl "--method ioctl" ioctl
+        wanted identity && identity
+        wanted csi-node && csi_node
+        wanted restart-sigkill && under_load restart-sigkill action_sigkill
+        wanted restart-sigterm && under_load restart-sigterm action_sigterm
+        wanted storage-kill && under_load storage-kill action_kill_storage
+        # Tear down: the filesystem must still check clean.
+        if mountpoint -q "$MNT"; then
+            umount "$MNT" || result teardown FAIL "umount"
+        fi
+        if [ -n "$(mapping_field v1 pid)" ]; then
+            dev=$(mapping_field v1 device)
+            e2fsck -fn "$dev" >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; result final-fsck FAIL "e2fsck after the disruptions"; }
+            unmap v1 || result teardown FAIL "unmap v1"
+        fi
+    else
+        result volume-create FAIL "ballast volume create v1"
+        dump_logs volume-create
+    fi
+    timeout 60 ballast dev down --dir "$C" >/dev/null 2>&1 || true
+fi
+
+echo "kernel log, errors and warnings:"
+dmesg | grep -Ei 'error|warn|nbd|EXT4' | grep -v 'vmtest: mark' | tail -n 30
+[ $FAILED = 0 ]
