@@ -97,7 +97,14 @@ async fn fio_verify_passes_while_a_chunk_server_is_killed() {
     let fio = |extra: &[&str]| {
         Command::new("fio")
             .args(["--name=verify", "--ioengine=nbd", &format!("--uri={}", served.uri()), "--rw=randwrite", "--bs=4k"])
-            .args(["--iodepth=16", "--size=48M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"])
+            .args([
+                "--iodepth=16",
+                "--size=48M",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--verify_state_save=0",
+            ])
             .args(["--output-format=json"])
             .args(extra)
             .spawn_and_wait()
