@@ -95,6 +95,12 @@ enum VolumeCmd {
         replicas: u32,
         #[arg(long, value_parser = size::parse_size)]
         chunk_size: Option<u64>,
+        /// Start with the data of this snapshot (id).
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Start with a point-in-time copy of this volume (id or name).
+        #[arg(long)]
+        from_volume: Option<String>,
     },
     List,
     /// VOLUME is an id or a name.
@@ -162,15 +168,24 @@ fn print_snapshots(format: Format, snapshots: &[pb::Snapshot]) {
 async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
     let client = target.client()?;
     match command {
-        VolumeCmd::Create { name, size, replicas, chunk_size } => {
+        VolumeCmd::Create { name, size, replicas, chunk_size, from_snapshot, from_volume } => {
+            use pb::content_source::Source;
+            let source = match (from_snapshot, from_volume) {
+                (Some(id), _) => Some(Source::SnapshotId(id)),
+                (None, Some(volume)) => Some(Source::VolumeId(find_volume(&client, &volume).await?.id)),
+                (None, None) => None,
+            };
             let request = pb::CreateVolumeRequest {
                 name,
                 size_bytes: size,
                 replicas,
                 chunk_size_bytes: chunk_size.unwrap_or(0),
+                content_source: source.map(|s| pb::ContentSource { source: Some(s) }),
                 ..Default::default()
             };
-            print_volumes(target.output, &[client.create_volume(request).await?]);
+            let created = client.create_volume(request).await?;
+            let volume = nbd_client::snapshot::populate(&client, &created).await?;
+            print_volumes(target.output, &[volume]);
         }
         VolumeCmd::List => print_volumes(target.output, &client.all_volumes().await?),
         VolumeCmd::Get { volume } => print_volumes(target.output, &[find_volume(&client, &volume).await?]),
@@ -196,6 +211,7 @@ async fn snapshot(target: Target, command: SnapshotCmd) -> anyhow::Result<()> {
         SnapshotCmd::Create { name, volume } => {
             let source_volume_id = find_volume(&client, &volume).await?.id;
             let snap = client.create_snapshot(pb::CreateSnapshotRequest { name, source_volume_id }).await?;
+            let snap = nbd_client::snapshot::take(&client, &snap).await?;
             print_snapshots(target.output, &[snap]);
         }
         SnapshotCmd::List { volume } => {

@@ -195,6 +195,8 @@ impl ControllerService {
                     req.name, existing.id, existing.size_bytes, existing.replicas
                 )));
             }
+            // A retry after an interrupted copy from the source copies again.
+            let existing = nbd_client::snapshot::populate(&self.meta, &existing).await?;
             return Ok(csi::CreateVolumeResponse { volume: Some(self.volume_response(&existing)) });
         }
 
@@ -210,6 +212,7 @@ impl ControllerService {
             })
             .await?;
         tracing::info!(id = %created.id, size, replicas = created.replicas, "volume created");
+        let created = nbd_client::snapshot::populate(&self.meta, &created).await?;
         Ok(csi::CreateVolumeResponse { volume: Some(self.volume_response(&created)) })
     }
 
@@ -412,6 +415,8 @@ impl ControllerService {
             .meta
             .create_snapshot(pb::CreateSnapshotRequest { name: req.name, source_volume_id: req.source_volume_id })
             .await?;
+        // Copies the data (again, if an earlier attempt was interrupted).
+        let snapshot = nbd_client::snapshot::take(&self.meta, &snapshot).await?;
         tracing::info!(id = %snapshot.id, "snapshot created");
         Ok(csi::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&snapshot)) })
     }

@@ -118,6 +118,16 @@ impl From<Status> for CsiError {
     }
 }
 
+impl From<nbd_client::snapshot::SnapshotError> for CsiError {
+    fn from(err: nbd_client::snapshot::SnapshotError) -> Self {
+        match err {
+            nbd_client::snapshot::SnapshotError::Meta(status) => CsiError::Meta(status),
+            // Copying data failed part-way: a retry of the call copies again.
+            other => CsiError::Unavailable(format!("copying volume data: {other}")),
+        }
+    }
+}
+
 impl From<CsiError> for Status {
     fn from(err: CsiError) -> Self {
         Status::new(err.code(), err.to_string())

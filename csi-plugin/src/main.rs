@@ -39,6 +39,11 @@ struct Args {
     /// The nbd-client binary (default: next to csi-plugin, else in PATH).
     #[arg(long, env = "BALLAST_CSI_NBD_CLIENT_BIN")]
     nbd_client_bin: Option<PathBuf>,
+    /// Where nbd-client keeps its records of mapped volumes (its --state-dir;
+    /// default: nbd-client's own, /run/ballast/nbd). Every plugin and
+    /// tool on a node must agree on it.
+    #[arg(long, env = "BALLAST_CSI_NBD_STATE_DIR")]
+    nbd_state_dir: Option<PathBuf>,
     /// Where the node keeps its per-volume state; must survive plugin restarts.
     #[arg(long, env = "BALLAST_CSI_STATE_DIR", default_value = "/var/lib/kubelet/plugins/csi.ballast.io/state")]
     state_dir: PathBuf,
@@ -70,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         topology,
         max_volumes: args.max_volumes,
         nbd_client_bin: args.nbd_client_bin,
+        nbd_state_dir: args.nbd_state_dir,
         state_dir: args.state_dir,
     };
     csi_plugin::serve(config, shutdown_signal()).await?;

@@ -618,8 +618,17 @@ impl NodeService {
         let size = device_size(&staged.device)?;
         let wanted = req.capacity_range.as_ref().map_or(0, |r| r.required_bytes.max(0) as u64);
         if size < wanted {
+            // nbd-client keeps the size a volume had when it was mapped: no
+            // attach method grows a mapped device yet. A new attachment
+            // (unstage, stage) has the new size, and this call then works.
+            let method = match self.nbd.find(&staged.meta_volume_id).await {
+                Ok(Some(m)) => m.method.unwrap_or_else(|| "nbd-client".into()),
+                _ => "nbd-client".into(),
+            };
             return Err(CsiError::Unavailable(format!(
-                "{} is {size} bytes, not yet the {wanted} requested: the attached device has not grown yet",
+                "{} is {size} bytes, not yet the {wanted} requested: the attached device ({method}) has not \
+                 grown, and nbd-client cannot grow a mapped device; it gets the new size when the volume is \
+                 staged again",
                 staged.device.display()
             )));
         }

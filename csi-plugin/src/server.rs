@@ -60,6 +60,9 @@ pub struct Config {
     /// Reported by NodeGetInfo; 0 means no limit.
     pub max_volumes: i64,
     pub nbd_client_bin: Option<PathBuf>,
+    /// `nbd-client --state-dir` (its records of mapped volumes); `None`
+    /// leaves nbd-client's default.
+    pub nbd_state_dir: Option<PathBuf>,
     pub state_dir: PathBuf,
 }
 
@@ -132,7 +135,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
         return Err(ServerError::Config(format!("--node-id is required in {:?} mode", config.mode)));
     }
     let inflight = InFlight::default();
-    let nbd = NbdClient::new(config.nbd_client_bin.clone());
+    let nbd = NbdClient::new(config.nbd_client_bin.clone(), config.nbd_state_dir.clone());
 
     let controller = config.mode.controller().then(|| {
         let local_node = if config.mode == Mode::All { node_id.clone() } else { None };

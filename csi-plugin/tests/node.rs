@@ -1,180 +1,26 @@
-//! Node service against the real binary in `all` mode. The attach step is
-//! played by `fixtures/fake-nbd-client.sh` (same command line, loop devices
-//! over sparse files) until the real nbd-client can attach here; formatting,
-//! mounting, publishing, stats, expansion and teardown are real.
+//! Node service against the real binaries: a local cluster (3 metadata
+//! members, 3 chunk servers), the plugin in `all` mode, and the real
+//! `nbd-client` attaching volumes (through FUSE and a loop device where the
+//! nbd kernel module is missing). Formatting, mounting, publishing, stats,
+//! expansion and teardown are real too.
 //!
-//! These need root, loop devices and mkfs. Outside CI they skip with a
-//! message when those are missing; under `CI=true` that is a failure.
+//! These need root, FUSE, loop devices and mkfs. Outside CI they skip with
+//! a message when those are missing; under `CI=true` that is a failure.
 
 mod common;
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
 
 use ballast_proto::csi;
 use ballast_proto::csi::node_service_capability::rpc::Type as NodeRpc;
 use ballast_proto::csi::volume_capability::access_mode::Mode;
 use ballast_proto::meta as pb;
+use common::cluster::*;
 use common::*;
 use csi_plugin::node::mounts;
 use tonic::Code;
-
-const NODE: &str = "n1";
-const TOPOLOGY: &str = "topology.ballast.io/cluster=test";
-
-/// Whether this machine can run the node tests; panics under CI when not.
-fn node_tests_possible(needs: &[&str]) -> bool {
-    let mut missing = Vec::new();
-    if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
-        missing.push("root".to_string());
-    }
-    for tool in ["losetup", "mkfs.ext4", "blkid", "resize2fs"].iter().chain(needs) {
-        if csi_plugin::node::tools::which(tool).is_none() {
-            missing.push(tool.to_string());
-        }
-    }
-    if missing.is_empty() && !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control".into());
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("node tests need {} (CI must provide them)", missing.join(", "));
-    }
-    eprintln!("skipping: node tests need {}", missing.join(", "));
-    false
-}
-
-struct NodeHarness {
-    h: Harness,
-    fake_dir: PathBuf,
-}
-
-impl NodeHarness {
-    async fn start() -> Self {
-        let h = Harness::start_with(
-            &[
-                "--mode",
-                "all",
-                "--node-id",
-                NODE,
-                "--topology",
-                TOPOLOGY,
-                "--max-volumes",
-                "16",
-                "--nbd-client-bin",
-                "{dir}/nbd-client",
-                "--state-dir",
-                "{dir}/state",
-            ],
-            &[("FAKE_NBD_DIR", "{dir}/nbd"), ("FAKE_NBD_SIZE", "512M")],
-        )
-        .await;
-        let installed = h.dir.path().join("nbd-client");
-        std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fake-nbd-client.sh"), &installed).unwrap();
-        std::fs::set_permissions(&installed, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let fake_dir = h.dir.path().join("nbd");
-        Self { h, fake_dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.h.dir.path().join(name)
-    }
-
-    async fn create(&self, name: &str, cap: csi::VolumeCapability, fs: Option<&str>) -> csi::Volume {
-        let mut req = create_request(name, 512 * MIB);
-        req.volume_capabilities = vec![cap];
-        if let Some(fs) = fs {
-            req.parameters = params(&[("fsType", fs)]);
-        }
-        self.h.plugin.controller().await.create_volume(req).await.unwrap().into_inner().volume.unwrap()
-    }
-
-    async fn publish(
-        &self,
-        volume: &csi::Volume,
-        cap: &csi::VolumeCapability,
-    ) -> std::collections::HashMap<String, String> {
-        let req = csi::ControllerPublishVolumeRequest {
-            volume_id: volume.volume_id.clone(),
-            node_id: NODE.into(),
-            volume_capability: Some(cap.clone()),
-            volume_context: volume.volume_context.clone(),
-            ..Default::default()
-        };
-        self.h.plugin.controller().await.controller_publish_volume(req).await.unwrap().into_inner().publish_context
-    }
-
-    fn mapped(&self) -> String {
-        let out = Command::new(self.h.dir.path().join("nbd-client"))
-            .args(["list", "-o", "json"])
-            .env("FAKE_NBD_DIR", &self.fake_dir)
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-fn stage_request(
-    volume: &csi::Volume,
-    staging: &Path,
-    cap: &csi::VolumeCapability,
-    ctx: &std::collections::HashMap<String, String>,
-) -> csi::NodeStageVolumeRequest {
-    csi::NodeStageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.to_str().unwrap().into(),
-        volume_capability: Some(cap.clone()),
-        volume_context: volume.volume_context.clone(),
-        ..Default::default()
-    }
-}
-
-fn publish_request(
-    volume: &csi::Volume,
-    staging: &Path,
-    target: &Path,
-    cap: &csi::VolumeCapability,
-    readonly: bool,
-) -> csi::NodePublishVolumeRequest {
-    csi::NodePublishVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        staging_target_path: staging.to_str().unwrap().into(),
-        target_path: target.to_str().unwrap().into(),
-        volume_capability: Some(cap.clone()),
-        readonly,
-        volume_context: volume.volume_context.clone(),
-        ..Default::default()
-    }
-}
-
-fn unpublish_request(volume_id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
-    csi::NodeUnpublishVolumeRequest { volume_id: volume_id.into(), target_path: target.to_str().unwrap().into() }
-}
-
-fn unstage_request(volume_id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
-    csi::NodeUnstageVolumeRequest { volume_id: volume_id.into(), staging_target_path: staging.to_str().unwrap().into() }
-}
-
-const CAP_SYS_RESOURCE: u32 = 24;
-
-/// Whether this process has a capability in its effective set.
-fn has_capability(bit: u32) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << bit) != 0)
-}
-
-fn blkid_type(device: &str) -> String {
-    let out = Command::new("blkid").args(["-p", "-s", "TYPE", "-o", "value", device]).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 #[tokio::test]
 async fn node_info_capabilities_and_argument_errors() {
@@ -296,13 +142,13 @@ async fn node_info_capabilities_and_argument_errors() {
 
 #[tokio::test]
 async fn filesystem_volume_lifecycle() {
-    if !node_tests_possible(&[]) {
+    if !attach_possible(&[]) {
         return;
     }
-    let t = NodeHarness::start().await;
-    let mut n = t.h.plugin.node().await;
+    let t = ClusterHarness::start().await;
+    let mut n = t.plugin.node().await;
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let volume = t.create("fs", cap.clone(), None).await;
+    let volume = t.create("fs", cap.clone(), None, &[]).await;
     let staging = t.path("staging");
     let (target, target_ro) = (t.path("pods/a/mount"), t.path("pods/b/mount"));
 
@@ -318,7 +164,10 @@ async fn filesystem_volume_lifecycle() {
     assert_eq!(entry.fs_type, "ext4");
     assert_eq!(mounts::mounts_at(&staging).unwrap().len(), 1, "staging twice mounts once");
     let device = entry.source.clone();
-    assert!(t.mapped().contains(&volume.volume_id));
+    let mapping = t.mapping(&volume.volume_id).expect("nbd-client lists the volume");
+    assert_eq!(mapping.device, device);
+    assert!(mapping.served, "{mapping:?}");
+    assert_eq!(mapping.epoch.to_string(), ctx["epoch"], "attached with the epoch of the publication");
     std::fs::write(staging.join("precious"), b"data").unwrap();
 
     // Staged again as raw block: incompatible.
@@ -364,10 +213,11 @@ async fn filesystem_volume_lifecycle() {
     };
     assert_eq!(code(n.node_get_volume_stats(not_here).await), Code::NotFound);
 
-    // Expansion: the device grows (here: the image and the loop device),
-    // then the filesystem follows.
+    // Expansion: the volume grows in metadata, but a mapped device keeps
+    // the size it was mapped with (nbd-client cannot grow it), so the node
+    // step is UNAVAILABLE, saying why.
     let grown = 1024 * MIB;
-    let mut c = t.h.plugin.controller().await;
+    let mut c = t.plugin.controller().await;
     let reply = c
         .controller_expand_volume(csi::ControllerExpandVolumeRequest {
             volume_id: volume.volume_id.clone(),
@@ -378,31 +228,10 @@ async fn filesystem_volume_lifecycle() {
         .unwrap()
         .into_inner();
     assert!(reply.node_expansion_required);
-    let node_expand = csi::NodeExpandVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        volume_path: target.to_str().unwrap().into(),
-        capacity_range: range(grown, 0),
-        staging_target_path: staging.to_str().unwrap().into(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    };
-    assert_eq!(code(n.node_expand_volume(node_expand.clone()).await), Code::Unavailable, "device not grown yet");
-    let image = t.fake_dir.join(format!("{}.img", volume.volume_id));
-    assert!(Command::new("truncate").arg("-s").arg(grown.to_string()).arg(&image).status().unwrap().success());
-    assert!(Command::new("losetup").args(["-c", &device]).status().unwrap().success());
-    if has_capability(CAP_SYS_RESOURCE) {
-        let expanded = n.node_expand_volume(node_expand).await.unwrap().into_inner();
-        assert_eq!(expanded.capacity_bytes, grown);
-        let total = nix::sys::statvfs::statvfs(&target).unwrap();
-        assert!(total.blocks() as i64 * total.fragment_size() as i64 > 900 * MIB);
-    } else {
-        // Online ext4 growth is an ioctl that needs CAP_SYS_RESOURCE, which
-        // some containers drop (a node plugin runs privileged); the xfs test
-        // covers online growth.
-        eprintln!("skipping online ext4 growth: no CAP_SYS_RESOURCE here");
-        let err = n.node_expand_volume(node_expand).await.unwrap_err();
-        assert!(err.message().contains("resize2fs"), "{err:?}");
-    }
+    let err = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("cannot grow a mapped device"), "{}", err.message());
+    assert_eq!(device_bytes(&device), 512 * MIB, "the mapped device keeps its size");
 
     // Unstaging while published is refused; unpublish, then unstage.
     assert_eq!(
@@ -418,23 +247,57 @@ async fn filesystem_volume_lifecycle() {
     n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
     n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
     assert!(mounts::mounted_at(&staging).unwrap().is_none());
-    assert!(!t.mapped().contains(&volume.volume_id), "{}", t.mapped());
+    assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
 
-    // Staging again finds the filesystem and never reformats it.
+    // Staging again maps the volume anew, at its new size; the filesystem
+    // is found and never reformatted, and grows once published.
     n.node_stage_volume(stage_request(&volume, &staging, &cap, &ctx)).await.unwrap();
     assert_eq!(std::fs::read(staging.join("precious")).unwrap(), b"data");
+    let device = mounts::mounted_at(&staging).unwrap().unwrap().source;
+    assert_eq!(device_bytes(&device), grown);
+    n.node_publish_volume(publish_request(&volume, &staging, &target, &cap, false)).await.unwrap();
+    if has_capability(CAP_SYS_RESOURCE) {
+        let expanded = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap().into_inner();
+        assert_eq!(expanded.capacity_bytes, grown);
+        assert!(df_size(&target) > 900 * MIB, "df shows {} bytes", df_size(&target));
+    } else {
+        // The xfs test covers online growth here.
+        eprintln!("skipping online ext4 growth: no CAP_SYS_RESOURCE here");
+        let err = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap_err();
+        assert!(err.message().contains("resize2fs"), "{err:?}");
+    }
+    n.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
     n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
+    assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
+}
+
+/// Writes `data` at `offset` of a block device (or reads it back) and
+/// syncs.
+fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.write_all(data).unwrap();
+    file.sync_all().unwrap();
+}
+
+fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut file = std::fs::File::open(path).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    let mut data = vec![0; len];
+    file.read_exact(&mut data).unwrap();
+    data
 }
 
 #[tokio::test]
 async fn raw_block_volume_lifecycle() {
-    if !node_tests_possible(&[]) {
+    if !attach_possible(&[]) {
         return;
     }
-    let t = NodeHarness::start().await;
-    let mut n = t.h.plugin.node().await;
+    let t = ClusterHarness::start().await;
+    let mut n = t.plugin.node().await;
     let cap = block_cap(Mode::SingleNodeSingleWriter);
-    let volume = t.create("raw", cap.clone(), None).await;
+    let size = 256 * MIB;
+    let volume = t.create("raw", cap.clone(), Some(size), &[]).await;
     assert!(!volume.volume_context.contains_key("fsType"));
     let ctx = t.publish(&volume, &cap).await;
     let staging = t.path("staging");
@@ -447,9 +310,12 @@ async fn raw_block_volume_lifecycle() {
 
     n.node_publish_volume(publish_request(&volume, &staging, &target, &cap, false)).await.unwrap();
     n.node_publish_volume(publish_request(&volume, &staging, &target, &cap, false)).await.unwrap();
-    let meta = std::fs::metadata(&target).unwrap();
-    assert!(meta.file_type().is_block_device());
+    assert!(std::fs::metadata(&target).unwrap().file_type().is_block_device());
+    let mapping = t.mapping(&volume.volume_id).expect("nbd-client lists the volume");
+    assert!(same_device(&target, &mapping.device), "{} is {}", target.display(), mapping.device);
     assert_eq!(blkid_type(target.to_str().unwrap()), "", "a raw volume is never formatted");
+    let pattern: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8).collect();
+    write_at(&target, 100 * MIB as u64, &pattern);
     // SINGLE_NODE_SINGLE_WRITER: one publication only.
     assert_eq!(
         code(n.node_publish_volume(publish_request(&volume, &staging, &second, &cap, false)).await),
@@ -472,64 +338,74 @@ async fn raw_block_volume_lifecycle() {
         .unwrap()
         .into_inner();
     assert_eq!(stats.usage.len(), 1);
-    assert_eq!(stats.usage[0].total, 512 * MIB);
-    assert!(!stats.volume_condition.unwrap().abnormal);
-    let expanded = n
-        .node_expand_volume(csi::NodeExpandVolumeRequest {
-            volume_id: volume.volume_id.clone(),
-            volume_path: target.to_str().unwrap().into(),
-            capacity_range: range(512 * MIB, 0),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(expanded.capacity_bytes, 512 * MIB);
+    assert_eq!(stats.usage[0].total, size);
+    let condition = stats.volume_condition.unwrap();
+    assert!(!condition.abnormal, "{}", condition.message);
+    let expanded = n.node_expand_volume(expand_request(&volume, &target, size, &cap)).await.unwrap().into_inner();
+    assert_eq!(expanded.capacity_bytes, size);
 
+    // Unstaging while published is refused.
+    assert_eq!(
+        code(n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await),
+        Code::FailedPrecondition
+    );
     n.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
     assert!(!target.exists());
     n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
-    assert!(!t.mapped().contains(&volume.volume_id));
-    assert_eq!(meta.rdev() >> 8 & 0xfff, 7, "it was a loop device");
+    assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
+
+    // Attached again: the data is the volume's, not the device's.
+    n.node_stage_volume(stage_request(&volume, &staging, &cap, &ctx)).await.unwrap();
+    n.node_publish_volume(publish_request(&volume, &staging, &target, &cap, false)).await.unwrap();
+    assert!(read_at(&target, 100 * MIB as u64, pattern.len()) == pattern, "the written MiB reads back");
+    n.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
+    assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
 }
 
 #[tokio::test]
-async fn xfs_volumes_and_foreign_content_is_never_formatted() {
-    if !node_tests_possible(&["mkfs.xfs", "xfs_growfs"]) {
+async fn xfs_volumes_grow_and_foreign_content_is_never_formatted() {
+    if !attach_possible(&["mkfs.xfs", "xfs_growfs"]) {
         return;
     }
-    let t = NodeHarness::start().await;
-    let mut n = t.h.plugin.node().await;
+    let t = ClusterHarness::start().await;
+    let mut n = t.plugin.node().await;
     let xfs = mount_cap("xfs", Mode::SingleNodeWriter);
-    let volume = t.create("xfs", xfs.clone(), None).await;
+    let volume = t.create("xfs", xfs.clone(), None, &[]).await;
     assert_eq!(volume.volume_context["fsType"], "xfs");
     let ctx = t.publish(&volume, &xfs).await;
     let staging = t.path("staging");
-    n.node_stage_volume(stage_request(&volume, &staging, &xfs, &ctx)).await.unwrap();
-    let entry = mounts::mounted_at(&staging).unwrap().unwrap();
-    assert_eq!(entry.fs_type, "xfs");
-
-    // Online growth, published: the device grows, then xfs_growfs.
     let target = t.path("pods/x/mount");
+    n.node_stage_volume(stage_request(&volume, &staging, &xfs, &ctx)).await.unwrap();
+    assert_eq!(mounts::mounted_at(&staging).unwrap().unwrap().fs_type, "xfs");
     n.node_publish_volume(publish_request(&volume, &staging, &target, &xfs, false)).await.unwrap();
+    std::fs::write(target.join("kept"), b"xfs data").unwrap();
+
+    // Grown in metadata; the mapped device keeps its size.
     let grown = 768 * MIB;
-    let image = t.fake_dir.join(format!("{}.img", volume.volume_id));
-    assert!(Command::new("truncate").arg("-s").arg(grown.to_string()).arg(&image).status().unwrap().success());
-    assert!(Command::new("losetup").args(["-c", &entry.source]).status().unwrap().success());
-    let expanded = n
-        .node_expand_volume(csi::NodeExpandVolumeRequest {
-            volume_id: volume.volume_id.clone(),
-            volume_path: target.to_str().unwrap().into(),
-            capacity_range: range(grown, 0),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut c = t.plugin.controller().await;
+    c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        capacity_range: range(grown, 0),
+        volume_capability: Some(xfs.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = n.node_expand_volume(expand_request(&volume, &target, grown, &xfs)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // Attached again it has the new size, and the mounted filesystem grows
+    // online (xfs_growfs) to fill it.
+    n.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
+    n.node_stage_volume(stage_request(&volume, &staging, &xfs, &ctx)).await.unwrap();
+    n.node_publish_volume(publish_request(&volume, &staging, &target, &xfs, false)).await.unwrap();
+    assert!(df_size(&target) < 512 * MIB);
+    let expanded = n.node_expand_volume(expand_request(&volume, &target, grown, &xfs)).await.unwrap().into_inner();
     assert_eq!(expanded.capacity_bytes, grown);
-    let total = nix::sys::statvfs::statvfs(&target).unwrap();
-    assert!(total.blocks() as i64 * total.fragment_size() as i64 > 600 * MIB);
+    assert!(df_size(&target) > 600 * MIB, "df shows {} bytes", df_size(&target));
+    assert_eq!(std::fs::read(target.join("kept")).unwrap(), b"xfs data");
     n.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
     n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
 
@@ -538,18 +414,19 @@ async fn xfs_volumes_and_foreign_content_is_never_formatted() {
     let err = n.node_stage_volume(stage_request(&volume, &staging, &ext4, &ctx)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("xfs"), "{}", err.message());
-    let image = t.fake_dir.join(format!("{}.img", volume.volume_id));
-    assert_eq!(blkid_type(image.to_str().unwrap()), "xfs");
+    let mapping = t.mapping(&volume.volume_id).expect("attached by the refused stage");
+    assert_eq!(blkid_type(&mapping.device), "xfs");
     n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
+    assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
 }
 
 #[tokio::test]
 async fn ephemeral_inline_volumes_live_as_long_as_their_publication() {
-    if !node_tests_possible(&[]) {
+    if !attach_possible(&[]) {
         return;
     }
-    let t = NodeHarness::start().await;
-    let mut n = t.h.plugin.node().await;
+    let t = ClusterHarness::start().await;
+    let mut n = t.plugin.node().await;
     let target = t.path("pods/e/mount");
     let volume_id = "csi-0123456789abcdef";
     let req = csi::NodePublishVolumeRequest {
@@ -574,15 +451,16 @@ async fn ephemeral_inline_volumes_live_as_long_as_their_publication() {
     std::fs::write(target.join("scratch"), b"x").unwrap();
     let by_name =
         || pb::GetVolumeRequest { key: Some(pb::get_volume_request::Key::Name(format!("ephemeral-{volume_id}"))) };
-    let meta_volume = t.h.meta.get_volume(by_name()).await.unwrap();
+    let meta_volume = t.meta.get_volume(by_name()).await.unwrap();
     assert_eq!((meta_volume.size_bytes, meta_volume.replicas), (300 << 20, 2));
     let attachments =
-        t.h.meta.list_attachments(pb::ListAttachmentsRequest { volume_id: meta_volume.id.clone() }).await.unwrap();
+        t.meta.list_attachments(pb::ListAttachmentsRequest { volume_id: meta_volume.id.clone() }).await.unwrap();
     assert_eq!(attachments.attachments[0].node_id, NODE);
+    assert!(t.mapping(&meta_volume.id).is_some_and(|m| m.served), "{:?}", t.mapped());
 
     n.node_unpublish_volume(unpublish_request(volume_id, &target)).await.unwrap();
     n.node_unpublish_volume(unpublish_request(volume_id, &target)).await.unwrap();
     assert!(!target.exists());
-    assert_eq!(t.h.meta.get_volume(by_name()).await.unwrap_err().code(), Code::NotFound);
-    assert!(!t.mapped().contains(&meta_volume.id));
+    assert_eq!(t.meta.get_volume(by_name()).await.unwrap_err().code(), Code::NotFound);
+    assert!(t.mapping(&meta_volume.id).is_none(), "{:?}", t.mapped());
 }

@@ -194,6 +194,8 @@ rpcs! { MetaGrpc:
     create_snapshot(CreateSnapshotRequest) -> Snapshot;
     delete_snapshot(DeleteSnapshotRequest) -> DeleteSnapshotResponse;
     list_snapshots(ListSnapshotsRequest) -> ListSnapshotsResponse;
+    complete_snapshot(CompleteSnapshotRequest) -> Snapshot;
+    mark_volume_ready(MarkVolumeReadyRequest) -> Volume;
     register_chunk_server(RegisterChunkServerRequest) -> ChunkServer;
     heartbeat(HeartbeatRequest) -> HeartbeatResponse;
     list_chunk_servers(ListChunkServersRequest) -> ListChunkServersResponse;

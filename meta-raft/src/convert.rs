@@ -30,14 +30,16 @@ pub fn volume(v: &Volume) -> pb::Volume {
         chunk_size_bytes: v.chunk_size_bytes,
         parameters: v.parameters.clone().into_iter().collect(),
         content_source: source_to_pb(&v.source),
-        state: pb::VolumeState::Ready as i32,
+        state: if v.populating { pb::VolumeState::Populating } else { pb::VolumeState::Ready } as i32,
         created_at_ms: v.created_at_ms,
         data_id: v.data_id,
     }
 }
 
-pub fn snapshot(s: &Snapshot) -> pb::Snapshot {
+pub fn snapshot(state: &MetaState, s: &Snapshot) -> pb::Snapshot {
     pb::Snapshot {
+        chunk_size_bytes: s.chunk_size_bytes,
+        chunks: s.chunks.iter().map(|(i, set)| replica_set(state, &s.id, *i, set)).collect(),
         id: s.id.clone(),
         name: s.name.clone(),
         source_volume_id: s.source_volume_id.clone(),

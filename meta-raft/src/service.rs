@@ -77,6 +77,12 @@ impl MetaService {
     }
 }
 
+impl MetaService {
+    fn snapshot_reply(&self, snapshot: &crate::state::Snapshot) -> Reply<pb::Snapshot> {
+        self.read_local(|state| Ok(convert::snapshot(state, snapshot))).map(Response::new)
+    }
+}
+
 fn unexpected(outcome: Outcome) -> Status {
     Status::internal(format!("state machine returned an unexpected outcome: {outcome:?}"))
 }
@@ -181,7 +187,7 @@ impl Meta for MetaService {
             let r = request.into_inner();
             let command = Command::CreateSnapshot { name: r.name, source_volume_id: r.source_volume_id };
             match self.propose(command).await? {
-                Outcome::Snapshot(s) => Ok(Response::new(convert::snapshot(&s))),
+                Outcome::Snapshot(s) => self.snapshot_reply(&s),
                 other => Err(unexpected(other)),
             }
         })
@@ -204,19 +210,42 @@ impl Meta for MetaService {
         timed("ListSnapshots", async {
             let r = request.into_inner();
             let size = page_size(r.page_size)?;
-            let page = self
+            let (snapshots, next) = self
                 .read(|state| {
                     let keep = |s: &crate::state::Snapshot| {
                         (r.snapshot_id.is_empty() || s.id == r.snapshot_id)
                             && (r.source_volume_id.is_empty() || s.source_volume_id == r.source_volume_id)
                     };
-                    paginate(&state.snapshots, keep, &r.page_token, size)
+                    let page = paginate(&state.snapshots, keep, &r.page_token, size)?;
+                    Ok((page.items.iter().map(|s| convert::snapshot(state, s)).collect(), page.next))
                 })
                 .await?;
-            Ok(Response::new(pb::ListSnapshotsResponse {
-                snapshots: page.items.iter().map(convert::snapshot).collect(),
-                next_page_token: page.next.unwrap_or_default(),
-            }))
+            Ok(Response::new(pb::ListSnapshotsResponse { snapshots, next_page_token: next.unwrap_or_default() }))
+        })
+        .await
+    }
+
+    async fn complete_snapshot(&self, request: Request<pb::CompleteSnapshotRequest>) -> Reply<pb::Snapshot> {
+        timed("CompleteSnapshot", async {
+            let r = request.into_inner();
+            required("snapshot id", &r.snapshot_id)?;
+            let chunks = r.chunks.into_iter().map(|c| (c.chunk_index, c.server_ids)).collect();
+            match self.propose(Command::CompleteSnapshot { id: r.snapshot_id, chunks }).await? {
+                Outcome::Snapshot(s) => self.snapshot_reply(&s),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn mark_volume_ready(&self, request: Request<pb::MarkVolumeReadyRequest>) -> Reply<pb::Volume> {
+        timed("MarkVolumeReady", async {
+            let id = request.into_inner().id;
+            required("volume id", &id)?;
+            match self.propose(Command::MarkVolumeReady { id }).await? {
+                Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
+                other => Err(unexpected(other)),
+            }
         })
         .await
     }

@@ -39,6 +39,9 @@ pub struct Volume {
     pub created_at_ms: u64,
     /// The newest fencing epoch handed out for this volume.
     pub epoch: u64,
+    /// Created from a source whose content is still being copied in.
+    #[serde(default)]
+    pub populating: bool,
 }
 
 impl Volume {
@@ -56,6 +59,11 @@ pub struct Snapshot {
     pub size_bytes: u64,
     pub created_at_ms: u64,
     pub ready_to_use: bool,
+    pub chunk_size_bytes: u64,
+    /// Where the copies of each chunk live; filled in when the snapshot
+    /// is complete.
+    #[serde(default)]
+    pub chunks: BTreeMap<u64, ReplicaSet>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,11 +180,20 @@ impl MetaState {
                 let existed = match self.snapshots.remove(&id) {
                     Some(snap) => {
                         self.snapshot_names.remove(&snap.name);
+                        for set in snap.chunks.values() {
+                            self.release(&set.servers, snap.chunk_size_bytes);
+                        }
                         true
                     }
                     None => false,
                 };
                 Ok(Outcome::Existed(existed))
+            }
+            Command::CompleteSnapshot { id, chunks } => self.complete_snapshot(&id, chunks),
+            Command::MarkVolumeReady { id } => {
+                let volume = self.volumes.get_mut(&id).ok_or_else(|| MetaError::not_found(format!("volume {id}")))?;
+                volume.populating = false;
+                Ok(Outcome::Volume(volume.clone()))
             }
             Command::RegisterChunkServer { id, address, capacity_bytes, labels } => {
                 self.register_server(at_ms, id, address, capacity_bytes, labels)
@@ -285,6 +302,7 @@ impl MetaState {
             replicas,
             chunk_size_bytes,
             parameters,
+            populating: source.is_some(),
             source,
             created_at_ms: at_ms,
             epoch: 0,
@@ -362,11 +380,37 @@ impl MetaState {
             source_volume_id: source,
             size_bytes: volume.size_bytes,
             created_at_ms: at_ms,
-            ready_to_use: true,
+            ready_to_use: false,
+            chunk_size_bytes: volume.chunk_size_bytes,
+            chunks: BTreeMap::new(),
         };
         self.snapshot_names.insert(name, snapshot.id.clone());
         self.snapshots.insert(snapshot.id.clone(), snapshot.clone());
         Ok(Outcome::Snapshot(snapshot))
+    }
+
+    fn complete_snapshot(&mut self, id: &str, chunks: BTreeMap<u64, Vec<String>>) -> Result<Outcome, MetaError> {
+        let snap = self.snapshots.get(id).ok_or_else(|| MetaError::not_found(format!("snapshot {id}")))?;
+        if snap.ready_to_use {
+            return Ok(Outcome::Snapshot(snap.clone()));
+        }
+        if let Some(unknown) = chunks.values().flatten().find(|s| !self.servers.contains_key(*s)) {
+            return Err(MetaError::invalid(format!("unknown chunk server {unknown}")));
+        }
+        let chunk_size = snap.chunk_size_bytes;
+        let sets: BTreeMap<u64, ReplicaSet> =
+            chunks.into_iter().map(|(i, servers)| (i, ReplicaSet { generation: 1, servers })).collect();
+        for set in sets.values() {
+            for server in &set.servers {
+                if let Some(s) = self.servers.get_mut(server) {
+                    s.allocated_bytes += chunk_size;
+                }
+            }
+        }
+        let snap = self.snapshots.get_mut(id).expect("checked above");
+        snap.chunks = sets;
+        snap.ready_to_use = true;
+        Ok(Outcome::Snapshot(snap.clone()))
     }
 
     fn register_server(
@@ -422,8 +466,10 @@ impl MetaState {
 
     /// Whether metadata still expects `server_id` to hold this chunk.
     fn references(&self, server_id: &str, data_id: u64, chunk_index: u64) -> bool {
-        if self.snapshots.contains_key(&snapshot_id(data_id)) {
-            return true;
+        if let Some(snap) = self.snapshots.get(&snapshot_id(data_id)) {
+            // Until it is complete, a snapshot's copies are still being made.
+            return !snap.ready_to_use
+                || snap.chunks.get(&chunk_index).is_some_and(|set| set.servers.iter().any(|s| s == server_id));
         }
         self.chunk_maps
             .get(&volume_id(data_id))

@@ -65,6 +65,15 @@ pub enum Command {
     DeleteSnapshot {
         id: String,
     },
+    /// The snapshot's chunks were copied: chunk index → servers holding a copy.
+    CompleteSnapshot {
+        id: String,
+        chunks: BTreeMap<u64, Vec<String>>,
+    },
+    /// A volume created from a source finished copying its content.
+    MarkVolumeReady {
+        id: String,
+    },
     RegisterChunkServer {
         id: String,
         address: String,

@@ -6,12 +6,14 @@
 //! - [`attach`]: kernel NBD (netlink, ioctl) and the FUSE + loop fallback.
 //! - [`volume_service`]: opening a volume with its fencing epoch.
 //! - [`mapping`]: records of mapped volumes for `map`/`unmap`/`list`.
+//! - [`snapshot`]: crash-consistent snapshots and volumes populated from them.
 
 pub mod attach;
 pub mod engine;
 pub mod export;
 pub mod mapping;
 pub mod nbd;
+pub mod snapshot;
 pub mod volume_service;
 
 pub use export::{BlockExport, ExportError};

@@ -64,6 +64,9 @@
 //! | `LIST_CHUNKS`           | `volume` or `FLAG_ALL_VOLUMES`           | frames of [`ChunkEntry`]                        |
 //! | `SCRUB`                 | `volume` or `FLAG_ALL_VOLUMES`           | frames of [`BadBlocks`]; last `aux` = blocks checked |
 //! | `DIRTY_REGIONS`         | `volume` or `FLAG_ALL_VOLUMES`; `FLAG_CLEAR` | frames of [`DirtyRegion`]                   |
+//! | `VOLUME_PAUSE`          | `volume`; `length` = auto-resume timeout, ms (0 = 10 s, at most 60 s) | `aux` = timeout granted, ms |
+//! | `VOLUME_RESUME`         | `volume`                                 | -                                               |
+//! | `CHUNK_CLONE`           | source `volume`, `chunk`, `generation` (0 = any); payload: [`CloneTarget`] | -          |
 //!
 //! `WRITE`, `TRIM` and `WRITE_ZEROES` carry the attachment `epoch` and the
 //! chunk's `generation`, both checked. `FLAG_FUA` on them makes the change
@@ -75,6 +78,38 @@
 //! epoch for `StaleEpoch`, the chunk's generation for `StaleGeneration`, the
 //! byte offset (within the chunk) of the first bad block for `CorruptBlock`
 //! and `ChecksumMismatch`.
+//!
+//! # Pauses and clones (crash-consistent snapshots)
+//!
+//! A snapshot coordinator pauses the volume on every server holding one of
+//! its chunks, clones each chunk once into a chunk of the snapshot (another
+//! `volume` id, same chunk index), resumes the volume everywhere, then
+//! copies the snapshot chunks to more servers (`CHUNK_READ_STREAM`,
+//! `CHUNK_CREATE`, `WRITE`).
+//!
+//! - `VOLUME_PAUSE` stops the server admitting changes (`WRITE`, `TRIM`,
+//!   `WRITE_ZEROES`) to `volume`: new ones wait (they do not fail), and the
+//!   reply comes once the changes admitted before it have all finished.
+//!   Reads, `FLUSH` and admin requests go on. The pause lasts until
+//!   `VOLUME_RESUME` or until its timeout elapses (so a coordinator that dies
+//!   cannot hold a volume for ever); pausing a paused volume renews it (the
+//!   timeout counts from the latest `VOLUME_PAUSE`). If the pause ends before
+//!   the in-flight changes have finished, the reply is `Interrupted`. Waiting
+//!   changes count against the connection's requests in flight (256): send
+//!   pauses and resumes on a connection of their own.
+//! - `VOLUME_RESUME` lets the waiting changes proceed. Resuming a volume that
+//!   is not paused succeeds.
+//! - `CHUNK_CLONE` creates the target chunk (payload [`CloneTarget`]: volume,
+//!   chunk, generation) as a durable copy of the source's current data and
+//!   checksums, reflinked where the filesystem can. Changes to the source
+//!   wait while it is copied (reads do not); it does not wait for a pause.
+//!   Blocks are copied as they are: a block failing its checksum fails it in
+//!   the clone too, and regions the source still has to resync after a crash
+//!   (`DIRTY_RECOVERED`) are not resynced in the clone, so clone a replica
+//!   without them. Errors: `NoSuchChunk`, `ChunkExists` (the target),
+//!   `StaleGeneration` (the source), `NoSpace`.
+//!
+//! All three address one volume: `FLAG_ALL_VOLUMES` is refused (`BadFrame`).
 //!
 //! # Framing errors
 //!
@@ -101,8 +136,8 @@ mod wire;
 
 pub use client::{ChunkStream, ClientError, DataClient, ScrubReport, Segment};
 pub use payload::{
-    decode_data_payload, decode_entries, encode_entries, BadBlocks, ChunkEntry, ChunkInfo, DirtyRegion, Entry,
-    DIRTY_RECOVERED,
+    decode_data_payload, decode_entries, encode_entries, BadBlocks, ChunkEntry, ChunkInfo, CloneTarget, DirtyRegion,
+    Entry, DIRTY_RECOVERED,
 };
 pub use wire::{write_frames, write_loop, WireFrame};
 
@@ -156,10 +191,13 @@ pub enum Opcode {
     Scrub = 12,
     DirtyRegions = 13,
     ChunkSetGeneration = 14,
+    VolumePause = 15,
+    VolumeResume = 16,
+    ChunkClone = 17,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 14] = [
+    pub const ALL: [Opcode; 17] = [
         Opcode::Ping,
         Opcode::Write,
         Opcode::Read,
@@ -174,6 +212,9 @@ impl Opcode {
         Opcode::Scrub,
         Opcode::DirtyRegions,
         Opcode::ChunkSetGeneration,
+        Opcode::VolumePause,
+        Opcode::VolumeResume,
+        Opcode::ChunkClone,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -197,6 +238,9 @@ impl Opcode {
             Opcode::Scrub => "scrub",
             Opcode::DirtyRegions => "dirty_regions",
             Opcode::ChunkSetGeneration => "chunk_set_generation",
+            Opcode::VolumePause => "volume_pause",
+            Opcode::VolumeResume => "volume_resume",
+            Opcode::ChunkClone => "chunk_clone",
         }
     }
 }
@@ -233,10 +277,14 @@ pub enum ErrorCode {
     Io = 13,
     #[error("server shutting down")]
     ShuttingDown = 14,
+    /// `VOLUME_PAUSE`: the pause ended (timeout or `VOLUME_RESUME`) before
+    /// the volume's in-flight changes had finished.
+    #[error("interrupted")]
+    Interrupted = 15,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownOpcode,
         ErrorCode::TooLarge,
@@ -251,6 +299,7 @@ impl ErrorCode {
         ErrorCode::NoSpace,
         ErrorCode::Io,
         ErrorCode::ShuttingDown,
+        ErrorCode::Interrupted,
     ];
 
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
@@ -474,6 +523,11 @@ impl Request {
         let len = self.header.length as usize;
         (self.payload.slice(..len), Checksums::from_bytes(self.payload.slice(len..)))
     }
+
+    /// The target of a `CHUNK_CLONE` (`None` if the payload is not one [`CloneTarget`]).
+    pub fn clone_target(&self) -> Option<CloneTarget> {
+        (self.payload.len() == CloneTarget::SIZE).then(|| CloneTarget::decode(&mut self.payload.clone()))
+    }
 }
 
 /// Fixed fields of a reply.
@@ -543,6 +597,10 @@ fn validate_request(h: &RequestHeader, payload_len: usize) -> Result<(), DecodeE
     if h.flags & !KNOWN_REQUEST_FLAGS != 0 {
         return bad(ErrorCode::BadFrame, "unknown flag bits");
     }
+    let single_volume = matches!(h.opcode, Opcode::VolumePause | Opcode::VolumeResume | Opcode::ChunkClone);
+    if single_volume && h.has_flag(FLAG_ALL_VOLUMES) {
+        return bad(ErrorCode::BadFrame, "FLAG_ALL_VOLUMES is not accepted by this opcode");
+    }
     match h.opcode {
         Opcode::Write => {
             let len = h.length as usize;
@@ -556,6 +614,10 @@ fn validate_request(h: &RequestHeader, payload_len: usize) -> Result<(), DecodeE
                 return bad(ErrorCode::BadFrame, "payload is not data plus one checksum per block");
             }
         }
+        Opcode::ChunkClone if payload_len != CloneTarget::SIZE => {
+            return bad(ErrorCode::BadFrame, "payload is not one clone target");
+        }
+        Opcode::ChunkClone => {}
         _ if payload_len != 0 => return bad(ErrorCode::BadFrame, "unexpected payload"),
         Opcode::Read if h.length as usize > MAX_DATA => return bad(ErrorCode::TooLarge, "read larger than MAX_DATA"),
         _ => {}

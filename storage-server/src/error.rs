@@ -34,6 +34,8 @@ pub enum StoreError {
     },
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl StoreError {
@@ -60,6 +62,7 @@ impl StoreError {
             StoreError::NoSpace { .. } => ErrorCode::NoSpace,
             StoreError::Io { .. } => ErrorCode::Io,
             StoreError::ShuttingDown => ErrorCode::ShuttingDown,
+            StoreError::Interrupted(_) => ErrorCode::Interrupted,
         }
     }
 

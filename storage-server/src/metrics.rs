@@ -32,6 +32,14 @@ pub struct Metrics {
     pub scrub_bad_blocks: IntGauge,
     /// Unix time the latest complete scrub pass finished.
     pub scrub_last_pass: IntGauge,
+    /// `VOLUME_PAUSE` requests that paused or renewed a pause.
+    pub volume_pauses: IntCounter,
+    /// Pauses ended, by reason: `request` (`VOLUME_RESUME`) or `timeout`.
+    pub volume_resumes: IntCounterVec,
+    /// Volumes paused now.
+    pub paused_volumes: IntGauge,
+    /// Chunks created by `CHUNK_CLONE`.
+    pub chunk_clones: IntCounter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -90,10 +98,29 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Unix time the latest scrub pass finished"
         )
         .expect("register metric"),
+        volume_pauses: register_int_counter!(
+            "ballast_storage_volume_pauses_total",
+            "Volume pauses requested (new or renewed)"
+        )
+        .expect("register metric"),
+        volume_resumes: register_int_counter_vec!(
+            "ballast_storage_volume_resumes_total",
+            "Volume pauses ended, by reason: request (VOLUME_RESUME) or timeout",
+            &["reason"]
+        )
+        .expect("register metric"),
+        paused_volumes: register_int_gauge!("ballast_storage_paused_volumes", "Volumes paused now")
+            .expect("register metric"),
+        chunk_clones: register_int_counter!("ballast_storage_chunk_clones_total", "Chunks created as clones")
+            .expect("register metric"),
     };
     // Export the checksum error series at 0 from the start, for alerting.
     for kind in ["payload", "stored"] {
         m.checksum_errors.with_label_values(&[kind]);
+    }
+    // Likewise pause timeouts (a coordinator that died mid-snapshot).
+    for reason in ["request", "timeout"] {
+        m.volume_resumes.with_label_values(&[reason]);
     }
     m
 });

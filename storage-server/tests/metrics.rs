@@ -34,6 +34,9 @@ async fn metrics_are_served() {
         c.create_chunk(1, 1, MIB as u32, 1).await.unwrap();
         write(&c, 1, 1, 0, pattern(1, 0, 1), 0, false).await.unwrap();
         c.read(1, 1, 0, BLOCK as u32, 0).await.unwrap();
+        c.pause_volume(1, std::time::Duration::from_secs(10)).await.unwrap();
+        c.clone_chunk(1, 1, 2, 1, 1).await.unwrap();
+        c.resume_volume(1).await.unwrap();
         let body = scrape(server.metrics_addr().unwrap()).await;
         for name in [
             "ballast_storage_requests_total{op=\"write\",status=\"ok\"}",
@@ -42,7 +45,15 @@ async fn metrics_are_served() {
             "ballast_storage_read_bytes_total",
             "ballast_storage_checksum_errors_total",
             "ballast_storage_dirty_regions 1",
-            "ballast_storage_chunks 1",
+            "ballast_storage_chunks 2",
+            "ballast_storage_requests_total{op=\"chunk_clone\",status=\"ok\"}",
+            "ballast_storage_requests_total{op=\"volume_pause\",status=\"ok\"}",
+            "ballast_storage_requests_total{op=\"volume_resume\",status=\"ok\"}",
+            "ballast_storage_volume_pauses_total",
+            "ballast_storage_volume_resumes_total{reason=\"request\"}",
+            "ballast_storage_volume_resumes_total{reason=\"timeout\"} 0",
+            "ballast_storage_paused_volumes 0",
+            "ballast_storage_chunk_clones_total",
         ] {
             assert!(body.contains(name), "{name} missing from metrics:\n{body}");
         }

@@ -16,6 +16,8 @@
 #                     basic-ioctl, identity, restart-sigkill, restart-sigterm,
 #                     storage-kill, csi-node
 #   VM_LOAD_SECS=n    seconds of load after each disruption (default 6)
+#   VM_MAX_PAUSE_MS=n fail a disruption whose longest I/O pause is longer
+#                     (default: measure and report only)
 #   VM_BUILD=0        do not run cargo build (use VM_BIN_DIR as it is)
 #   VM_BIN_DIR=dir    where the release binaries are (default target/release)
 #   VM_MEM=MiB VM_SMP=n   guest size (default 2048 MiB, 2 vCPUs)
@@ -231,6 +233,7 @@ truncate -s 4G "$WORK/scratch.img" # the cluster's data disk (sparse)
 LOG=$WORK/console.log
 : > "$LOG"
 APPEND="console=ttyS0 panic=-1 quiet loglevel=4 vmtest.only=$ONLY vmtest.load_secs=$LOAD_SECS"
+[ -z "${VM_MAX_PAUSE_MS:-}" ] || APPEND="$APPEND vmtest.max_pause_ms=$VM_MAX_PAUSE_MS"
 say "booting: $SMP vCPUs, $MEM MiB, TCG, timeout ${TIMEOUT}s"
 tail -n +1 -f "$LOG" &
 TAILPID=$!

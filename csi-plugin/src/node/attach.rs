@@ -2,12 +2,17 @@
 //! it leaves behind is not ours: restarting the plugin never touches an
 //! attached device.
 //!
-//! The contract:
+//! The contract (`--state-dir DIR` is added to every command when the
+//! plugin has `--nbd-state-dir`; otherwise `nbd-client` uses its own
+//! default, `/run/ballast/nbd`):
 //! - `nbd-client map VOLUME_ID --meta LIST --epoch N [--readonly]` prints the
 //!   device path and exits 0, leaving a serving process in the background;
-//! - `nbd-client unmap VOLUME_ID_OR_DEVICE` exits 0, also when not mapped;
-//! - `nbd-client list -o json` prints `[{"volume": .., "device": .., "pid": ..}]`.
+//! - `nbd-client unmap VOLUME_ID_OR_DEVICE` exits 0, also when not mapped,
+//!   and refuses while the device holds a mounted filesystem;
+//! - `nbd-client list -o json` prints
+//!   `[{"volume": .., "device": .., "pid": .., "served": ..}, ...]`.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,12 +33,19 @@ pub struct Mapping {
     pub device: PathBuf,
     #[serde(default)]
     pub pid: u32,
+    /// Whether `nbd-client` saw its serving process alive (it also rules
+    /// out a recycled pid); older versions do not report it.
+    #[serde(default)]
+    pub served: Option<bool>,
+    /// How the device is attached: `netlink`, `ioctl` or `fuse-loop`.
+    #[serde(default)]
+    pub method: Option<String>,
 }
 
 impl Mapping {
     /// Whether the serving process is still there.
     pub fn is_served(&self) -> bool {
-        self.pid == 0 || Path::new(&format!("/proc/{}", self.pid)).exists()
+        self.served.unwrap_or_else(|| self.pid == 0 || Path::new(&format!("/proc/{}", self.pid)).exists())
     }
 }
 
@@ -41,11 +53,13 @@ impl Mapping {
 pub struct NbdClient {
     /// `--nbd-client-bin`, if given.
     configured: Option<PathBuf>,
+    /// `--nbd-state-dir`, passed on as `nbd-client --state-dir`.
+    state_dir: Option<PathBuf>,
 }
 
 impl NbdClient {
-    pub fn new(configured: Option<PathBuf>) -> Self {
-        Self { configured }
+    pub fn new(configured: Option<PathBuf>, state_dir: Option<PathBuf>) -> Self {
+        Self { configured, state_dir }
     }
 
     /// The binary to run: the configured one (a bare name is looked up in
@@ -70,33 +84,44 @@ impl NbdClient {
         })
     }
 
+    /// `--state-dir DIR`, when configured.
+    fn state_args(&self) -> Vec<OsString> {
+        match &self.state_dir {
+            Some(dir) => vec!["--state-dir".into(), dir.clone().into_os_string()],
+            None => Vec::new(),
+        }
+    }
+
+    /// The arguments of `nbd-client map`.
+    pub fn map_args(&self, volume: &str, meta: &str, epoch: u64, readonly: bool) -> Vec<OsString> {
+        let mut args: Vec<OsString> =
+            ["map", volume, "--meta", meta, "--epoch", &epoch.to_string()].into_iter().map(OsString::from).collect();
+        if readonly {
+            args.push("--readonly".into());
+        }
+        args.extend(self.state_args());
+        args
+    }
+
     /// Attaches `volume` and returns its device.
     pub async fn map(&self, volume: &str, meta: &str, epoch: u64, readonly: bool) -> Result<PathBuf> {
-        let epoch = epoch.to_string();
-        let mut args = vec!["map", volume, "--meta", meta, "--epoch", &epoch];
-        if readonly {
-            args.push("--readonly");
-        }
-        let stdout = tools::run(&self.binary()?, args, MAP_LIMIT).await?;
-        let device = stdout.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or_default();
-        if !device.starts_with('/') {
-            return Err(CsiError::Tool {
-                tool: BINARY.into(),
-                detail: format!("map printed {device:?}, not a device path"),
-            });
-        }
-        Ok(PathBuf::from(device))
+        let stdout = tools::run(&self.binary()?, self.map_args(volume, meta, epoch, readonly), MAP_LIMIT).await?;
+        parse_device(&stdout)
     }
 
     /// Detaches a volume (by id or device); detaching what is not attached
     /// succeeds.
     pub async fn unmap(&self, volume_or_device: &str) -> Result<()> {
-        tools::run(&self.binary()?, ["unmap", volume_or_device], UNMAP_LIMIT).await?;
+        let mut args: Vec<OsString> = vec!["unmap".into(), volume_or_device.into()];
+        args.extend(self.state_args());
+        tools::run(&self.binary()?, args, UNMAP_LIMIT).await?;
         Ok(())
     }
 
     pub async fn list(&self) -> Result<Vec<Mapping>> {
-        let stdout = tools::run(&self.binary()?, ["list", "-o", "json"], LIST_LIMIT).await?;
+        let mut args: Vec<OsString> = vec!["list".into(), "-o".into(), "json".into()];
+        args.extend(self.state_args());
+        let stdout = tools::run(&self.binary()?, args, LIST_LIMIT).await?;
         parse_list(&stdout)
     }
 
@@ -104,6 +129,18 @@ impl NbdClient {
     pub async fn find(&self, volume: &str) -> Result<Option<Mapping>> {
         Ok(self.list().await?.into_iter().find(|m| m.volume == volume))
     }
+}
+
+/// The device `map` printed: its last non-empty line.
+pub fn parse_device(stdout: &str) -> Result<PathBuf> {
+    let device = stdout.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or_default();
+    if !device.starts_with('/') {
+        return Err(CsiError::Tool {
+            tool: BINARY.into(),
+            detail: format!("map printed {device:?}, not a device path"),
+        });
+    }
+    Ok(PathBuf::from(device))
 }
 
 pub fn parse_list(json: &str) -> Result<Vec<Mapping>> {
@@ -121,7 +158,16 @@ mod tests {
     #[test]
     fn list_output() {
         let list = parse_list(r#"[{"volume": "vol-1a", "device": "/dev/nbd0", "pid": 42}]"#).unwrap();
-        assert_eq!(list, vec![Mapping { volume: "vol-1a".into(), device: "/dev/nbd0".into(), pid: 42 }]);
+        assert_eq!(
+            list,
+            vec![Mapping { volume: "vol-1a".into(), device: "/dev/nbd0".into(), pid: 42, served: None, method: None }]
+        );
+        // What nbd-client prints today, extra fields and all.
+        let real = r#"[{"device":"/dev/loop0","epoch":1,"method":"fuse-loop","name":"t1","pid":4730,"served":false,"volume":"vol-8"}]"#;
+        let list = parse_list(real).unwrap();
+        assert_eq!((list[0].volume.as_str(), list[0].served), ("vol-8", Some(false)));
+        assert_eq!(list[0].method.as_deref(), Some("fuse-loop"));
+        assert!(!list[0].is_served(), "nbd-client says its process is gone");
         assert!(parse_list("").unwrap().is_empty());
         assert!(parse_list("[]").unwrap().is_empty());
         assert!(parse_list("nope").is_err());
@@ -129,21 +175,25 @@ mod tests {
 
     #[test]
     fn a_missing_binary_is_a_failed_precondition() {
-        let client = NbdClient::new(Some("/nonexistent/nbd-client".into()));
+        let client = NbdClient::new(Some("/nonexistent/nbd-client".into()), None);
         assert!(matches!(client.binary(), Err(CsiError::FailedPrecondition(_))));
     }
 
-    #[tokio::test]
-    async fn map_reads_the_device_from_stdout() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = dir.path().join("nbd-client");
-        let log = dir.path().join("args");
-        std::fs::write(&fake, format!("#!/bin/sh\necho \"$@\" > {}\necho /dev/nbd7\n", log.display())).unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let client = NbdClient::new(Some(fake));
-        let device = client.map("vol-1", "a:1,b:2", 7, true).await.unwrap();
-        assert_eq!(device, PathBuf::from("/dev/nbd7"));
-        let args = std::fs::read_to_string(log).unwrap();
-        assert_eq!(args.trim(), "map vol-1 --meta a:1,b:2 --epoch 7 --readonly");
+    #[test]
+    fn map_arguments_and_its_device() {
+        let plain = NbdClient::new(None, None);
+        assert_eq!(
+            plain.map_args("vol-1", "a:1,b:2", 7, true),
+            ["map", "vol-1", "--meta", "a:1,b:2", "--epoch", "7", "--readonly"]
+        );
+        let private = NbdClient::new(None, Some("/run/test/nbd".into()));
+        assert_eq!(
+            private.map_args("vol-1", "a:1", 3, false),
+            ["map", "vol-1", "--meta", "a:1", "--epoch", "3", "--state-dir", "/run/test/nbd"]
+        );
+        assert_eq!(parse_device("/dev/loop3\n").unwrap(), PathBuf::from("/dev/loop3"));
+        assert_eq!(parse_device("attaching\n/dev/nbd7\n\n").unwrap(), PathBuf::from("/dev/nbd7"));
+        assert!(parse_device("").is_err());
+        assert!(parse_device("loop3").is_err());
     }
 }

@@ -1,9 +1,12 @@
 //! Test harness: a real metadata cluster (meta-raft processes) and the real
 //! `csi-plugin` binary, driven over its unix socket the way the sidecars
 //! and the kubelet drive it. Everything is stopped and removed when the
-//! harness drops, also when a test fails half-way.
+//! harness drops, also when a test fails half-way. [`cluster`] adds chunk
+//! servers and the real `nbd-client`, for the tests that attach volumes.
 
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -11,13 +11,17 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpStream, ToSocketAddrs, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use super::payload::{decode_data_payload, decode_entries, BadBlocks, ChunkEntry, ChunkInfo, DirtyRegion, Entry};
+use super::payload::{
+    decode_data_payload, decode_entries, encode_entries, BadBlocks, ChunkEntry, ChunkInfo, CloneTarget, DirtyRegion,
+    Entry,
+};
 use super::{
     decode_reply, first_bad_block, write_loop, Checksums, ErrorCode, Opcode, Reply, RequestHeader, WireFrame,
     FLAG_ALL_VOLUMES, FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE,
@@ -211,6 +215,12 @@ fn verified_data(reply: Reply) -> Result<(Bytes, Vec<u32>), ClientError> {
 
 fn entries<E: Entry>(payload: Bytes) -> Result<Vec<E>, ClientError> {
     decode_entries(payload).ok_or_else(|| ClientError::Protocol("record payload of invalid length".into()))
+}
+
+/// The `length` of a `VOLUME_PAUSE`: whole milliseconds, rounded up (a
+/// timeout below 1 ms must not become 0, which asks for the server default).
+fn pause_timeout_ms(timeout: Duration) -> u32 {
+    u32::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX)
 }
 
 fn volume_scope(header: &mut RequestHeader, volume: Option<u64>) {
@@ -498,6 +508,45 @@ impl DataClient {
         Ok(self.collect(header).await?.0)
     }
 
+    /// Pauses changes (writes, trims, zeroing) to `volume` on this server:
+    /// from now on they wait, and this returns once the changes already in
+    /// flight have finished. Reads and flushes go on. The pause ends with
+    /// [`DataClient::resume_volume`] or after `timeout` (zero: the server's
+    /// default, 10 s; the server grants at most 60 s); pausing again renews
+    /// it. Fails with `Interrupted` if the pause ended before the in-flight
+    /// changes finished.
+    ///
+    /// Waiting changes occupy the connection's request slots: pause and
+    /// resume over a connection that carries no writes.
+    pub async fn pause_volume(&self, volume: u64, timeout: Duration) -> Result<(), ClientError> {
+        let header =
+            RequestHeader { volume, length: pause_timeout_ms(timeout), ..RequestHeader::new(Opcode::VolumePause, 0) };
+        self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
+    }
+
+    /// Ends a pause of `volume`; its waiting changes proceed. Succeeds when
+    /// the volume is not paused.
+    pub async fn resume_volume(&self, volume: u64) -> Result<(), ClientError> {
+        let header = RequestHeader { volume, ..RequestHeader::new(Opcode::VolumeResume, 0) };
+        self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
+    }
+
+    /// Creates chunk `target_chunk` of `target_volume` (at `target_generation`)
+    /// on this server as a durable copy of the current data and checksums of
+    /// chunk `chunk` of `volume`. Works while the source volume is paused.
+    pub async fn clone_chunk(
+        &self,
+        volume: u64,
+        chunk: u64,
+        target_volume: u64,
+        target_chunk: u64,
+        target_generation: u64,
+    ) -> Result<(), ClientError> {
+        let header = RequestHeader { volume, chunk, ..RequestHeader::new(Opcode::ChunkClone, 0) };
+        let target = CloneTarget { volume: target_volume, chunk: target_chunk, generation: target_generation };
+        self.call(header, encode_entries(&[target]), Bytes::new()).await.map(drop)
+    }
+
     /// Streams a chunk range (`length` 0 = to the chunk end) in segments,
     /// for rebuilds. `generation` 0 skips the generation check.
     pub async fn read_chunk_stream(
@@ -545,4 +594,18 @@ where
         }
     };
     shared.close(reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_timeouts_round_up_to_milliseconds() {
+        assert_eq!(pause_timeout_ms(Duration::ZERO), 0);
+        assert_eq!(pause_timeout_ms(Duration::from_micros(1)), 1);
+        assert_eq!(pause_timeout_ms(Duration::from_millis(1500)), 1500);
+        assert_eq!(pause_timeout_ms(Duration::from_micros(1500)), 2);
+        assert_eq!(pause_timeout_ms(Duration::from_secs(u64::MAX)), u32::MAX);
+    }
 }

@@ -192,3 +192,27 @@ impl Entry for DirtyRegion {
         }
     }
 }
+
+/// Request payload of `CHUNK_CLONE`: the chunk to create as a copy of the
+/// source (`volume`, `chunk` of the header).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CloneTarget {
+    pub volume: u64,
+    pub chunk: u64,
+    /// Generation of the new chunk.
+    pub generation: u64,
+}
+
+impl Entry for CloneTarget {
+    const SIZE: usize = 24;
+
+    fn encode(&self, dst: &mut BytesMut) {
+        dst.put_u64_le(self.volume);
+        dst.put_u64_le(self.chunk);
+        dst.put_u64_le(self.generation);
+    }
+
+    fn decode(src: &mut Bytes) -> Self {
+        CloneTarget { volume: src.get_u64_le(), chunk: src.get_u64_le(), generation: src.get_u64_le() }
+    }
+}

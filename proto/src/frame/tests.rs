@@ -44,6 +44,14 @@ fn request_for(opcode: Opcode) -> Request {
             header.length = 64 << 20;
             Bytes::new()
         }
+        Opcode::VolumePause => {
+            header.length = 15_000;
+            Bytes::new()
+        }
+        Opcode::ChunkClone => {
+            header.generation = 0;
+            encode_entries(&[CloneTarget { volume: 0x5e7a_0001, chunk: 42, generation: 1 }])
+        }
         _ => Bytes::new(),
     };
     Request { header, payload }
@@ -65,6 +73,50 @@ fn every_request_opcode_round_trips() {
         assert!(buf.is_empty());
         assert_eq!(decode_request(&mut buf), Ok(None));
     }
+}
+
+#[test]
+fn clone_requests_carry_one_target() {
+    let req = request_for(Opcode::ChunkClone);
+    let mut buf = BytesMut::new();
+    req.encode(&mut buf);
+    assert_eq!(buf.len(), REQUEST_HEADER_LEN + CloneTarget::SIZE);
+    let got = decode_request(&mut buf).unwrap().unwrap();
+    assert_eq!(got.clone_target(), Some(CloneTarget { volume: 0x5e7a_0001, chunk: 42, generation: 1 }));
+    assert_eq!((got.header.volume, got.header.chunk), (0x1122_3344_5566_7788, 42));
+    // A clone without a target, or with trailing bytes, is refused and consumed.
+    for len in [0, CloneTarget::SIZE - 8, CloneTarget::SIZE + 8] {
+        let mut buf = BytesMut::from(&req.header.encode(len)[..]);
+        buf.put_bytes(7, len);
+        let err = decode_request(&mut buf).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadFrame, "payload of {len} bytes");
+        assert!(!err.is_fatal());
+        assert!(buf.is_empty());
+    }
+    assert_eq!(request_for(Opcode::Ping).clone_target(), None);
+}
+
+#[test]
+fn pause_resume_and_clone_address_one_volume() {
+    for opcode in [Opcode::VolumePause, Opcode::VolumeResume, Opcode::ChunkClone] {
+        let mut req = request_for(opcode);
+        req.header.flags = FLAG_ALL_VOLUMES;
+        let mut buf = BytesMut::new();
+        req.encode(&mut buf);
+        let err = decode_request(&mut buf).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadFrame, "{opcode:?}");
+        assert!(!err.is_fatal());
+    }
+    // A payload on a pause or resume is refused as on other payload-less requests.
+    let raw = request_for(Opcode::VolumePause).header.encode(8);
+    let mut buf = BytesMut::from(&raw[..]);
+    buf.put_bytes(0, 8);
+    assert_eq!(decode_request(&mut buf).unwrap_err().code(), ErrorCode::BadFrame);
+    assert_eq!(Opcode::from_u8(15), Some(Opcode::VolumePause));
+    assert_eq!(Opcode::from_u8(16), Some(Opcode::VolumeResume));
+    assert_eq!(Opcode::from_u8(17), Some(Opcode::ChunkClone));
+    assert_eq!(Opcode::from_u8(18), None);
+    assert_eq!(ErrorCode::from_u16(15), Some(ErrorCode::Interrupted));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! frames.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{
     encode_entries, DecodeError, Entry, ErrorCode, Opcode, ReplyHeader, Request, WireFrame, FLAG_ALL_VOLUMES,
@@ -45,6 +45,7 @@ fn status_label(status: Result<(), ErrorCode>) -> &'static str {
         Err(ErrorCode::NoSpace) => "no_space",
         Err(ErrorCode::Io) => "io",
         Err(ErrorCode::ShuttingDown) => "shutting_down",
+        Err(ErrorCode::Interrupted) => "interrupted",
     }
 }
 
@@ -134,6 +135,22 @@ impl Handler {
             }
             Opcode::ChunkSetGeneration => {
                 self.store.set_generation(key, h.generation).await?;
+                reply(Bytes::new(), Bytes::new())
+            }
+            Opcode::ChunkClone => {
+                let target = req.clone_target().ok_or_else(|| StoreError::Invalid("no clone target".into()))?;
+                let target_key = ChunkKey { volume: target.volume, chunk: target.chunk };
+                self.store.clone_chunk(key, h.generation, target_key, target.generation).await?;
+                reply(Bytes::new(), Bytes::new())
+            }
+            Opcode::VolumePause => {
+                let granted = self.store.pause_volume(h.volume, Duration::from_millis(u64::from(h.length))).await?;
+                let header =
+                    ReplyHeader { aux: granted.as_millis() as u64, ..ReplyHeader::new(h.opcode, h.request_id, Ok(())) };
+                WireFrame::reply(&header, Bytes::new(), Bytes::new())
+            }
+            Opcode::VolumeResume => {
+                self.store.resume_volume(h.volume);
                 reply(Bytes::new(), Bytes::new())
             }
             Opcode::ChunkInfo => {

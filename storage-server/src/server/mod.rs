@@ -216,6 +216,7 @@ impl RunningServer {
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         tracing::info!("shutting down");
         let _ = self.stop.send(true);
+        self.store.begin_shutdown();
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }

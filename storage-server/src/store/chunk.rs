@@ -226,6 +226,43 @@ impl Chunk {
         Ok(Chunk::new(path.to_owned(), header, vec![UNWRITTEN; blocks], backend.open(file), pool.clone()))
     }
 
+    /// Creates the chunk file at `path` as a copy of the chunk file at
+    /// `source` (blocking): data and CRC table as they are on disk, the
+    /// header rewritten for `key` and `generation`. The caller keeps changes
+    /// out of the source and has flushed its CRC table. The copy shares the
+    /// source's extents where the filesystem can (reflink), is made durable
+    /// under a temporary name and renamed into place.
+    pub fn create_copy(
+        source: &Path,
+        path: &Path,
+        key: ChunkKey,
+        size: u64,
+        generation: u64,
+        backend: &dyn IoBackend,
+        pool: &BufPool,
+    ) -> io::Result<Chunk> {
+        let tmp = path.with_extension("tmp");
+        let header = Header { key, size, generation };
+        if let Err(e) = write_copy(source, &tmp, &header, pool) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, path)?;
+        let dir = path.parent().expect("chunk path has a parent");
+        sync_dir(dir)?;
+        match Chunk::load(path, backend, pool) {
+            Ok(chunk) if chunk.key == key && chunk.size == size => Ok(chunk),
+            loaded => {
+                let _ = std::fs::remove_file(path);
+                let _ = sync_dir(dir);
+                Err(match loaded {
+                    Err(e) => e,
+                    Ok(_) => io::Error::other("the copied chunk reads back with another key or size"),
+                })
+            }
+        }
+    }
+
     /// Opens an existing chunk file (blocking) and loads its CRC table.
     pub fn load(path: &Path, backend: &dyn IoBackend, pool: &BufPool) -> io::Result<Chunk> {
         let (file, _) = open_direct(path, false)?;
@@ -289,6 +326,13 @@ impl Chunk {
     /// Locks `offset..offset + len` for a change.
     pub async fn lock_for_write(&self, offset: u64, len: u64) -> RangeGuard<'_> {
         self.ranges.lock(offset, offset + len, true).await
+    }
+
+    /// Locks the whole chunk against changes, for copying it: waits for the
+    /// changes holding ranges of it, and keeps new ones out until dropped.
+    /// Shared with reads, which change nothing on disk.
+    pub async fn lock_for_copy(&self) -> RangeGuard<'_> {
+        self.ranges.lock(0, self.size, false).await
     }
 
     /// Writes whole blocks under a write lock from [`Chunk::lock_for_write`]
@@ -474,6 +518,60 @@ impl Chunk {
         let bad = meta.bad.count_ones();
         BlockCounts { ok, bad, unknown: meta.crcs.len() - ok - bad }
     }
+}
+
+/// Writes `path` as a copy of the chunk file `source` with `header`, durably.
+fn write_copy(source: &Path, path: &Path, header: &Header, pool: &BufPool) -> io::Result<()> {
+    // Buffered descriptors: the kernel copies (or shares) the extents
+    // itself, and no alignment rules apply.
+    let src = std::fs::File::open(source)?;
+    let dst = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+    copy_file(&src, &dst, file_len(header.size))?;
+    dst.write_all_at(&header.encode(pool), 0)?;
+    dst.sync_all()
+}
+
+/// Copies the first `len` bytes of `src` into the empty file `dst`
+/// (blocking): a reflink (`FICLONE`) where the filesystem shares extents,
+/// else `copy_file_range` (copied inside the kernel), else read and write.
+fn copy_file(src: &std::fs::File, dst: &std::fs::File, len: u64) -> io::Result<()> {
+    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    if src.metadata()?.len() < len {
+        return Err(io::Error::other("the source chunk file is shorter than its header says"));
+    }
+    // SAFETY: plain ioctl on two descriptors we hold open.
+    if unsafe { libc::ioctl(dst_fd, libc::FICLONE, src_fd) } == 0 {
+        // The whole file is shared, however long it is.
+        return Ok(());
+    }
+    let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (0, 0);
+    while (off_in as u64) < len {
+        let want = (len - off_in as u64).min(1 << 30) as usize;
+        // SAFETY: plain syscall; the offsets are valid out-pointers.
+        let n = unsafe { libc::copy_file_range(src_fd, &mut off_in, dst_fd, &mut off_out, want, 0) };
+        if n > 0 {
+            continue;
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // Not offered between these files: copy through user space.
+            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) if off_in == 0 => break,
+            _ => return Err(err),
+        }
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = off_in as u64;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], at)?;
+        dst.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// `fsync` a directory so entries created or removed in it are durable.

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod bitmap;
 pub mod buf;
 pub mod chunk;
+pub mod pause;
 pub mod range_lock;
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use ballast_proto::frame::{
     first_bad_block, Checksums, ChunkEntry, ChunkInfo, DirtyRegion, BLOCK_SIZE, DIRTY_RECOVERED,
@@ -36,6 +38,7 @@ use crate::metrics::metrics;
 use backend::{IoBackend, PUNCH_HOLE, ZERO_RANGE};
 use buf::BufPool;
 use chunk::{sync_dir, Chunk, ChunkKey, MAX_CHUNK_SIZE, REGION_SIZE};
+use pause::Pauses;
 use range_lock::RangeGuard;
 
 /// What a change must prove: the attachment epoch and the chunk generation.
@@ -65,6 +68,8 @@ pub struct Store {
     used: AtomicU64,
     log: ActivityLog,
     fencing: Fencing,
+    /// Volumes whose changes are held (snapshots).
+    pauses: Pauses,
     /// Exclusive lock on the data directory, held while the store is open.
     _lock: std::fs::File,
 }
@@ -178,6 +183,7 @@ impl Store {
             used: AtomicU64::new(used),
             log,
             fencing,
+            pauses: Pauses::default(),
             _lock: lock,
         })
     }
@@ -265,11 +271,12 @@ impl Store {
         self.change(&chunk, offset, len, fence, fua, |locked| chunk.zero_blocks(locked, offset, len, mode)).await
     }
 
-    /// The steps every change takes: generation and epoch checks (a newer
-    /// epoch persisted first), the activity log marked, the range locked and
-    /// the fence checked again under the lock (so a change admitted under an
-    /// older epoch cannot land after one of a newer epoch), then `apply`,
-    /// which releases the lock when done.
+    /// The steps every change takes: admission (waiting while the volume is
+    /// paused; the change counts as in flight until it returns), generation
+    /// and epoch checks (a newer epoch persisted first), the activity log
+    /// marked, the range locked and the fence checked again under the lock
+    /// (so a change admitted under an older epoch cannot land after one of a
+    /// newer epoch), then `apply`, which releases the lock when done.
     async fn change<'c, F, Fut>(
         &self,
         chunk: &'c Chunk,
@@ -283,6 +290,7 @@ impl Store {
         F: FnOnce(RangeGuard<'c>) -> Fut,
         Fut: std::future::Future<Output = Result<(), StoreError>>,
     {
+        let _admitted = self.pauses.admit(chunk.key.volume).await?;
         chunk.check_generation(fence.generation, false)?;
         self.fencing.admit(chunk.key.volume, fence.epoch).await?;
         let _busy = self.log.begin_write(chunk.key, offset, len).await?;
@@ -394,6 +402,81 @@ impl Store {
         metrics().chunks.set(count as i64);
         metrics().used_bytes.set(used as i64);
         Ok(())
+    }
+
+    /// Creates chunk `target` at `generation` as a durable copy of the
+    /// current data and checksums of `source` (whose generation must match
+    /// `source_generation`, 0 = any). Changes to the source wait while it is
+    /// copied; a pause of its volume does not hold the clone up.
+    pub async fn clone_chunk(
+        &self,
+        source: ChunkKey,
+        source_generation: u64,
+        target: ChunkKey,
+        generation: u64,
+    ) -> Result<(), StoreError> {
+        let _admin = self.admin.lock().await;
+        let chunk = self.get(source)?;
+        chunk.check_generation(source_generation, true)?;
+        if self.get(target).is_ok() {
+            return Err(StoreError::ChunkExists { volume: target.volume, chunk: target.chunk });
+        }
+        let needed = chunk.file_len();
+        let available = self.capacity.saturating_sub(self.used.load(Ordering::Acquire));
+        if needed > available {
+            return Err(StoreError::NoSpace { needed, available });
+        }
+        // No change lands in the source from here until the copy is done,
+        // and its checksum table on disk matches its data.
+        let locked = chunk.lock_for_copy().await;
+        chunk.flush().await?;
+        let path = chunk_path(&self.chunks_dir, target);
+        let (backend, pool, chunks_dir) = (self.backend.clone(), self.pool.clone(), self.chunks_dir.clone());
+        let (source_path, size) = (chunk.path().to_owned(), chunk.size);
+        let copied = tokio::task::spawn_blocking(move || {
+            let dir = path.parent().expect("chunk path has a parent");
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)?;
+                sync_dir(&chunks_dir)?;
+            }
+            Chunk::create_copy(&source_path, &path, target, size, generation, &*backend, &pool)
+        })
+        .await;
+        drop(locked);
+        let copy = copied
+            .map_err(|e| StoreError::io("cloning a chunk", io::Error::other(e)))?
+            .map_err(|e| StoreError::io(format!("cloning chunk {source} to {target}"), e))?;
+        let mut chunks = self.chunks.write().expect("chunk map poisoned");
+        chunks.insert(target, Arc::new(copy));
+        let used = self.used.fetch_add(needed, Ordering::AcqRel) + needed;
+        let m = metrics();
+        m.chunks.set(chunks.len() as i64);
+        m.used_bytes.set(used as i64);
+        m.chunk_clones.inc();
+        drop(chunks);
+        tracing::info!(%source, %target, generation, "chunk cloned");
+        Ok(())
+    }
+
+    /// Pauses changes to `volume` (see [`pause`]) and waits for those in
+    /// flight; returns the timeout granted.
+    pub async fn pause_volume(&self, volume: u64, timeout: Duration) -> Result<Duration, StoreError> {
+        self.pauses.pause(volume, timeout).await
+    }
+
+    /// Ends a pause of `volume`; true if it was paused.
+    pub fn resume_volume(&self, volume: u64) -> bool {
+        self.pauses.resume(volume)
+    }
+
+    pub fn is_paused(&self, volume: u64) -> bool {
+        self.pauses.is_paused(volume)
+    }
+
+    /// At the start of a shutdown: changes waiting on a paused volume fail
+    /// with `ShuttingDown` instead of holding their connections open.
+    pub fn begin_shutdown(&self) {
+        self.pauses.close();
     }
 
     pub async fn set_generation(&self, key: ChunkKey, generation: u64) -> Result<(), StoreError> {

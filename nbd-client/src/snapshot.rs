@@ -1,0 +1,244 @@
+//! Snapshots and clones with real data.
+//!
+//! Taking a snapshot: the source volume is paused on every chunk server
+//! holding one of its chunks (changes wait, in-flight ones finish), each
+//! chunk is cloned on one server into the snapshot's id, and the volume is
+//! resumed; the pause spans every clone, so the snapshot is crash-consistent
+//! across chunks. The clones are then copied to the other servers of each
+//! chunk's replica set, and meta records where they live.
+//!
+//! Populating a volume created from a snapshot copies the snapshot's chunks
+//! into it through the engine (so the copy is replicated and checksummed
+//! like any write), then marks it ready. A clone of a volume goes through a
+//! temporary snapshot, for the same point-in-time guarantee.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ballast_proto::frame::{ClientError, DataClient, ErrorCode};
+use ballast_proto::meta as pb;
+use futures::future::join_all;
+use meta_raft::MetaClient;
+
+use crate::engine::{find_volume, EngineError, EngineOptions, Volume};
+
+/// Longest a volume stays paused if this process dies mid-snapshot.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("metadata service: {0}")]
+    Meta(#[from] tonic::Status),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("chunk server {address}: {source}")]
+    Server { address: String, source: ClientError },
+    #[error("no server could clone chunk {chunk}: {last}")]
+    CloneFailed { chunk: u64, last: String },
+    #[error("snapshot {0} not found")]
+    NoSuchSnapshot(String),
+    #[error("snapshot chunk {chunk} could not be read from any server: {last}")]
+    Unreadable { chunk: u64, last: String },
+}
+
+async fn connect(address: &str) -> Result<DataClient, SnapshotError> {
+    DataClient::connect(address).await.map_err(|source| SnapshotError::Server { address: address.into(), source })
+}
+
+async fn get_snapshot(meta: &MetaClient, id: &str) -> Result<pb::Snapshot, SnapshotError> {
+    let request = pb::ListSnapshotsRequest { snapshot_id: id.into(), page_size: 1, ..Default::default() };
+    meta.list_snapshots(request).await?.snapshots.pop().ok_or_else(|| SnapshotError::NoSuchSnapshot(id.into()))
+}
+
+/// Copies the data of a snapshot that meta has recorded but not completed,
+/// and completes it. Safe to call again after a failure.
+pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snapshot, SnapshotError> {
+    if snapshot.ready_to_use {
+        return Ok(snapshot.clone());
+    }
+    let source = find_volume(meta, &snapshot.source_volume_id).await?;
+    let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: source.id.clone() }).await?;
+    let mut addresses: Vec<String> =
+        map.chunks.iter().flat_map(|c| c.replicas.iter().map(|r| r.address.clone())).collect();
+    addresses.sort();
+    addresses.dedup();
+    let mut clients = BTreeMap::new();
+    for address in &addresses {
+        clients.insert(address.clone(), connect(address).await?);
+    }
+
+    // Pause everywhere first; clone only once every server has paused.
+    let paused = join_all(clients.values().map(|c| c.pause_volume(source.data_id, PAUSE_TIMEOUT))).await;
+    let cloned = match paused.into_iter().zip(clients.keys()).find_map(|(r, a)| r.err().map(|e| (a.clone(), e))) {
+        Some((address, source)) => Err(SnapshotError::Server { address, source }),
+        None => clone_chunks(&clients, &map, source.data_id, snapshot.data_id).await,
+    };
+    for client in clients.values() {
+        // An unresumed server resumes by itself when the pause times out.
+        let _ = client.resume_volume(source.data_id).await;
+    }
+    let primaries = cloned?;
+
+    // Redundancy: copy each clone to the rest of the chunk's replica set.
+    let mut chunks = Vec::new();
+    for set in &map.chunks {
+        let primary = &primaries[&set.chunk_index];
+        let mut holders = vec![primary.server_id.clone()];
+        for replica in set.replicas.iter().filter(|r| r.server_id != primary.server_id) {
+            let target = &clients[&replica.address];
+            match copy_chunk(
+                &clients[&primary.address],
+                target,
+                snapshot.data_id,
+                set.chunk_index,
+                snapshot.chunk_size_bytes,
+            )
+            .await
+            {
+                Ok(()) => holders.push(replica.server_id.clone()),
+                Err(e) => tracing::warn!(snapshot = %snapshot.id, chunk = set.chunk_index, server = %replica.server_id,
+                    error = %e, "copying a snapshot chunk; the snapshot keeps fewer copies"),
+            }
+        }
+        chunks.push(pb::SnapshotChunk { chunk_index: set.chunk_index, server_ids: holders });
+    }
+    let request = pb::CompleteSnapshotRequest { snapshot_id: snapshot.id.clone(), chunks };
+    Ok(meta.complete_snapshot(request).await?)
+}
+
+/// Clones every chunk on the first replica that manages it; returns the
+/// replica holding each clone.
+async fn clone_chunks(
+    clients: &BTreeMap<String, DataClient>,
+    map: &pb::ChunkMap,
+    volume: u64,
+    snapshot: u64,
+) -> Result<BTreeMap<u64, pb::Replica>, SnapshotError> {
+    let mut primaries = BTreeMap::new();
+    for set in &map.chunks {
+        let mut last = String::from("no replicas");
+        for replica in &set.replicas {
+            let client = &clients[&replica.address];
+            let mut result = client.clone_chunk(volume, set.chunk_index, snapshot, set.chunk_index, 1).await;
+            if matches!(&result, Err(e) if e.code() == Some(ErrorCode::ChunkExists)) {
+                // Left by an earlier, interrupted attempt: take it again now.
+                let _ = client.delete_chunk(snapshot, set.chunk_index, 0).await;
+                result = client.clone_chunk(volume, set.chunk_index, snapshot, set.chunk_index, 1).await;
+            }
+            match result {
+                Ok(()) => {
+                    primaries.insert(set.chunk_index, replica.clone());
+                    break;
+                }
+                Err(e) => last = format!("{}: {e}", replica.address),
+            }
+        }
+        if !primaries.contains_key(&set.chunk_index) {
+            return Err(SnapshotError::CloneFailed { chunk: set.chunk_index, last });
+        }
+    }
+    Ok(primaries)
+}
+
+/// Copies one chunk of `data_id` from `from` to `to`, replacing any copy there.
+async fn copy_chunk(
+    from: &DataClient,
+    to: &DataClient,
+    data_id: u64,
+    chunk: u64,
+    size: u64,
+) -> Result<(), ClientError> {
+    match to.delete_chunk(data_id, chunk, 0).await {
+        Err(e) if e.code() != Some(ErrorCode::NoSuchChunk) => return Err(e),
+        _ => {}
+    }
+    to.create_chunk(data_id, chunk, size as u32, 1).await?;
+    let mut stream = from.read_chunk_stream(data_id, chunk, 0, 0, 0).await?;
+    while let Some(segment) = stream.next().await {
+        let segment = segment?;
+        if segment.data.iter().all(|b| *b == 0) {
+            continue; // the new chunk already reads as zeros
+        }
+        to.write(data_id, chunk, segment.offset, segment.data, &segment.checksums, 0, 1, false).await?;
+    }
+    to.flush(Some(data_id)).await
+}
+
+/// Copies the content of a volume's source (snapshot or volume) into it and
+/// marks it ready. Idempotent: a retry copies again.
+pub async fn populate(meta: &MetaClient, volume: &pb::Volume) -> Result<pb::Volume, SnapshotError> {
+    if volume.state != pb::VolumeState::Populating as i32 {
+        return Ok(volume.clone());
+    }
+    let source = volume.content_source.as_ref().and_then(|s| s.source.clone());
+    match source {
+        Some(pb::content_source::Source::SnapshotId(id)) => {
+            let snapshot = get_snapshot(meta, &id).await?;
+            let snapshot = take(meta, &snapshot).await?;
+            copy_snapshot_into(meta, &snapshot, volume).await?;
+        }
+        Some(pb::content_source::Source::VolumeId(id)) => {
+            // A point-in-time copy of a live volume: through a snapshot of its own.
+            let request =
+                pb::CreateSnapshotRequest { name: format!("clone-source-of-{}", volume.id), source_volume_id: id };
+            let snapshot = meta.create_snapshot(request).await?;
+            let snapshot = take(meta, &snapshot).await?;
+            copy_snapshot_into(meta, &snapshot, volume).await?;
+            meta.delete_snapshot(pb::DeleteSnapshotRequest { id: snapshot.id.clone() }).await?;
+        }
+        None => {}
+    }
+    Ok(meta.mark_volume_ready(pb::MarkVolumeReadyRequest { id: volume.id.clone() }).await?)
+}
+
+async fn copy_snapshot_into(
+    meta: &MetaClient,
+    snapshot: &pb::Snapshot,
+    volume: &pb::Volume,
+) -> Result<(), SnapshotError> {
+    // Nothing is attached yet: the lowest epoch is the right one.
+    let target = Volume::open(meta.clone(), &volume.id, EngineOptions { epoch: 0, ..Default::default() }).await?;
+    for chunk in &snapshot.chunks {
+        let base = chunk.chunk_index * snapshot.chunk_size_bytes;
+        let mut last = String::from("no copies");
+        let mut copied = false;
+        for replica in &chunk.replicas {
+            match copy_from_replica(&target, &replica.address, snapshot.data_id, chunk.chunk_index, base).await {
+                Ok(()) => {
+                    copied = true;
+                    break;
+                }
+                Err(e) => last = format!("{}: {e}", replica.address),
+            }
+        }
+        if !copied {
+            return Err(SnapshotError::Unreadable { chunk: chunk.chunk_index, last });
+        }
+    }
+    target.flush().await?;
+    Ok(())
+}
+
+async fn copy_from_replica(
+    target: &Volume,
+    address: &str,
+    data_id: u64,
+    chunk: u64,
+    base: u64,
+) -> Result<(), SnapshotError> {
+    let client = connect(address).await?;
+    let server_error = |source| SnapshotError::Server { address: address.into(), source };
+    let mut stream = client.read_chunk_stream(data_id, chunk, 0, 0, 0).await.map_err(server_error)?;
+    while let Some(segment) = stream.next().await {
+        let segment = segment.map_err(server_error)?;
+        let offset = base + segment.offset;
+        // The tail of the source's last chunk may lie past the end of the volume.
+        let len = (segment.data.len() as u64).min(target.info().size_bytes.saturating_sub(offset)) as usize;
+        let data = segment.data.slice(..len);
+        if data.iter().all(|b| *b == 0) {
+            continue; // thin: the new volume already reads zeros there
+        }
+        target.write_at(offset, data, false).await?;
+    }
+    Ok(())
+}
