@@ -23,6 +23,8 @@ const STATE_FILE: &str = "cluster.json";
 const ENV_FILE: &str = "cluster.env";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// The node id of the CSI plugin of a development cluster.
+pub const DEV_NODE_ID: &str = "dev-node";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Process {
@@ -155,6 +157,38 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
         write_state(&dir, &state)?;
     }
 
+    let csi_dir = dir.join("csi");
+    fs::create_dir_all(&csi_dir)?;
+    let socket = csi_dir.join("csi.sock");
+    let csi_metrics = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let args = vec![
+        "--mode".into(),
+        "all".into(),
+        "--endpoint".into(),
+        format!("unix://{}", socket.display()),
+        "--node-id".into(),
+        DEV_NODE_ID.into(),
+        "--meta".into(),
+        meta_list.clone(),
+        "--nbd-client-bin".into(),
+        options.bin_dir.join("nbd-client").display().to_string(),
+        "--nbd-state-dir".into(),
+        dir.join("nbd").display().to_string(),
+        "--state-dir".into(),
+        csi_dir.join("state").display().to_string(),
+        "--metrics-addr".into(),
+        csi_metrics,
+    ];
+    let pid = spawn(&dir, &options.bin_dir, "csi", "csi-plugin", &args)?;
+    state.processes.push(Process {
+        name: "csi".into(),
+        binary: "csi-plugin".into(),
+        pid,
+        address: format!("unix://{}", socket.display()),
+    });
+    state.csi_socket = Some(socket.display().to_string());
+    write_state(&dir, &state)?;
+
     wait_ready(&state, options.storage).await?;
     let mut env = format!("BALLAST_META={meta_list}\n");
     if let Some(socket) = &state.csi_socket {
@@ -175,7 +209,8 @@ async fn wait_ready(state: &ClusterState, storage: usize) -> anyhow::Result<()> 
         match client.list_chunk_servers(pb::ListChunkServersRequest {}).await {
             Ok(reply) => {
                 let alive = reply.servers.iter().filter(|s| s.alive).count();
-                if alive >= storage {
+                let csi_ready = state.csi_socket.as_ref().is_none_or(|s| Path::new(s).exists());
+                if alive >= storage && csi_ready {
                     return Ok(());
                 }
                 last_problem = format!("{alive} of {storage} chunk servers registered");
@@ -193,6 +228,7 @@ pub fn down(dir: &Path) -> anyhow::Result<Vec<String>> {
     let Some(state) = read_state(dir)? else {
         return Ok(Vec::new());
     };
+    release_devices(dir, &state);
     let running: Vec<&Process> = state.processes.iter().filter(|p| is_running(p)).collect();
     for process in &running {
         let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGTERM);
@@ -207,6 +243,33 @@ pub fn down(dir: &Path) -> anyhow::Result<Vec<String>> {
     fs::remove_file(dir.join(STATE_FILE))?;
     let _ = fs::remove_file(dir.join(ENV_FILE));
     Ok(running.iter().map(|p| p.name.clone()).collect())
+}
+
+/// Unmounts and unmaps every device the cluster's CSI plugin (or anyone
+/// using its state directory) mapped, so no mount, loop device or FUSE
+/// mount outlives the cluster.
+fn release_devices(dir: &Path, state: &ClusterState) {
+    let nbd_state = dir.join("nbd");
+    let Ok(mappings) = nbd_client::mapping::StateDir::new(&nbd_state).and_then(|s| s.all()) else {
+        return;
+    };
+    let bin = state
+        .processes
+        .iter()
+        .find(|p| p.binary == "csi-plugin")
+        .and_then(|p| fs::read_link(format!("/proc/{}/exe", p.pid)).ok())
+        .and_then(|exe| exe.parent().map(|d| d.join("nbd-client")));
+    for mapping in mappings {
+        // Bind mounts first (newest first), then the device's own mount.
+        let mut mounts = nbd_client::mapping::mount_points(&mapping.device);
+        mounts.reverse();
+        for mount in mounts {
+            let _ = nix::mount::umount2(mount.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        if let Some(bin) = &bin {
+            let _ = Command::new(bin).arg("unmap").arg(&mapping.volume_id).arg("--state-dir").arg(&nbd_state).output();
+        }
+    }
 }
 
 /// A development cluster that is stopped when dropped: for tests of every

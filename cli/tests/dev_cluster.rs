@@ -37,6 +37,10 @@ fn dev_up_serves_volume_commands_and_dev_down_stops_everything() {
     let env = std::fs::read_to_string(dir.path().join("cluster.env")).unwrap();
     let meta = env.lines().find_map(|l| l.strip_prefix("BALLAST_META=")).expect("BALLAST_META in cluster.env");
     assert_eq!(meta.split(',').count(), 3);
+    let socket =
+        env.lines().find_map(|l| l.strip_prefix("BALLAST_CSI_SOCKET=")).expect("BALLAST_CSI_SOCKET in cluster.env");
+    let connected = std::os::unix::net::UnixStream::connect(socket);
+    assert!(connected.is_ok(), "the CSI plugin listens on {socket}: {connected:?}");
 
     let again = ballast(&["dev", "up", "--dir", dir_arg, "--storage", "0"], None);
     assert!(!again.status.success());

@@ -71,7 +71,13 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
     let paused = join_all(clients.values().map(|c| c.pause_volume(source.data_id, PAUSE_TIMEOUT))).await;
     let cloned = match paused.into_iter().zip(clients.keys()).find_map(|(r, a)| r.err().map(|e| (a.clone(), e))) {
         Some((address, source)) => Err(SnapshotError::Server { address, source }),
-        None => clone_chunks(&clients, &map, source.data_id, snapshot.data_id).await,
+        None => {
+            // Renew the pause while cloning, so many chunks take as long as they need.
+            let renewing = renew_pauses(clients.values().cloned().collect(), source.data_id);
+            let cloned = clone_chunks(&clients, &map, source.data_id, snapshot.data_id).await;
+            renewing.abort();
+            cloned
+        }
     };
     for client in clients.values() {
         // An unresumed server resumes by itself when the pause times out.
@@ -104,6 +110,16 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
     }
     let request = pb::CompleteSnapshotRequest { snapshot_id: snapshot.id.clone(), chunks };
     Ok(meta.complete_snapshot(request).await?)
+}
+
+/// Re-sends PAUSE every third of the pause timeout until aborted.
+fn renew_pauses(clients: Vec<DataClient>, volume: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PAUSE_TIMEOUT / 3).await;
+            join_all(clients.iter().map(|c| c.pause_volume(volume, PAUSE_TIMEOUT))).await;
+        }
+    })
 }
 
 /// Clones every chunk on the first replica that manages it; returns the
