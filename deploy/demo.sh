@@ -17,7 +17,7 @@ case "${1:-up}" in
     "$BIN/ballast" volume get demo >/dev/null 2>&1 ||
       "$BIN/ballast" volume create demo --size 256MiB --replicas 3 >/dev/null
     sock="$DEMO_DIR/demo.sock"
-    "$BIN/nbd-client" serve demo --listen "unix:$sock" 2>"$DEMO_DIR/logs/nbd-serve.log" &
+    setsid "$BIN/nbd-client" serve demo --listen "unix:$sock" </dev/null >/dev/null 2>"$DEMO_DIR/logs/nbd-serve.log" &
     echo $! >"$DEMO_DIR/nbd-serve.pid"
     for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
     echo "== volume 'demo' served at nbd+unix:///?socket=$sock; fio verify through it:"

@@ -20,13 +20,17 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     number.checked_mul(1 << shift).ok_or_else(|| SizeError(text.into()))
 }
 
+/// Bytes in the largest binary unit they reach: whole when exact, else
+/// with one decimal (`64MiB`, `1.5GiB`).
 pub fn format_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut unit = 0;
-    while unit + 1 < UNITS.len() && bytes >= 1 << (10 * (unit + 1)) && bytes.is_multiple_of(1 << (10 * (unit + 1))) {
-        unit += 1;
+    let unit = (0..UNITS.len()).rev().find(|u| bytes >= 1 << (10 * u)).unwrap_or(0);
+    let scale = 1u64 << (10 * unit);
+    if bytes.is_multiple_of(scale) {
+        format!("{}{}", bytes / scale, UNITS[unit])
+    } else {
+        format!("{:.1}{}", bytes as f64 / scale as f64, UNITS[unit])
     }
-    format!("{}{}", bytes >> (10 * unit), UNITS[unit])
 }
 
 #[cfg(test)]
@@ -43,7 +47,8 @@ mod tests {
         assert!(parse_size("5PB").is_err());
         assert!(parse_size("99999999999TiB").is_err());
         assert_eq!(format_size(64 << 20), "64MiB");
-        assert_eq!(format_size(1536 << 20), "1536MiB");
-        assert_eq!(format_size(4097), "4097B");
+        assert_eq!(format_size(1536 << 20), "1.5GiB");
+        assert_eq!(format_size(4097), "4.0KiB");
+        assert_eq!(format_size(0), "0B");
     }
 }
