@@ -50,14 +50,20 @@ pub struct UpOptions {
 }
 
 fn is_running(process: &Process) -> bool {
-    // A recycled pid runs some other program: compare the executable name.
-    fs::read(format!("/proc/{}/cmdline", process.pid))
-        .map(|cmdline| {
-            let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-            Path::new(std::str::from_utf8(argv0).unwrap_or_default()).file_name()
-                == Path::new(&process.binary).file_name()
-        })
-        .unwrap_or(false)
+    // Gone, or a zombie: not running.
+    let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", process.pid)) else {
+        return false;
+    };
+    if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    // Right after spawn the program is not loaded yet and the command line
+    // is empty; a recycled pid runs some other program.
+    argv0.is_empty()
+        || Path::new(std::str::from_utf8(argv0).unwrap_or_default()).file_name()
+            == Path::new(&process.binary).file_name()
 }
 
 fn read_state(dir: &Path) -> anyhow::Result<Option<ClusterState>> {

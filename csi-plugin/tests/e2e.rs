@@ -51,6 +51,15 @@ impl KubeletPaths {
     }
 }
 
+/// `cap` with extra mount flags.
+fn with_mount_flags(cap: &csi::VolumeCapability, flags: &[&str]) -> csi::VolumeCapability {
+    let mut cap = cap.clone();
+    if let Some(csi::volume_capability::AccessType::Mount(mount)) = cap.access_type.as_mut() {
+        mount.mount_flags.extend(flags.iter().map(|f| f.to_string()));
+    }
+    cap
+}
+
 /// The StorageClass parameters plus what the provisioner adds for a claim.
 fn storage_class(fs: Option<&str>, pv: &str) -> HashMap<String, String> {
     let mut parameters = params(&[
@@ -65,13 +74,17 @@ fn storage_class(fs: Option<&str>, pv: &str) -> HashMap<String, String> {
     parameters
 }
 
-/// The identity calls every sidecar makes first.
+/// The identity calls every sidecar makes first: plugin info, then Probe
+/// until the plugin is ready.
 async fn identity_ready(t: &ClusterHarness) {
     let mut identity = t.plugin.identity().await;
     let info = identity.get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.name, "csi.ballast.io");
-    let probe = identity.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
-    assert_ne!(probe.ready, Some(false), "the plugin is not ready");
+    let started = Instant::now();
+    while identity.probe(csi::ProbeRequest {}).await.expect("Probe").into_inner().ready == Some(false) {
+        assert!(started.elapsed() < Duration::from_secs(30), "the plugin is not ready after 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let node = t.plugin.node().await.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(node.node_id, NODE);
 }
@@ -237,14 +250,83 @@ async fn filesystem_volume_end_to_end(fs: &str, tools: &[&str]) {
         .expect("NodePublishVolume again");
     assert_files(target);
 
-    // ==== SNAPSHOTS: placeholder =========================================
-    // To be filled in together with real snapshot data copying:
-    // CreateSnapshot of this volume (the files above are its content),
-    // CreateVolume from the snapshot, publish, stage and publish that
-    // volume elsewhere, its files equal payload(), write to it without
-    // changing this volume, then unpublish, unstage, delete it and
-    // DeleteSnapshot, and check that the snapshot's chunks go as well.
-    // ==== end of SNAPSHOTS ===============================================
+    // The snapshotter: CreateSnapshot of the volume in use. The pod's
+    // writes must reach the device first (an application would fsync).
+    assert!(Command::new("sync").arg("-f").arg(target).status().unwrap().success());
+    let snap = c
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: volume.volume_id.clone(),
+            name: format!("snap-{pv}"),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use, "{snap:?}");
+    let snap_record = t
+        .meta
+        .list_snapshots(pb::ListSnapshotsRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .snapshots
+        .pop()
+        .unwrap();
+    assert_chunks_everywhere(&t, snap_record.data_id);
+    // Written after the snapshot: never in it.
+    std::fs::write(target.join("after-snapshot.txt"), b"later\n").unwrap();
+    assert!(Command::new("sync").arg("-f").arg(target).status().unwrap().success());
+
+    // The provisioner: a volume from the snapshot, used beside the original.
+    let restored_pv = format!("{pv}-restored");
+    let restored = c
+        .create_volume(csi::CreateVolumeRequest {
+            name: restored_pv.clone(),
+            capacity_range: range(512 * MIB, 0),
+            volume_capabilities: vec![cap.clone()],
+            parameters: storage_class(Some(fs), &restored_pv),
+            volume_content_source: Some(csi::VolumeContentSource {
+                r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolume from the snapshot")
+        .into_inner()
+        .volume
+        .unwrap();
+    let restored_data_id = t.meta_volume(&restored.volume_id).await.data_id;
+    // A block copy carries the filesystem's UUID; xfs refuses a duplicate
+    // UUID on one host unless told otherwise.
+    let restored_cap = if fs == "xfs" { with_mount_flags(&cap, &["nouuid"]) } else { cap.clone() };
+    let restored_paths = KubeletPaths::filesystem(&t, &restored_pv);
+    let restored_ctx = t.publish(&restored, &restored_cap).await;
+    n.node_stage_volume(stage_request(&restored, &restored_paths.staging, &restored_cap, &restored_ctx))
+        .await
+        .expect("NodeStageVolume of the restored volume");
+    n.node_publish_volume(publish_request(
+        &restored,
+        &restored_paths.staging,
+        &restored_paths.target,
+        &restored_cap,
+        false,
+    ))
+    .await
+    .expect("NodePublishVolume of the restored volume");
+    assert_files(&restored_paths.target);
+    assert!(!restored_paths.target.join("after-snapshot.txt").exists(), "later writes are not in the snapshot");
+    std::fs::write(restored_paths.target.join("restored-only.txt"), b"mine\n").unwrap();
+    assert!(!target.join("restored-only.txt").exists(), "writes to the restored volume stay there");
+    n.node_unpublish_volume(unpublish_request(&restored.volume_id, &restored_paths.target)).await.unwrap();
+    n.node_unstage_volume(unstage_request(&restored.volume_id, &restored_paths.staging)).await.unwrap();
+    unpublish_and_delete(&t, &restored, restored_data_id).await;
+    c.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() })
+        .await
+        .expect("DeleteSnapshot");
+    assert_chunks_deleted(&t, snap_record.data_id).await;
 
     // The resizer: ControllerExpandVolume; then the kubelet:
     // NodeExpandVolume on the published path.

@@ -464,3 +464,58 @@ async fn ephemeral_inline_volumes_live_as_long_as_their_publication() {
     assert_eq!(t.meta.get_volume(by_name()).await.unwrap_err().code(), Code::NotFound);
     assert!(t.mapping(&meta_volume.id).is_none(), "{:?}", t.mapped());
 }
+
+#[tokio::test]
+async fn a_dead_serving_process_is_reported_and_replaced_by_staging_again() {
+    if !attach_possible(&[]) {
+        return;
+    }
+    let t = ClusterHarness::start().await;
+    let mut n = t.plugin.node().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let volume = t.create("crash", cap.clone(), Some(64 * MIB), &[]).await;
+    let ctx = t.publish(&volume, &cap).await;
+    let staging = t.path("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = t.path("pods/c/dev/crash");
+    n.node_stage_volume(stage_request(&volume, &staging, &cap, &ctx)).await.unwrap();
+    n.node_publish_volume(publish_request(&volume, &staging, &target, &cap, false)).await.unwrap();
+    let pattern: Vec<u8> = (0..256 * 1024).map(|i| (i % 241) as u8).collect();
+    write_at(&target, 8 * MIB as u64, &pattern);
+
+    let stats = || csi::NodeGetVolumeStatsRequest {
+        volume_id: volume.volume_id.clone(),
+        volume_path: target.to_str().unwrap().into(),
+        staging_target_path: String::new(),
+    };
+    let healthy = n.node_get_volume_stats(stats()).await.unwrap().into_inner().volume_condition.unwrap();
+    assert!(!healthy.abnormal, "{}", healthy.message);
+
+    // The process serving the device dies.
+    let mapping = t.mapping(&volume.volume_id).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(mapping.pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    while Path::new(&format!("/proc/{}/cmdline", mapping.pid)).exists()
+        && !std::fs::read(format!("/proc/{}/cmdline", mapping.pid)).unwrap_or_default().is_empty()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!t.mapping(&volume.volume_id).unwrap().served);
+    let condition = n.node_get_volume_stats(stats()).await.unwrap().into_inner().volume_condition.unwrap();
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(condition.message.contains("has exited"), "{}", condition.message);
+
+    // The kubelet tears down and sets up again: a new serving process,
+    // the data as written.
+    n.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
+    assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
+    n.node_stage_volume(stage_request(&volume, &staging, &cap, &ctx)).await.unwrap();
+    n.node_publish_volume(publish_request(&volume, &staging, &target, &cap, false)).await.unwrap();
+    let replaced = t.mapping(&volume.volume_id).unwrap();
+    assert!(replaced.served && replaced.pid != mapping.pid, "{replaced:?}");
+    assert!(read_at(&target, 8 * MIB as u64, pattern.len()) == pattern, "the data survives its server");
+    let condition = n.node_get_volume_stats(stats()).await.unwrap().into_inner().volume_condition.unwrap();
+    assert!(!condition.abnormal, "{}", condition.message);
+    n.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
+}

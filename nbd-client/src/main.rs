@@ -248,7 +248,8 @@ async fn map(args: VolumeArgs, method: Method, state_dir: PathBuf) -> anyhow::Re
             return Ok(());
         }
     }
-    let log = std::fs::File::create(state.log_path(&info.id))?;
+    // Appended to: after a crash, the predecessor's log explains it.
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(state.log_path(&info.id))?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
         .args(["serve-device", &info.id, "--meta", &args.meta, "--node-id", &args.node_id])

@@ -17,6 +17,9 @@
 //! (but not before `--min-secs`). Prints `LOADGEN key=value ...` as its last
 //! line; exits 1 when any I/O failed or any block read back wrong.
 
+// `is_multiple_of` is newer than the workspace's minimum Rust (1.85).
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
+
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -197,7 +200,7 @@ impl Stats {
             println!("slow {what}: {:.3} s at t={:.3}", took.as_secs_f64(), self.at(began));
         }
         self.longest.push((took, self.at(began), what));
-        self.longest.sort_by(|a, b| b.0.cmp(&a.0));
+        self.longest.sort_by_key(|l| std::cmp::Reverse(l.0));
         self.longest.truncate(3);
     }
 

@@ -11,7 +11,7 @@
 # (QEMU's shared libraries, cpio) with apt-get.
 #
 # Environment:
-#   VM_TIMEOUT=secs   wall-clock limit for the VM (default 540)
+#   VM_TIMEOUT=secs   wall-clock limit for the VM (default 420)
 #   VM_ONLY=a,b       scenarios to run (default all): basic-netlink,
 #                     basic-ioctl, identity, restart-sigkill, restart-sigterm,
 #                     storage-kill, csi-node
@@ -29,7 +29,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$ROOT/tests/vm
 CACHE=${VM_CACHE:-$ROOT/.cache/vm}
-TIMEOUT=${VM_TIMEOUT:-540}
+TIMEOUT=${VM_TIMEOUT:-420}
 ONLY=${VM_ONLY:-all}
 LOAD_SECS=${VM_LOAD_SECS:-6}
 BIN_DIR=${VM_BIN_DIR:-$ROOT/target/release}
@@ -68,7 +68,14 @@ ensure_packages() {
     say "apt-get install ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
+cached() { ls "$CACHE/debs/$1"_*.deb >/dev/null 2>&1; }
+# apt_update_for PACKAGE...: `apt-get update` once (in this shell) if any of them is not cached yet.
+apt_update_for() {
+    local p
+    for p in "$@"; do cached "$p" || { apt_update; return 0; }; done
+}
 # download PACKAGE: the newest cached .deb of PACKAGE, fetched with `apt-get download` if there is none.
+# (Called in $(...): run apt_update_for first, a subshell's apt_updated does not come back.)
 download() {
     local deb
     deb=$(ls "$CACHE/debs/$1"_*.deb 2>/dev/null | sort -V | tail -n1 || true)
@@ -89,9 +96,10 @@ ensure_packages cpio e2fsprogs util-linux binutils xz-utils
 # bookworm packages instead and install only the shared libraries qemu-system-x86 depends on
 # (qemu-system-common is needed for its TCG accelerator module only).
 QDIR=$CACHE/qemu
+apt_update_for qemu-system-x86 qemu-system-common qemu-system-data seabios busybox-static
 if [ ! -x "$QDIR/usr/bin/qemu-system-x86_64" ]; then
     rm -rf "$QDIR.tmp"; mkdir -p "$QDIR.tmp"
-    for p in qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu; do dpkg-deb -x "$(download $p)" "$QDIR.tmp"; done
+    for p in qemu-system-x86 qemu-system-common qemu-system-data seabios; do dpkg-deb -x "$(download $p)" "$QDIR.tmp"; done
     rm -rf "$QDIR"; mv "$QDIR.tmp" "$QDIR"
 fi
 qemu_libs=$(dpkg-deb -f "$(download qemu-system-x86)" Depends | tr ',' '\n' | sed -E 's/^ *([^ (|]+).*/\1/' | grep '^lib')
@@ -106,7 +114,10 @@ fi
 
 # ---------------------------------------------------------------- kernel + modules
 MODULES=(nbd virtio_pci virtio_blk virtio-rng crc32c_generic ext4)
-kdeb=$(ls "$CACHE"/debs/linux-image-*-amd64_*.deb 2>/dev/null | grep -v unsigned | sort -V | tail -n1 || true)
+kdeb=
+for deb in "$CACHE"/debs/linux-image-*-amd64_*.deb; do
+    case "$deb" in *unsigned*) ;; *) [ -f "$deb" ] && kdeb=$deb ;; esac # normally just one
+done
 if [ -z "$kdeb" ]; then
     apt_update
     kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
@@ -174,10 +185,14 @@ fi
 CSI_CLIENT=$ROOT/target/release/csi-client
 if [ "${VM_BUILD:-1}" != 0 ] || [ ! -x "$CSI_CLIENT" ]; then
     src=$CACHE/csi-client
-    rm -rf "$src"; mkdir -p "$src"
-    cp -r "$HERE/csi-client/Cargo.toml" "$HERE/csi-client/src" "$src/"
-    sed -i "s#path = \"../../../proto\"#path = \"$ROOT/proto\"#" "$src/Cargo.toml"
-    cp "$ROOT/Cargo.lock" "$src/"
+    mkdir -p "$src/src"
+    # Copied keeping timestamps, and only what changed: cargo then rebuilds nothing needlessly.
+    update() { cmp -s "$1" "$2" || cp -p "$1" "$2"; }
+    update "$HERE/csi-client/src/main.rs" "$src/src/main.rs"
+    sed "s#path = \"../../../proto\"#path = \"$ROOT/proto\"#" "$HERE/csi-client/Cargo.toml" > "$src/Cargo.toml.new"
+    update "$src/Cargo.toml.new" "$src/Cargo.toml"
+    rm -f "$src/Cargo.toml.new"
+    update "$ROOT/Cargo.lock" "$src/Cargo.lock"
     say "cargo build --release tests/vm/csi-client"
     CARGO_TARGET_DIR=$ROOT/target cargo build --release --manifest-path "$src/Cargo.toml"
 fi
@@ -238,7 +253,7 @@ say "booting: $SMP vCPUs, $MEM MiB, TCG, timeout ${TIMEOUT}s"
 tail -n +1 -f "$LOG" &
 TAILPID=$!
 t_boot=$(date +%s)
-timeout -k 5 "$TIMEOUT" "$QEMU" -L "$QDIR/usr/share/qemu" -L "$QDIR/usr/share/seabios" -L "$QDIR/usr/lib/ipxe/qemu" \
+timeout -k 5 "$TIMEOUT" "$QEMU" -L "$QDIR/usr/share/qemu" -L "$QDIR/usr/share/seabios" \
     -accel tcg,thread=multi -cpu max -M q35 -smp "$SMP" -m "$MEM" \
     -display none -monitor none -serial "file:$LOG" -no-reboot -nic none \
     -kernel "$KIMG" -initrd "$WORK/initramfs.cpio" -append "$APPEND" \

@@ -103,16 +103,16 @@ pub struct ClusterHarness {
 
 impl ClusterHarness {
     /// A cluster of 3 metadata members and 3 chunk servers, and the plugin
-    /// in `all` mode serving node [`NODE`].
+    /// in `all` mode serving node [`NODE`]. (The cluster runs a plugin of
+    /// its own for node `dev-node`; the tests drive theirs, whose flags,
+    /// state directories and log they control.)
     pub async fn start() -> Self {
         for binary in ["meta-raft", "storage-server"] {
             workspace_binary(binary);
         }
         let nbd_client = workspace_binary("nbd-client");
         let dir = tempfile::tempdir().expect("temp dir");
-        let cluster = DevCluster::start(&dir.path().join("cluster"), 3, 3)
-            .await
-            .unwrap_or_else(|e| panic!("starting a local cluster: {e:#}"));
+        let cluster = start_cluster(dir.path()).await;
         let meta = cluster.meta();
         let nbd_state = dir.path().join("nbd");
         let state = dir.path().join("state");
@@ -215,19 +215,42 @@ impl ClusterHarness {
             })
             .collect()
     }
+}
 
-    /// Prints the serving processes' logs (they live in the temporary
-    /// directory, which is about to go).
-    fn print_logs(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.nbd_state) else { return };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                eprintln!("--- nbd-client serving log {} (last 40 lines) ---\n{}", path.display(), tail.join("\n"));
+/// How many times a cluster start is tried.
+const CLUSTER_ATTEMPTS: usize = 3;
+
+/// Starts a local cluster under `dir`. The ports of its processes are
+/// picked free and bound a moment later, so a test running in parallel
+/// may take one first: a failed start is reported (with its logs) and
+/// tried again in a fresh directory.
+async fn start_cluster(dir: &Path) -> DevCluster {
+    let mut failures = Vec::new();
+    for attempt in 1..=CLUSTER_ATTEMPTS {
+        let cluster_dir = dir.join(if attempt == 1 { "cluster".into() } else { format!("cluster-{attempt}") });
+        match DevCluster::start(&cluster_dir, 3, 3).await {
+            Ok(cluster) => return cluster,
+            Err(e) => {
+                eprintln!("starting a local cluster in {} failed: {e:#}", cluster_dir.display());
+                print_logs(&cluster_dir.join("logs"), 20);
+                failures.push(format!("{e:#}"));
             }
+        }
+    }
+    panic!("starting a local cluster failed {CLUSTER_ATTEMPTS} times: {}", failures.join("; "));
+}
+
+/// Prints the last `lines` lines of every `*.log` in `dir` (they live in
+/// the temporary directory, which is about to go).
+fn print_logs(dir: &Path, lines: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("--- {} (last {lines} lines) ---\n{}", path.display(), tail.join("\n"));
         }
     }
 }
@@ -235,7 +258,8 @@ impl ClusterHarness {
 impl Drop for ClusterHarness {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.print_logs();
+            // The serving processes' logs.
+            print_logs(&self.nbd_state, 40);
         }
         release(self.dir.path(), &self.nbd_client, &self.nbd_state);
     }

@@ -88,8 +88,10 @@ pub struct AttachOptions {
     pub index: Option<u32>,
     /// Connections (and kernel queues) per nbd device.
     pub connections: usize,
-    /// Kernel per-request timeout; `None` means requests never time out and
-    /// simply wait, which is what lets a restart go unnoticed.
+    /// Kernel per-request timeout; `None` keeps the kernel's default (30 s).
+    /// With several connections a timed-out request is requeued rather than
+    /// failed, which is also how requests stranded on the connections of a
+    /// crashed serving process reach its successor.
     pub io_timeout: Option<Duration>,
     /// How long the kernel keeps requests while every connection is dead,
     /// waiting for [`reconnect`]. Netlink only.
