@@ -54,8 +54,19 @@ async fn add_a_learner_promote_it_and_remove_a_member() {
 
     let status = admin(&meta, &["set-voters", "--voters", "1,2,3,4"]);
     assert_eq!(member4(&status[0]).unwrap()["voter"], true);
-    let learner_view = client.member_status(&address).await.unwrap();
-    assert!(learner_view.applied_index >= 2, "the new member replicated the log: {learner_view:?}");
+    // "Caught up" for openraft means within its replication lag threshold,
+    // so the new member may still be starting: wait for it to apply the log.
+    let mut learner_view = None;
+    for _ in 0..100 {
+        match client.member_status(&address).await {
+            Ok(status) if status.applied_index >= 2 => {
+                learner_view = Some(status);
+                break;
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    assert!(learner_view.is_some(), "the new member replicated the log within 10 s");
 
     let status = admin(&meta, &["remove", "--id", "1"]);
     let ids: Vec<u64> = status[0]["members"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect();
