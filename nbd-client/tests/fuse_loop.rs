@@ -7,79 +7,19 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::FutureExt;
 use nbd_client::attach::{self, AttachError, AttachKind, AttachMethod, AttachOptions, AttachedDevice, VOLUME_FILE};
-use nbd_client::{BlockExport, ExportError};
 use rand::RngCore;
 use tempfile::TempDir;
 
+mod common;
+
 const MIB: u64 = 1024 * 1024;
 
-// ---------------------------------------------------------------------------
-// TEST EXPORT: in-memory stand-in for the volume engine. Not production code.
-// ---------------------------------------------------------------------------
-
-struct TestMemExport {
-    data: RwLock<Vec<u8>>,
-    flushes: AtomicU64,
-    trims: AtomicU64,
-}
-
-impl TestMemExport {
-    fn new(size: u64) -> Arc<Self> {
-        Arc::new(Self {
-            data: RwLock::new(vec![0; size as usize]),
-            flushes: AtomicU64::new(0),
-            trims: AtomicU64::new(0),
-        })
-    }
-
-    fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, ExportError> {
-        let size = self.data.read().unwrap().len() as u64;
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(offset as usize..end as usize),
-            _ => Err(ExportError::OutOfRange { offset, len }),
-        }
-    }
-}
-
-impl BlockExport for TestMemExport {
-    fn size(&self) -> u64 {
-        self.data.read().unwrap().len() as u64
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
-        let range = self.range(offset, len.into())?;
-        Ok(Bytes::copy_from_slice(&self.data.read().unwrap()[range]))
-    }
-
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ExportError> {
-        let range = self.range(offset, data.len() as u64)?;
-        self.data.write().unwrap()[range].copy_from_slice(&data);
-        Ok(())
-    }
-
-    async fn flush(&self) -> Result<(), ExportError> {
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> Result<(), ExportError> {
-        self.trims.fetch_add(1, Ordering::Relaxed);
-        self.write_zeroes(offset, len, false).await
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u32, _fua: bool) -> Result<(), ExportError> {
-        let range = self.range(offset, len.into())?;
-        self.data.write().unwrap()[range].fill(0);
-        Ok(())
-    }
-}
+use common::mem_export::TestMemExport;
 
 // ---------------------------------------------------------------------------
 // Harness
@@ -263,7 +203,7 @@ async fn scenario(env: &mut Env) {
     assert!(!Path::new(&format!("/sys/block/loop{loop_index}/loop/backing_file")).exists());
     assert!(!fuse_dir.exists(), "FUSE mount point left behind");
     // The export itself now holds an ext4 file system (magic 0xEF53 at 1080).
-    assert_eq!(&export.data.read().unwrap()[1080..1082], &[0x53, 0xef]);
+    assert_eq!(&export.snapshot()[1080..1082], &[0x53, 0xef]);
 
     // Attach the same export again: the files are intact.
     let device = env.device.insert(attach::attach(export.clone(), env.options()).await.expect("re-attach"));
