@@ -78,16 +78,6 @@ async fn main() -> anyhow::Result<()> {
         nbd_state_dir: args.nbd_state_dir,
         state_dir: args.state_dir,
     };
-    csi_plugin::serve(config, shutdown_signal()).await?;
+    csi_plugin::serve(config, ballast_telemetry::shutdown_signal()).await?;
     Ok(())
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-    }
 }

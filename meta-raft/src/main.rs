@@ -114,16 +114,6 @@ fn parse_members(list: &str) -> anyhow::Result<Vec<(u64, String)>> {
         .collect()
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
-    tracing::info!("shutdown requested");
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ballast_telemetry::init_tracing(args.log_format);
     if let Some(addr) = args.metrics_addr {
@@ -143,7 +133,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         snapshot_every: args.snapshot_every,
         keep_logs: args.keep_logs,
     };
-    meta_raft::run(config, shutdown_signal()).await?;
+    meta_raft::run(config, ballast_telemetry::shutdown_signal()).await?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ballast_proto::meta::cluster_server::ClusterServer;
 use ballast_proto::meta::meta_server::MetaServer;
@@ -19,6 +20,9 @@ use crate::network::{PeerNetwork, RaftService};
 use crate::service::MetaService;
 use crate::types::{NodeId, Raft};
 use crate::{metrics, store};
+
+/// How long calls in flight may take to finish after a shutdown request.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How to run a member.
 #[derive(Clone, Debug)]
@@ -86,12 +90,32 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
         bootstrap(&raft, &config.bootstrap).await;
     }
 
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    };
     let server = tonic::transport::Server::builder()
         .add_service(RaftServer::new(RaftService::new(raft.clone())).max_decoding_message_size(usize::MAX))
         .add_service(MetaServer::new(MetaService::new(raft.clone(), shared)))
         .add_service(ClusterServer::new(ClusterService::new(raft.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
-    let result = server.await;
+    // Graceful shutdown waits for every connection to close, and peers and
+    // clients keep theirs open: give calls in flight a moment, no more.
+    let grace = async {
+        if stopped.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        result = server => result,
+        _ = grace => {
+            tracing::info!(id = config.id, "connections still open after {SHUTDOWN_GRACE:?}; closing them");
+            Ok(())
+        }
+    };
     tracing::info!(id = config.id, "stopping raft");
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

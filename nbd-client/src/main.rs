@@ -152,16 +152,10 @@ async fn serve(args: VolumeArgs, listen: String) -> anyhow::Result<()> {
             }
         })
     };
-    let mut term = signal(SignalKind::terminate())?;
     let mut serving = serving;
     tokio::select! {
         result = &mut serving => result??,
-        _ = term.recv() => {
-            tracing::info!("SIGTERM: finishing requests in flight");
-            server.shutdown();
-            serving.await??;
-        }
-        _ = tokio::signal::ctrl_c() => {
+        _ = ballast_telemetry::shutdown_signal() => {
             server.shutdown();
             serving.await??;
         }

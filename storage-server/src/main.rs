@@ -5,7 +5,6 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use storage_server::config::ServeArgs;
-use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(name = "storage-server", version, about = "Ballast chunk server")]
@@ -40,12 +39,7 @@ async fn main() -> anyhow::Result<()> {
     writeln!(stdout, "{line}")?;
     stdout.flush()?;
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    ballast_telemetry::shutdown_signal().await;
     server.shutdown().await.context("shutting down")?;
     Ok(())
 }

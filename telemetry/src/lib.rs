@@ -3,6 +3,7 @@
 //! - [`init_tracing`]: human or JSON logs, filtered by `RUST_LOG`.
 //! - [`serve_metrics`]: a Prometheus `/metrics` endpoint for the default
 //!   registry, which every crate registers its metrics into.
+//! - [`shutdown_signal`]: completes when the daemon is asked to stop.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -70,6 +71,17 @@ fn render() -> Response<Full<Bytes>> {
         .header("content-type", encoder.format_type())
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
+}
+
+/// Completes on SIGTERM or SIGINT: the signals a daemon stops gracefully on.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
 }
 
 /// Latency buckets in seconds, from 10 µs to 10 s, for request histograms.
