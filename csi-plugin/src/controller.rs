@@ -238,11 +238,24 @@ impl ControllerService {
         let cap = capability::check(req.volume_capability.as_ref().ok_or(CsiError::Missing("volume_capability"))?)?;
         let readonly = req.readonly || cap.read_only_mode();
         let _guard = self.inflight.claim(req.volume_id.clone())?;
-        if self.local_node.as_ref().is_some_and(|local| *local != req.node_id) {
-            // Check the volume first: an unknown volume is NotFound too,
-            // but should say so.
-            self.get_volume(&req.volume_id).await?;
-            return Err(CsiError::not_found(format!("node {} is not served by this plugin", req.node_id)));
+        match &self.local_node {
+            Some(local) if *local != req.node_id => {
+                // Check the volume first: an unknown volume is NotFound too,
+                // but should say so.
+                self.get_volume(&req.volume_id).await?;
+                return Err(CsiError::not_found(format!("node {} is not served by this plugin", req.node_id)));
+            }
+            Some(_) => {}
+            None => {
+                self.get_volume(&req.volume_id).await?;
+                let node = pb::GetNodeRequest { node_id: req.node_id.clone() };
+                if found(self.meta.get_node(node).await)?.is_none() {
+                    return Err(CsiError::not_found(format!(
+                        "node {} is unknown: no Ballast node plugin registered it",
+                        req.node_id
+                    )));
+                }
+            }
         }
         let attachment = self
             .meta

@@ -46,11 +46,11 @@ impl IdentityService {
         if self.topology {
             caps.push(service(service::Type::VolumeAccessibilityConstraints));
         }
-        // Offline: a mapped device cannot grow yet, so a volume takes its new
-        // size when it is next staged.
+        // Online: NodeExpandVolume grows the mapped device and the mounted
+        // filesystem on it.
         caps.push(csi::PluginCapability {
             r#type: Some(csi::plugin_capability::Type::VolumeExpansion(csi::plugin_capability::VolumeExpansion {
-                r#type: volume_expansion::Type::Offline as i32,
+                r#type: volume_expansion::Type::Online as i32,
             })),
         });
         caps

@@ -10,11 +10,13 @@
 //!
 //! - [`attach`]: the `nbd-client` contract.
 //! - [`mounts`]: the mount table and the mount syscalls.
+//! - [`registration`]: announcing the node to the metadata service.
 //! - [`state`]: the per-volume state files.
 //! - [`tools`]: blkid, mkfs, resize2fs, xfs_growfs.
 
 pub mod attach;
 pub mod mounts;
+pub mod registration;
 pub mod state;
 pub mod tools;
 
@@ -615,20 +617,15 @@ impl NodeService {
         let cap = req.volume_capability.as_ref().map(capability::check).transpose()?;
         let staged = self.locate(volume_id, path)?;
         let _guard = self.inflight.claim(volume_id)?;
-        let size = device_size(&staged.device)?;
         let wanted = req.capacity_range.as_ref().map_or(0, |r| r.required_bytes.max(0) as u64);
+        // The device takes the volume's size in metadata, which
+        // ControllerExpandVolume set; a device that has it already stays.
+        self.nbd.resize(&staged.meta_volume_id, &self.meta_list()).await?;
+        let size = device_size(&staged.device)?;
         if size < wanted {
-            // nbd-client keeps the size a volume had when it was mapped: no
-            // attach method grows a mapped device yet. A new attachment
-            // (unstage, stage) has the new size, and this call then works.
-            let method = match self.nbd.find(&staged.meta_volume_id).await {
-                Ok(Some(m)) => m.method.unwrap_or_else(|| "nbd-client".into()),
-                _ => "nbd-client".into(),
-            };
-            return Err(CsiError::Unavailable(format!(
-                "{} is {size} bytes, not yet the {wanted} requested: the attached device ({method}) has not \
-                 grown, and nbd-client cannot grow a mapped device; it gets the new size when the volume is \
-                 staged again",
+            return Err(CsiError::precondition(format!(
+                "{} is {size} bytes after growing it to the volume's size, less than the {wanted} requested: \
+                 expand the volume (ControllerExpandVolume) first",
                 staged.device.display()
             )));
         }

@@ -160,7 +160,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
         ))),
         _ => None,
     };
-    if node.is_some() {
+    if let (true, Some(node_id)) = (node.is_some(), &node_id) {
+        let request = crate::node::registration::request(node_id, config.max_volumes, &config.topology);
+        crate::node::registration::register(meta.clone(), request).await;
         match nbd.binary() {
             Ok(binary) => tracing::info!(nbd_client = %binary.display(), "attaching volumes with nbd-client"),
             Err(err) => tracing::warn!("{err}; volumes cannot be staged until it is installed"),

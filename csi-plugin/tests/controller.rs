@@ -293,6 +293,14 @@ async fn publish_unpublish_and_delete() {
     req.volume_id = "vol-ffff".into();
     assert_eq!(code(c.controller_publish_volume(req).await), Code::NotFound);
 
+    // Nodes exist once their node plugin registered them.
+    let err = c.controller_publish_volume(publish("n1", false)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("node n1"), "{}", err.message());
+    for node in ["n1", "n2", "r1", "r2"] {
+        h.register_node(node, if node == "n1" { 1 } else { 0 }).await;
+    }
+
     // Publish: the epoch and the volume in the context; idempotent.
     let first = c.controller_publish_volume(publish("n1", false)).await.unwrap().into_inner().publish_context;
     assert_eq!(first["volumeId"], vol.volume_id);
@@ -312,6 +320,11 @@ async fn publish_unpublish_and_delete() {
         .unwrap()
         .into_inner();
     assert_eq!(got.status.unwrap().published_node_ids, vec!["n1".to_string()]);
+    // n1 holds one volume at most (its --max-volumes).
+    let other = c.create_volume(create_request("pub-2", GIB)).await.unwrap().into_inner().volume.unwrap();
+    let mut req = publish("n1", false);
+    req.volume_id = other.volume_id.clone();
+    assert_eq!(code(c.controller_publish_volume(req).await), Code::ResourceExhausted);
     let delete = csi::DeleteVolumeRequest { volume_id: vol.volume_id.clone(), ..Default::default() };
     assert_eq!(code(c.delete_volume(delete.clone()).await), Code::FailedPrecondition);
 
@@ -434,6 +447,7 @@ async fn list_volumes_paginates_with_published_nodes_and_condition() {
                 .volume_id,
         );
     }
+    h.register_node("n1", 0).await;
     c.controller_publish_volume(csi::ControllerPublishVolumeRequest {
         volume_id: ids[3].clone(),
         node_id: "n1".into(),

@@ -346,20 +346,8 @@ async fn filesystem_volume_end_to_end(fs: &str, tools: &[&str]) {
     assert_eq!(t.meta_volume(&volume.volume_id).await.size_bytes, grown as u64);
     let before = df_size(target);
     assert!(before < 512 * MIB, "df shows {before} bytes");
-    // A mapped device keeps the size it was mapped with: nbd-client cannot
-    // grow it (no attach method can yet), so online growth is UNAVAILABLE
-    // (the kubelet retries) and df is unchanged.
-    let err = n.node_expand_volume(expand_request(&volume, target, grown, &cap)).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("cannot grow a mapped device"), "{}", err.message());
-    assert_eq!(df_size(target), before);
-    // Attached anew (the pod restarted) the device has the new size, and
-    // NodeExpandVolume grows the mounted filesystem to fill it.
-    n.node_unpublish_volume(unpublish_request(&volume.volume_id, target)).await.unwrap();
-    n.node_unstage_volume(unstage_request(&volume.volume_id, staging)).await.unwrap();
-    n.node_stage_volume(stage_request(&volume, staging, &cap, &ctx)).await.unwrap();
-    n.node_publish_volume(publish_request(&volume, staging, target, &cap, false)).await.unwrap();
-    assert_eq!(device_bytes(&t.mapping(&volume.volume_id).unwrap().device), grown);
+    // Online: the device grows under the mounted filesystem, then the
+    // filesystem grows to fill it.
     if fs == "ext4" && !has_capability(CAP_SYS_RESOURCE) {
         // resize2fs on a mounted ext4 needs CAP_SYS_RESOURCE; the xfs
         // variant checks df here.
@@ -372,6 +360,7 @@ async fn filesystem_volume_end_to_end(fs: &str, tools: &[&str]) {
         let after = df_size(target);
         assert!(after > 900 * MIB, "df shows {after} bytes after growing to {grown}");
     }
+    assert_eq!(device_bytes(&t.mapping(&volume.volume_id).unwrap().device), grown);
     assert_files(target);
 
     // Teardown: the pod goes, then the claim.

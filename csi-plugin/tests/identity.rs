@@ -57,7 +57,7 @@ async fn controller_identity_reports_name_capabilities_and_real_readiness() {
 
     let caps = identity.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
     assert_eq!(services(&caps), vec![service::Type::ControllerService, service::Type::VolumeAccessibilityConstraints]);
-    assert_eq!(expansion(&caps), vec![volume_expansion::Type::Offline]);
+    assert_eq!(expansion(&caps), vec![volume_expansion::Type::Online]);
 
     let probe = identity.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
@@ -106,7 +106,7 @@ async fn node_identity_needs_the_attach_tool() {
     let mut identity = plugin.identity().await;
     let caps = identity.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
     assert!(services(&caps).is_empty(), "a node plugin offers no controller service");
-    assert_eq!(expansion(&caps), vec![volume_expansion::Type::Offline]);
+    assert_eq!(expansion(&caps), vec![volume_expansion::Type::Online]);
     assert_eq!(code(identity.probe(csi::ProbeRequest {}).await), tonic::Code::FailedPrecondition);
 
     let fake = dir.path().join("nbd-client");

@@ -147,6 +147,10 @@ async fn filesystem_volume_lifecycle() {
     }
     let t = ClusterHarness::start().await;
     let mut n = t.plugin.node().await;
+    // A plugin whose socket is up has registered its node and limit.
+    let registered = t.meta.get_node(pb::GetNodeRequest { node_id: NODE.into() }).await.expect("node registered");
+    assert_eq!(registered.max_volumes, 16);
+    assert_eq!(registered.topology["topology.ballast.io/cluster"], "test");
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let volume = t.create("fs", cap.clone(), None, &[]).await;
     let staging = t.path("staging");
@@ -213,10 +217,14 @@ async fn filesystem_volume_lifecycle() {
     };
     assert_eq!(code(n.node_get_volume_stats(not_here).await), Code::NotFound);
 
-    // Expansion: the volume grows in metadata, but a mapped device keeps
-    // the size it was mapped with (nbd-client cannot grow it), so the node
-    // step is UNAVAILABLE, saying why.
+    // Expansion. Before the volume grew in metadata the node cannot grow
+    // it, and says why; after ControllerExpandVolume the mapped device
+    // grows under the mounted filesystem, and then the filesystem.
     let grown = 1024 * MIB;
+    let err = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("ControllerExpandVolume"), "{}", err.message());
+    assert_eq!(device_bytes(&device), 512 * MIB);
     let mut c = t.plugin.controller().await;
     let reply = c
         .controller_expand_volume(csi::ControllerExpandVolumeRequest {
@@ -228,10 +236,21 @@ async fn filesystem_volume_lifecycle() {
         .unwrap()
         .into_inner();
     assert!(reply.node_expansion_required);
-    let err = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("cannot grow a mapped device"), "{}", err.message());
-    assert_eq!(device_bytes(&device), 512 * MIB, "the mapped device keeps its size");
+    if has_capability(CAP_SYS_RESOURCE) {
+        let expanded = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap().into_inner();
+        assert_eq!(expanded.capacity_bytes, grown);
+        assert!(df_size(&target) > 900 * MIB, "df shows {} bytes", df_size(&target));
+        let again = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap().into_inner();
+        assert_eq!(again.capacity_bytes, grown, "NodeExpandVolume is idempotent");
+    } else {
+        // resize2fs on a mounted ext4 needs CAP_SYS_RESOURCE; the xfs test
+        // covers filesystem growth here.
+        eprintln!("skipping online ext4 growth: no CAP_SYS_RESOURCE here");
+        let err = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap_err();
+        assert!(err.message().contains("resize2fs"), "{err:?}");
+    }
+    assert_eq!(device_bytes(&device), grown, "the mapped device grew");
+    assert_eq!(std::fs::read(target.join("precious")).unwrap(), b"data");
 
     // Unstaging while published is refused; unpublish, then unstage.
     assert_eq!(
@@ -250,23 +269,11 @@ async fn filesystem_volume_lifecycle() {
     assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
 
     // Staging again maps the volume anew, at its new size; the filesystem
-    // is found and never reformatted, and grows once published.
+    // is found and never reformatted.
     n.node_stage_volume(stage_request(&volume, &staging, &cap, &ctx)).await.unwrap();
     assert_eq!(std::fs::read(staging.join("precious")).unwrap(), b"data");
     let device = mounts::mounted_at(&staging).unwrap().unwrap().source;
     assert_eq!(device_bytes(&device), grown);
-    n.node_publish_volume(publish_request(&volume, &staging, &target, &cap, false)).await.unwrap();
-    if has_capability(CAP_SYS_RESOURCE) {
-        let expanded = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap().into_inner();
-        assert_eq!(expanded.capacity_bytes, grown);
-        assert!(df_size(&target) > 900 * MIB, "df shows {} bytes", df_size(&target));
-    } else {
-        // The xfs test covers online growth here.
-        eprintln!("skipping online ext4 growth: no CAP_SYS_RESOURCE here");
-        let err = n.node_expand_volume(expand_request(&volume, &target, grown, &cap)).await.unwrap_err();
-        assert!(err.message().contains("resize2fs"), "{err:?}");
-    }
-    n.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
     n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
     assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
 }
@@ -381,7 +388,8 @@ async fn xfs_volumes_grow_and_foreign_content_is_never_formatted() {
     n.node_publish_volume(publish_request(&volume, &staging, &target, &xfs, false)).await.unwrap();
     std::fs::write(target.join("kept"), b"xfs data").unwrap();
 
-    // Grown in metadata; the mapped device keeps its size.
+    // Grown in metadata, then online: the device under the mounted
+    // filesystem, then the filesystem (xfs_growfs).
     let grown = 768 * MIB;
     let mut c = t.plugin.controller().await;
     c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
@@ -392,15 +400,6 @@ async fn xfs_volumes_grow_and_foreign_content_is_never_formatted() {
     })
     .await
     .unwrap();
-    let err = n.node_expand_volume(expand_request(&volume, &target, grown, &xfs)).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-
-    // Attached again it has the new size, and the mounted filesystem grows
-    // online (xfs_growfs) to fill it.
-    n.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
-    n.node_unstage_volume(unstage_request(&volume.volume_id, &staging)).await.unwrap();
-    n.node_stage_volume(stage_request(&volume, &staging, &xfs, &ctx)).await.unwrap();
-    n.node_publish_volume(publish_request(&volume, &staging, &target, &xfs, false)).await.unwrap();
     assert!(df_size(&target) < 512 * MIB);
     let expanded = n.node_expand_volume(expand_request(&volume, &target, grown, &xfs)).await.unwrap().into_inner();
     assert_eq!(expanded.capacity_bytes, grown);

@@ -206,6 +206,8 @@ rpcs! { MetaGrpc:
     publish_volume(PublishVolumeRequest) -> Attachment;
     unpublish_volume(UnpublishVolumeRequest) -> UnpublishVolumeResponse;
     list_attachments(ListAttachmentsRequest) -> ListAttachmentsResponse;
+    register_node(RegisterNodeRequest) -> CsiNode;
+    get_node(GetNodeRequest) -> CsiNode;
 }
 
 rpcs! { ClusterClient:

@@ -2,7 +2,7 @@
 
 use ballast_proto::meta as pb;
 
-use crate::state::{now_ms, Attachment, ChunkServer, MetaState, ReplicaSet, Snapshot, Volume};
+use crate::state::{now_ms, Attachment, ChunkServer, CsiNode, MetaState, ReplicaSet, Snapshot, Volume};
 use crate::types::Source;
 
 pub fn source_from_pb(source: Option<pb::ContentSource>) -> Option<Source> {
@@ -82,4 +82,13 @@ pub fn replica_set(state: &MetaState, volume_id: &str, chunk_index: u64, set: &R
 
 pub fn attachment(a: &Attachment) -> pb::Attachment {
     pb::Attachment { volume_id: a.volume_id.clone(), node_id: a.node_id.clone(), epoch: a.epoch, readonly: a.readonly }
+}
+
+pub fn csi_node(n: &CsiNode) -> pb::CsiNode {
+    pb::CsiNode {
+        node_id: n.node_id.clone(),
+        max_volumes: n.max_volumes,
+        topology: n.topology.clone().into_iter().collect(),
+        registered_at_ms: n.registered_at_ms,
+    }
 }

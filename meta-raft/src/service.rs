@@ -393,6 +393,39 @@ impl Meta for MetaService {
         .await
     }
 
+    async fn register_node(&self, request: Request<pb::RegisterNodeRequest>) -> Reply<pb::CsiNode> {
+        timed("RegisterNode", async {
+            let r = request.into_inner();
+            required("node id", &r.node_id)?;
+            let command = Command::RegisterNode {
+                node_id: r.node_id,
+                max_volumes: r.max_volumes,
+                topology: r.topology.into_iter().collect(),
+            };
+            match self.propose(command).await? {
+                Outcome::Node(n) => Ok(Response::new(convert::csi_node(&n))),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn get_node(&self, request: Request<pb::GetNodeRequest>) -> Reply<pb::CsiNode> {
+        timed("GetNode", async {
+            let node_id = request.into_inner().node_id;
+            required("node id", &node_id)?;
+            let node = self
+                .read(|state| {
+                    state.nodes.get(&node_id).map(convert::csi_node).ok_or_else(|| {
+                        MetaError::not_found(format!("node {node_id} (no CSI node plugin registered it)"))
+                    })
+                })
+                .await?;
+            Ok(Response::new(node))
+        })
+        .await
+    }
+
     async fn list_attachments(
         &self,
         request: Request<pb::ListAttachmentsRequest>,

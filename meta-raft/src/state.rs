@@ -115,6 +115,16 @@ pub struct Attachment {
     pub readonly: bool,
 }
 
+/// A CSI node plugin, as it registered itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CsiNode {
+    pub node_id: String,
+    /// Most volumes published to the node at once; 0 = no limit.
+    pub max_volumes: u64,
+    pub topology: BTreeMap<String, String>,
+    pub registered_at_ms: u64,
+}
+
 /// All replicated metadata.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaState {
@@ -126,6 +136,9 @@ pub struct MetaState {
     pub servers: BTreeMap<String, ChunkServer>,
     /// volume id → node id → attachment.
     pub attachments: BTreeMap<String, BTreeMap<String, Attachment>>,
+    /// CSI node id → node.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, CsiNode>,
 }
 
 pub fn volume_id(data_id: u64) -> String {
@@ -210,6 +223,14 @@ impl MetaState {
                 Ok(Outcome::ChunkServer(server.clone()))
             }
             Command::AllocateChunk { volume_id, chunk_index } => self.allocate_chunk(at_ms, &volume_id, chunk_index),
+            Command::RegisterNode { node_id, max_volumes, topology } => {
+                if node_id.is_empty() {
+                    return Err(MetaError::invalid("node id is required"));
+                }
+                let node = CsiNode { node_id: node_id.clone(), max_volumes, topology, registered_at_ms: at_ms };
+                self.nodes.insert(node_id, node.clone());
+                Ok(Outcome::Node(node))
+            }
             Command::ReportFailedReplica { volume_id, chunk_index, server_id, generation } => {
                 self.report_failed_replica(&volume_id, chunk_index, &server_id, generation)
             }
@@ -553,6 +574,15 @@ impl MetaState {
         }
         let volume =
             self.volumes.get_mut(volume_id).ok_or_else(|| MetaError::not_found(format!("volume {volume_id}")))?;
+        let already = self.attachments.get(volume_id).and_then(|nodes| nodes.get(node_id)).is_some();
+        if let Some(limit) = self.nodes.get(node_id).map(|n| n.max_volumes).filter(|max| *max > 0) {
+            let published = self.attachments.values().filter(|nodes| nodes.contains_key(node_id)).count() as u64;
+            if !already && published >= limit {
+                return Err(MetaError::ResourceExhausted(format!(
+                    "node {node_id} already has {published} volumes published, its limit"
+                )));
+            }
+        }
         let nodes = self.attachments.entry(volume_id.to_string()).or_default();
         if let Some(existing) = nodes.get(node_id) {
             return if existing.readonly == readonly {
@@ -815,5 +845,43 @@ mod tests {
         ));
         apply(&mut state, 13, Command::Unpublish { volume_id: v.id.clone(), node_id: "n".into() }).unwrap();
         assert!(matches!(apply(&mut state, 14, Command::DeleteVolume { id: v.id }), Ok(Outcome::Existed(true))));
+    }
+
+    #[test]
+    fn a_node_holds_at_most_its_max_volumes() {
+        let mut state = MetaState::default();
+        let ids: Vec<String> = (0..3).map(|i| volume(&mut state, 10 + i, &format!("v{i}"), 1 << 20).id).collect();
+        let node = |max_volumes| Command::RegisterNode { node_id: "n".into(), max_volumes, topology: BTreeMap::new() };
+        assert!(matches!(apply(&mut state, 20, node(2)), Ok(Outcome::Node(CsiNode { max_volumes: 2, .. }))));
+        let publish = |id: &String| Command::Publish { volume_id: id.clone(), node_id: "n".into(), readonly: false };
+        apply(&mut state, 21, publish(&ids[0])).unwrap();
+        apply(&mut state, 22, publish(&ids[1])).unwrap();
+        assert!(matches!(apply(&mut state, 23, publish(&ids[2])), Err(MetaError::ResourceExhausted(_))));
+        assert!(!state.attachments.get(&ids[2]).is_some_and(|n| n.contains_key("n")), "nothing recorded");
+        // Publishing again what is already there is not a new volume.
+        apply(&mut state, 24, publish(&ids[1])).unwrap();
+        apply(&mut state, 25, Command::Unpublish { volume_id: ids[0].clone(), node_id: "n".into() }).unwrap();
+        apply(&mut state, 26, publish(&ids[2])).unwrap();
+        // Re-registering replaces the limit; 0 lifts it; unregistered nodes have none.
+        apply(&mut state, 27, node(0)).unwrap();
+        apply(&mut state, 28, publish(&ids[0])).unwrap();
+        let other = Command::Publish { volume_id: ids[0].clone(), node_id: "elsewhere".into(), readonly: true };
+        assert!(matches!(apply(&mut state, 29, other), Err(MetaError::FailedPrecondition(_))));
+        assert!(matches!(
+            apply(
+                &mut state,
+                30,
+                Command::RegisterNode { node_id: String::new(), max_volumes: 1, topology: BTreeMap::new() }
+            ),
+            Err(MetaError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn state_written_before_the_node_registry_still_loads() {
+        let mut old = serde_json::to_value(MetaState::default()).unwrap();
+        old.as_object_mut().unwrap().remove("nodes");
+        let loaded: MetaState = serde_json::from_value(old).unwrap();
+        assert!(loaded.nodes.is_empty());
     }
 }

@@ -6,7 +6,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
-use crate::state::{Attachment, ChunkServer, ReplicaSet, Snapshot, Volume};
+use crate::state::{Attachment, ChunkServer, CsiNode, ReplicaSet, Snapshot, Volume};
 
 /// Identifies a member of the metadata cluster.
 pub type NodeId = u64;
@@ -110,6 +110,13 @@ pub enum Command {
         volume_id: String,
         node_id: String,
     },
+    /// A CSI node plugin announces itself (again: registering is idempotent
+    /// and replaces the previous record).
+    RegisterNode {
+        node_id: String,
+        max_volumes: u64,
+        topology: BTreeMap<String, String>,
+    },
 }
 
 /// What applying a command produced.
@@ -125,6 +132,7 @@ pub enum Outcome {
         set: ReplicaSet,
     },
     Attachment(Attachment),
+    Node(CsiNode),
     Existed(bool),
     Orphaned(Vec<(u64, u64)>),
     /// Entries that carry no command (blank and membership entries).

@@ -53,6 +53,18 @@ struct VolumeArgs {
     log_format: LogFormat,
 }
 
+/// How a mapped device is attached.
+#[derive(Args, Clone, Copy)]
+struct DeviceArgs {
+    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    method: Method,
+    /// Seconds the kernel gives one request before resending it on another
+    /// connection (netlink devices; 0 keeps the kernel's 30 s). Bounds the
+    /// I/O pause when the serving process is replaced.
+    #[arg(long, default_value_t = attach::DEFAULT_IO_TIMEOUT.as_secs())]
+    io_timeout: u64,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Method {
     Auto,
@@ -79,14 +91,24 @@ enum Command {
     Map {
         #[command(flatten)]
         volume: VolumeArgs,
-        #[arg(long, value_enum, default_value_t = Method::Auto)]
-        method: Method,
+        #[command(flatten)]
+        device: DeviceArgs,
         #[arg(long, env = "BALLAST_NBD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
     /// Detach a mapped volume (by volume id, name or device path).
     Unmap {
         target: String,
+        #[arg(long, env = "BALLAST_NBD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Grow a mapped volume's device to the volume's size in metadata (after
+    /// `ballast volume expand`); prints the device's new size in bytes.
+    Resize {
+        /// Volume id, name or device path.
+        target: String,
+        #[arg(long, env = META_ENV)]
+        meta: String,
         #[arg(long, env = "BALLAST_NBD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -102,12 +124,15 @@ enum Command {
     ServeDevice {
         #[command(flatten)]
         volume: VolumeArgs,
-        #[arg(long, value_enum, default_value_t = Method::Auto)]
-        method: Method,
+        #[command(flatten)]
+        device: DeviceArgs,
         #[arg(long)]
         state_dir: PathBuf,
     },
 }
+
+/// The logical block size of mapped devices.
+const DEVICE_BLOCK_SIZE: u32 = 4096;
 
 fn default_node_id() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
@@ -153,11 +178,21 @@ async fn serve(args: VolumeArgs, listen: String) -> anyhow::Result<()> {
         })
     };
     let mut serving = serving;
-    tokio::select! {
-        result = &mut serving => result??,
-        _ = ballast_telemetry::shutdown_signal() => {
-            server.shutdown();
-            serving.await??;
+    let mut grow = signal(SignalKind::hangup())?;
+    let shutdown = ballast_telemetry::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            result = &mut serving => break result??,
+            _ = &mut shutdown => {
+                server.shutdown();
+                break serving.await??;
+            }
+            // New connections learn the new size in their handshake.
+            _ = grow.recv() => match opened.volume.refresh_size().await {
+                Ok(size) => tracing::info!(size, "serving the volume's current size"),
+                Err(e) => tracing::error!(error = %e, "cannot refresh the volume's size"),
+            },
         }
     }
     opened.volume.flush().await?;
@@ -179,12 +214,14 @@ fn attach_method(method: Method) -> AttachMethod {
 /// (`map` again, or a restarted process); SIGUSR1 (sent by `unmap`)
 /// detaches it. A FUSE + loop device cannot outlive its server, so SIGTERM
 /// detaches it too.
-async fn serve_device(args: VolumeArgs, method: Method, state_dir: PathBuf) -> anyhow::Result<()> {
+async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: PathBuf) -> anyhow::Result<()> {
     let state = StateDir::new(&state_dir)?;
     let (meta, opened) = start_daemon_side(&args).await?;
     let info = opened.volume.info().clone();
     let mut options = AttachOptions::new(info.id.clone());
-    options.method = attach_method(method);
+    options.block_size = DEVICE_BLOCK_SIZE;
+    options.method = attach_method(device_args.method);
+    options.io_timeout = (device_args.io_timeout > 0).then(|| Duration::from_secs(device_args.io_timeout));
     options.read_only = args.readonly;
     options.fuse_root = state_dir.join("fuse");
     let mut device: AttachedDevice<Volume> = match attach::find_nbd_by_backend(&info.id) {
@@ -208,10 +245,15 @@ async fn serve_device(args: VolumeArgs, method: Method, state_dir: PathBuf) -> a
 
     let mut term = signal(SignalKind::terminate())?;
     let mut unmap = signal(SignalKind::user_defined1())?;
+    let mut grow = signal(SignalKind::hangup())?;
     loop {
         let detach = tokio::select! {
             _ = term.recv() => device.kind() == attach::AttachKind::FuseLoop,
             _ = unmap.recv() => true,
+            _ = grow.recv() => {
+                grow_device(&opened.volume, &device).await;
+                continue;
+            }
         };
         if !detach {
             let index = device.release().await?;
@@ -231,8 +273,22 @@ async fn serve_device(args: VolumeArgs, method: Method, state_dir: PathBuf) -> a
     Ok(())
 }
 
+/// SIGHUP (sent by `resize`): serve the volume's size in metadata and make
+/// the device that large. Failures are logged; the device keeps serving.
+async fn grow_device(volume: &Volume, device: &AttachedDevice<Volume>) {
+    let grown = async {
+        let size = volume.refresh_size().await?;
+        let device_size = device.resize().await?;
+        anyhow::Ok((size, device_size))
+    };
+    match grown.await {
+        Ok((size, device_size)) => tracing::info!(size, device_size, "device resized to the volume's size"),
+        Err(e) => tracing::error!(error = %e, "cannot grow the device"),
+    }
+}
+
 /// Starts the serving process and waits until it reports the device.
-async fn map(args: VolumeArgs, method: Method, state_dir: PathBuf) -> anyhow::Result<()> {
+async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow::Result<()> {
     let state = StateDir::new(&state_dir)?;
     let meta = MetaClient::from_list(&args.meta)?;
     let info = nbd_client::engine::find_volume(&meta, &args.volume).await?;
@@ -251,7 +307,8 @@ async fn map(args: VolumeArgs, method: Method, state_dir: PathBuf) -> anyhow::Re
         .args(["--replica-timeout", &args.replica_timeout.to_string()])
         .arg("--state-dir")
         .arg(&state_dir)
-        .args(["--method", method.to_possible_value().expect("named").get_name()]);
+        .args(["--method", device.method.to_possible_value().expect("named").get_name()])
+        .args(["--io-timeout", &device.io_timeout.to_string()]);
     if let Some(epoch) = args.epoch {
         command.args(["--epoch", &epoch.to_string()]);
     }
@@ -316,6 +373,50 @@ async fn unmap(target: String, state_dir: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Signals the serving process to grow the device and waits until the
+/// kernel reports the volume's size (rounded down to whole blocks).
+async fn resize(target: String, meta: String, state_dir: PathBuf) -> anyhow::Result<()> {
+    let state = StateDir::new(&state_dir)?;
+    let Some(mapping) = state.find(&target)? else {
+        bail!("{target} is not mapped on this node");
+    };
+    if !mapping.is_served() {
+        bail!("{} is mapped but its serving process {} is gone; map it again", mapping.device, mapping.pid);
+    }
+    let meta = MetaClient::from_list(&meta)?;
+    let volume = nbd_client::engine::find_volume(&meta, &mapping.volume_id).await?;
+    let wanted = volume.size_bytes / u64::from(DEVICE_BLOCK_SIZE) * u64::from(DEVICE_BLOCK_SIZE);
+    let name = mapping.device.trim_start_matches("/dev/").to_owned();
+    let device_size = || attach::sysfs::block_device_size(std::path::Path::new(attach::sysfs::SYS_BLOCK), &name);
+    if device_size().is_some_and(|size| size >= wanted) {
+        println!("{}", device_size().unwrap_or_default());
+        return Ok(());
+    }
+    let pid = nix::unistd::Pid::from_raw(mapping.pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = device_size().unwrap_or(0);
+        if now >= wanted {
+            println!("{now}");
+            return Ok(());
+        }
+        if !mapping.is_served() {
+            bail!("the serving process {} exited while growing {}", mapping.pid, mapping.device);
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(state.log_path(&mapping.volume_id)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            bail!(
+                "{} is still {now} bytes, not {wanted}, after 30 s:\n{}",
+                mapping.device,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn list(state_dir: PathBuf, output: &str) -> anyhow::Result<()> {
     let mappings = StateDir::new(&state_dir)?.all()?;
     if output == "json" {
@@ -356,10 +457,11 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve { volume, listen } => serve(volume, listen).await,
-            Command::Map { volume, method, state_dir } => map(volume, method, state_dir).await,
+            Command::Map { volume, device, state_dir } => map(volume, device, state_dir).await,
             Command::Unmap { target, state_dir } => unmap(target, state_dir).await,
+            Command::Resize { target, meta, state_dir } => resize(target, meta, state_dir).await,
             Command::List { state_dir, output } => list(state_dir, &output),
-            Command::ServeDevice { volume, method, state_dir } => serve_device(volume, method, state_dir).await,
+            Command::ServeDevice { volume, device, state_dir } => serve_device(volume, device, state_dir).await,
         }
     })
 }

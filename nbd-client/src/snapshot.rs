@@ -249,7 +249,7 @@ async fn copy_from_replica(
         let segment = segment.map_err(server_error)?;
         let offset = base + segment.offset;
         // The tail of the source's last chunk may lie past the end of the volume.
-        let len = (segment.data.len() as u64).min(target.info().size_bytes.saturating_sub(offset)) as usize;
+        let len = (segment.data.len() as u64).min(target.size_bytes().saturating_sub(offset)) as usize;
         let data = segment.data.slice(..len);
         if data.iter().all(|b| *b == 0) {
             continue; // thin: the new volume already reads zeros there

@@ -1,6 +1,6 @@
 //! `nbd-client map` on a host without the nbd module: the FUSE + loop
 //! fallback gives a real block device that holds a filesystem across
-//! unmap and map.
+//! unmap and map, and grows under the mounted filesystem.
 
 mod common;
 
@@ -34,14 +34,14 @@ fn map(meta: &str, volume: &str, state_dir: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn map_mkfs_mount_unmap_and_map_again_keeps_the_files() {
+async fn map_mkfs_mount_unmap_map_again_and_grow_online_keeps_the_files() {
     if !is_root() || !have("mkfs.ext4") || !have("fusermount3") {
         assert!(std::env::var("CI").as_deref() != Ok("true") || is_root(), "CI runs as root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let cluster = DevCluster::start(&dir.path().join("cluster"), 3, 3).await.unwrap();
-    create_volume(&cluster, "fs", 128 * MIB, 3).await;
+    let volume = create_volume(&cluster, "fs", 128 * MIB, 3).await;
     let state_dir = dir.path().join("nbd-state");
     let meta = cluster.meta_endpoints();
     let _unmap = Unmap { volume: "fs", state_dir: &state_dir };
@@ -85,4 +85,37 @@ async fn map_mkfs_mount_unmap_and_map_again_keeps_the_files() {
     let payload: Vec<u8> = (0..3 * MIB as usize).map(|i| (i % 253) as u8).collect();
     assert!(std::fs::read(mnt.join("data.bin")).unwrap() == payload);
     assert_eq!(std::fs::read(mnt.join("hello.txt")).unwrap(), b"hello ballast\n");
+
+    // Online growth: expand the volume, grow the mapped device under the
+    // mounted filesystem, then the filesystem; the files stay intact.
+    let resize =
+        || Command::new(NBD_CLIENT).args(["resize", "fs", "--meta", &meta, "--state-dir"]).arg(&state_dir).output();
+    assert_eq!(ok(resize().unwrap(), "resize without growth").trim(), (128 * MIB).to_string());
+    let request = ballast_proto::meta::ExpandVolumeRequest { id: volume.id.clone(), size_bytes: 200 * MIB };
+    cluster.meta().expand_volume(request).await.unwrap();
+    assert_eq!(ok(resize().unwrap(), "nbd-client resize").trim(), (200 * MIB).to_string());
+    let size = ok(Command::new("blockdev").args(["--getsize64", &device]).output().unwrap(), "blockdev");
+    assert_eq!(size.trim(), (200 * MIB).to_string());
+    // The new tail is usable through the device while the filesystem stays
+    // mounted (growing the filesystem is the CSI node's job).
+    let tail: Vec<u8> = (0..MIB as usize).map(|i| (i % 241) as u8).collect();
+    let tail_file = dir.path().join("tail.bin");
+    std::fs::write(&tail_file, &tail).unwrap();
+    let of = format!("of={device}");
+    let dd_out = ["bs=1M", "seek=180", "count=1", "oflag=direct,sync", "conv=notrunc", "status=none"];
+    ok(Command::new("dd").arg(format!("if={}", tail_file.display())).arg(&of).args(dd_out).output().unwrap(), "dd");
+    let dd_in = ["bs=1M", "skip=180", "count=1", "iflag=direct", "status=none"];
+    let back = Command::new("dd").arg(format!("if={device}")).args(dd_in).output().unwrap();
+    assert!(back.status.success() && back.stdout == tail, "the grown tail reads back what was written");
+    std::fs::write(mnt.join("after-growth.txt"), b"grown\n").unwrap();
+    assert!(std::fs::read(mnt.join("data.bin")).unwrap() == payload);
+
+    // A volume that is not mapped here cannot be resized here.
+    let absent = Command::new(NBD_CLIENT)
+        .args(["resize", "no-such-volume", "--meta", &meta, "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .unwrap();
+    assert!(!absent.status.success());
+    assert!(String::from_utf8_lossy(&absent.stderr).contains("not mapped"), "{absent:?}");
 }

@@ -266,11 +266,55 @@ restart_with() { # restart_with SIGNAL
 }
 action_sigkill() { restart_with KILL; }
 action_sigterm() { restart_with TERM; }
+# The serving process stops answering for longer than the kernel's request
+# timeout (8 s): the kernel drops the connections the stuck requests are on
+# and requeues them; once the process runs again it hands the kernel new
+# connections (NBD_CMD_RECONFIGURE) and the requeued requests complete.
+action_freeze() {
+    pid=$(mapping_field v1 pid); dev=$(mapping_field v1 device)
+    [ -n "$pid" ] || { ACTION_DETAIL="no serving process listed"; return 1; }
+    kill -STOP "$pid"
+    sleep 12
+    kill -CONT "$pid"
+    i=0; while [ $i -lt 100 ] && ! kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket"; do sleep 0.1; i=$((i + 1)); done
+    kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket" ||
+        { ACTION_DETAIL="serving process $pid frozen 12 s: no 'reconnected socket' for $dev afterwards"; return 1; }
+    [ "$(mapping_field v1 pid)" = "$pid" ] || { ACTION_DETAIL="the serving process changed"; return 1; }
+    ACTION_DETAIL="serving process $pid frozen 12 s (past the 8 s request timeout), dropped connections replaced by the same process"
+}
 action_kill_storage() {
     pid=$(cluster_pid storage2)
     [ -n "$pid" ] || { ACTION_DETAIL="no storage2 in $C/cluster.json"; return 1; }
     kill -KILL "$pid"
     ACTION_DETAIL="storage2 (pid $pid) SIGKILLed, serving process pid $(mapping_field v1 pid) kept"
+}
+
+# Online growth of a mounted ext4 on a device attached through METHOD_FLAGS:
+# `ballast volume expand`, `nbd-client resize`, resize2fs while mounted.
+grow_online() { # grow_online SCENARIO METHOD_FLAGS NEW_SIZE_MIB
+    name=$1; flags=$2; mib=$3
+    t0=$(ts)
+    dev=$(map v1 $flags) || { result "$name" FAIL "map failed"; dump_logs "$name"; return 1; }
+    ensure_fs "$dev" || { result "$name" FAIL "mkfs.ext4"; return 1; }
+    mkdir -p "$MNT"
+    mount -t ext4 "$dev" "$MNT" || { result "$name" FAIL "mount"; return 1; }
+    before=$(dev_size "$dev"); kb0=$(df -k "$MNT" | awk 'NR==2 {print $2}')
+    fail() { umount "$MNT"; unmap v1 >/dev/null 2>&1; result "$name" FAIL "$1"; dump_logs "$name"; return 1; }
+    timeout 60 ballast volume expand v1 --size "${mib}MiB" --meta "$META" >/dev/null || { fail "ballast volume expand"; return 1; }
+    out=$(timeout 60 nbd-client resize v1 2>&1) || { fail "nbd-client resize: $out"; return 1; }
+    [ "$(dev_size "$dev")" = $((mib * 2048)) ] || { fail "$dev is $(dev_size "$dev") sectors, not $((mib * 2048))"; return 1; }
+    resize2fs "$dev" >/tmp/resize2fs.log 2>&1 || { cat /tmp/resize2fs.log; fail "online resize2fs"; return 1; }
+    kb1=$(df -k "$MNT" | awk 'NR==2 {print $2}')
+    [ "$kb1" -gt $((kb0 + 32768)) ] || { fail "df shows $kb1 KiB, was $kb0 KiB"; return 1; }
+    write_set "$MNT" "set-$name" || { fail "writing after growth"; return 1; }
+    for tag in "$MNT"/set-*; do
+        tag=${tag##*/}
+        verify_set "$MNT" "$tag" || { fail "$tag differs after growth"; return 1; }
+    done
+    umount "$MNT" || { result "$name" FAIL "umount"; return 1; }
+    e2fsck -fn "$dev" >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; unmap v1; result "$name" FAIL "e2fsck after growth"; return 1; }
+    unmap v1 || { result "$name" FAIL "unmap"; return 1; }
+    result "$name" PASS "$dev ($flags): mounted ext4 grown online $((before / 2048)) -> $mib MiB (df $kb0 -> $kb1 KiB), files verified, e2fsck clean, in $(elapsed "$t0") s"
 }
 
 # A second volume gets its own device; the live device keeps its backend id.
@@ -329,6 +373,18 @@ csi_node() {
     write_set "$target" set-csi || { csi_fail "writing through the published path"; return 1; }
     csi_run $NODE stats "$vid" "$target" || { csi_fail "NodeGetVolumeStats"; return 1; }
     stats=$(echo "$out" | head -n1)
+    # Online expansion: the volume grows, then the live nbd device under the
+    # mounted filesystem (netlink reconfigure), then the filesystem.
+    sectors=$(dev_size "$dev")
+    csi_run $CTL controller-expand "$vid" 192 || { csi_fail "ControllerExpandVolume"; return 1; }
+    csi_run $NODE node-expand "$vid" "$target" 192 || { csi_fail "NodeExpandVolume"; return 1; }
+    [ "$(dev_size "$dev")" = $((192 * 2048)) ] || { csi_fail "$dev is $(dev_size "$dev") sectors after NodeExpandVolume, was $sectors"; return 1; }
+    csi_run $NODE stats "$vid" "$target" || { csi_fail "NodeGetVolumeStats after growth"; return 1; }
+    grown=$(echo "$out" | head -n1)
+    total0=$(echo "$stats" | sed -n 's/.*total=\([0-9]*\).*/\1/p'); total1=$(echo "$grown" | sed -n 's/.*total=\([0-9]*\).*/\1/p')
+    [ "${total1:-0}" -gt $((${total0:-0} + 50 * 1048576)) ] || { csi_fail "filesystem did not grow: $stats -> $grown"; return 1; }
+    write_set "$target" set-csi-grown || { csi_fail "writing after growth"; return 1; }
+    verify_set "$target" set-csi || { csi_fail "data differs after growth"; return 1; }
     csi_run $NODE unpublish "$vid" "$target" || { csi_fail "NodeUnpublishVolume"; return 1; }
     ! is_mounted "$target" || { csi_fail "target still mounted after NodeUnpublishVolume"; return 1; }
     csi_run $NODE unstage "$vid" "$staging" || { csi_fail "NodeUnstageVolume"; return 1; }
@@ -337,13 +393,13 @@ csi_node() {
     # Stage and publish again: the data comes back, the filesystem is not reformatted.
     csi_run $NODE stage "$vid" "$staging" $ctx || { csi_fail "second NodeStageVolume"; return 1; }
     csi_run $NODE publish "$vid" "$staging" "$target" || { csi_fail "second NodePublishVolume"; return 1; }
-    verify_set "$target" set-csi || { csi_fail "data differs after unstage + stage"; return 1; }
+    verify_set "$target" set-csi && verify_set "$target" set-csi-grown || { csi_fail "data differs after unstage + stage"; return 1; }
     csi_run $NODE unpublish "$vid" "$target" && csi_run $NODE unstage "$vid" "$staging" ||
         { csi_fail "second unpublish/unstage"; return 1; }
     csi_run $CTL controller-unpublish "$vid" n1 || { csi_fail "ControllerUnpublishVolume"; return 1; }
     csi_run $CTL delete "$vid" || { csi_fail "DeleteVolume"; return 1; }
     kill $cpid $npid; wait $cpid $npid 2>/dev/null
-    result csi-node PASS "$vid: staged on $dev ($fstype), published, 21 files written and verified by sha256 after unstage + stage, stats [$stats], unpublished, unstaged (device detached), deleted"
+    result csi-node PASS "$vid: staged on $dev ($fstype), published, 21 files written, grown online 128 -> 192 MiB (filesystem total $total0 -> $total1 bytes), 21 more files, all verified by sha256 after unstage + stage, unpublished, unstaged (device detached), deleted"
 }
 
 # ----------------------------------------------------------------- main
@@ -359,10 +415,13 @@ if cluster_up; then
         result volume-create PASS "v1 256 MiB, 3 replicas in $(elapsed "$t0") s"
         wanted basic-netlink && basic_round basic-netlink "" netlink
         wanted basic-ioctl && basic_round basic-ioctl "--method ioctl" ioctl
+        wanted grow-netlink && grow_online grow-netlink "" 320
+        wanted grow-ioctl && grow_online grow-ioctl "--method ioctl" 384
         wanted identity && identity
         wanted csi-node && csi_node
         wanted restart-sigkill && under_load restart-sigkill action_sigkill
         wanted restart-sigterm && under_load restart-sigterm action_sigterm
+        wanted freeze && under_load freeze action_freeze
         wanted storage-kill && under_load storage-kill action_kill_storage
         # Tear down: the filesystem must still check clean.
         if is_mounted "$MNT"; then

@@ -13,8 +13,9 @@
 # Environment:
 #   VM_TIMEOUT=secs   wall-clock limit for the VM (default 420)
 #   VM_ONLY=a,b       scenarios to run (default all): basic-netlink,
-#                     basic-ioctl, identity, restart-sigkill, restart-sigterm,
-#                     storage-kill, csi-node
+#                     basic-ioctl, grow-netlink, grow-ioctl, identity,
+#                     csi-node, restart-sigkill, restart-sigterm, freeze,
+#                     storage-kill
 #   VM_LOAD_SECS=n    seconds of load after each disruption (default 6)
 #   VM_MAX_PAUSE_MS=n fail a disruption whose longest I/O pause is longer
 #                     (default: measure and report only)

@@ -9,6 +9,8 @@
 //!   device path and exits 0, leaving a serving process in the background;
 //! - `nbd-client unmap VOLUME_ID_OR_DEVICE` exits 0, also when not mapped,
 //!   and refuses while the device holds a mounted filesystem;
+//! - `nbd-client resize VOLUME_ID --meta LIST` grows the mapped device to the
+//!   volume's size in metadata and prints the device's size in bytes;
 //! - `nbd-client list -o json` prints
 //!   `[{"volume": .., "device": .., "pid": .., "served": ..}, ...]`.
 
@@ -25,6 +27,7 @@ const BINARY: &str = "nbd-client";
 const MAP_LIMIT: Duration = Duration::from_secs(120);
 const UNMAP_LIMIT: Duration = Duration::from_secs(120);
 const LIST_LIMIT: Duration = Duration::from_secs(30);
+const RESIZE_LIMIT: Duration = Duration::from_secs(60);
 
 /// One attached volume, as `nbd-client list` reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -116,6 +119,18 @@ impl NbdClient {
         args.extend(self.state_args());
         tools::run(&self.binary()?, args, UNMAP_LIMIT).await?;
         Ok(())
+    }
+
+    /// Grows the device of a mapped volume to the volume's size in
+    /// metadata; returns the device's size in bytes.
+    pub async fn resize(&self, volume: &str, meta: &str) -> Result<u64> {
+        let mut args: Vec<OsString> = ["resize", volume, "--meta", meta].into_iter().map(OsString::from).collect();
+        args.extend(self.state_args());
+        let stdout = tools::run(&self.binary()?, args, RESIZE_LIMIT).await?;
+        stdout.trim().parse().map_err(|_| CsiError::Tool {
+            tool: BINARY.into(),
+            detail: format!("resize printed {:?}, not a size in bytes", stdout.trim()),
+        })
     }
 
     pub async fn list(&self) -> Result<Vec<Mapping>> {

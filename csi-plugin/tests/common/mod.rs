@@ -173,6 +173,14 @@ impl Harness {
         self.cluster.endpoints().join(",")
     }
 
+    /// Registers a CSI node, as its node plugin does at startup.
+    pub async fn register_node(&self, node_id: &str, max_volumes: u64) {
+        self.meta
+            .register_node(pb::RegisterNodeRequest { node_id: node_id.into(), max_volumes, topology: HashMap::new() })
+            .await
+            .expect("RegisterNode");
+    }
+
     /// Registers `count` chunk servers of `capacity` bytes each.
     pub async fn add_servers(&self, count: usize, capacity: u64) {
         for i in 0..count {

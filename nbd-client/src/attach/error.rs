@@ -40,6 +40,9 @@ pub enum AttachError {
     ExportTooSmall { size: u64, block_size: u32 },
     #[error("block size {0} is not a power of two between 512 and 4096")]
     InvalidBlockSize(u32),
+    /// The kernel kept a smaller size than the device was resized to.
+    #[error("{device} is {now} bytes after resizing to {wanted}: the kernel did not apply the new size")]
+    ResizeRefused { device: PathBuf, wanted: u64, now: u64 },
     /// An operation this kind of attachment cannot do.
     #[error("{0}")]
     Unsupported(&'static str),

@@ -28,7 +28,8 @@ pub const VOLUME_FILE: &str = "volume";
 
 const ROOT: INodeNo = INodeNo::ROOT;
 const FILE: INodeNo = INodeNo(2);
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache the file's attributes (its size among them).
+pub(crate) const ATTR_TTL: Duration = Duration::from_secs(1);
 /// Largest FUSE request; with `FUSE_MAX_PAGES` the kernel splits loop I/O
 /// into pieces of this size.
 const MAX_WRITE: u32 = 1024 * 1024;
@@ -114,7 +115,7 @@ impl<E: BlockExport> Filesystem for VolumeFs<E> {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent == ROOT && name == VOLUME_FILE {
-            reply.entry(&TTL, &self.file_attr(), Generation(0));
+            reply.entry(&ATTR_TTL, &self.file_attr(), Generation(0));
         } else {
             reply.error(Errno::ENOENT);
         }
@@ -122,8 +123,8 @@ impl<E: BlockExport> Filesystem for VolumeFs<E> {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match ino {
-            ROOT => reply.attr(&TTL, &self.root_attr()),
-            FILE => reply.attr(&TTL, &self.file_attr()),
+            ROOT => reply.attr(&ATTR_TTL, &self.root_attr()),
+            FILE => reply.attr(&ATTR_TTL, &self.file_attr()),
             _ => reply.error(Errno::ENOENT),
         }
     }
@@ -153,7 +154,7 @@ impl<E: BlockExport> Filesystem for VolumeFs<E> {
         // The volume's size is fixed; an O_TRUNC-free open may still set it to itself.
         match size {
             Some(size) if size != self.export.size() => reply.error(Errno::EPERM),
-            _ => reply.attr(&TTL, &self.file_attr()),
+            _ => reply.attr(&ATTR_TTL, &self.file_attr()),
         }
     }
 

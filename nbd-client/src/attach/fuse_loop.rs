@@ -6,23 +6,25 @@
 //! parse requests and hand them to the tokio runtime; nothing the loop
 //! device waits for ever runs on a thread that waits for the loop device.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuser::{BackgroundSession, MountOption, Session, SessionACL};
 use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
 
 use crate::attach::fuse_fs::{VolumeFs, VOLUME_FILE};
-use crate::attach::loop_dev::{LoopDevice, LoopOptions};
+use crate::attach::loop_dev::{set_capacity, LoopDevice, LoopOptions};
 use crate::attach::AttachError;
 use crate::export::BlockExport;
 
 /// How long detach waits for the loop device to let go of the file.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long growing waits for the FUSE file to report the new size.
+const GROW_TIMEOUT: Duration = Duration::from_secs(10);
 
 static MOUNT_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -143,6 +145,12 @@ impl FuseLoop {
         &self.mountpoint
     }
 
+    /// What [`grow`] needs, owned so that it can run on a blocking thread.
+    pub fn grow_handles(&self) -> Result<(PathBuf, File, PathBuf), AttachError> {
+        let loop_dev = self.loop_dev.as_ref().ok_or(AttachError::Unsupported("the loop device is detached"))?;
+        Ok((self.mountpoint.join(VOLUME_FILE), loop_dev.handle()?, self.loop_path.clone()))
+    }
+
     /// Removes the loop device, then unmounts the file system. On
     /// [`AttachError::Busy`] nothing changed and detach may be retried.
     /// Blocking.
@@ -192,6 +200,34 @@ impl Drop for FuseLoop {
         }
         let _ = std::fs::remove_dir(&self.mountpoint);
     }
+}
+
+/// Makes the loop device on `volume_file` as large as the export now is
+/// (`size` bytes). The kernel caches the FUSE file's attributes for
+/// [`ATTR_TTL`](super::fuse_fs::ATTR_TTL), and discards a fresh size that
+/// races a write, so this asks again until the file reports `size`, then
+/// has the loop device re-read it. Blocking.
+pub(crate) fn grow(volume_file: &Path, loop_file: &File, loop_path: &Path, size: u64) -> Result<(), AttachError> {
+    let deadline = Instant::now() + GROW_TIMEOUT;
+    loop {
+        let seen = std::fs::metadata(volume_file)
+            .map_err(|e| AttachError::io(format!("stat {}", volume_file.display()), e))?
+            .len();
+        if seen >= size {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(AttachError::io(
+                format!("growing {}", loop_path.display()),
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the FUSE file still reports {seen} bytes, not {size}"),
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    set_capacity(loop_file, loop_path)
 }
 
 /// Unmounts, retrying briefly while the kernel still holds the file, then

@@ -159,6 +159,16 @@ impl IoctlDevice {
         &self.path
     }
 
+    /// Sets a new size on the connected device (`NBD_SET_SIZE_BLOCKS`); the
+    /// driver applies it at once and tells the block layer.
+    pub fn resize(&self, size_bytes: u64, block_size: u32) -> Result<(), AttachError> {
+        set_size_blocks(file_fd(&self.file), size_bytes / u64::from(block_size)).map_err(|source| AttachError::Ioctl {
+            op: "NBD_SET_SIZE_BLOCKS",
+            device: self.path.clone(),
+            source,
+        })
+    }
+
     /// Disconnects the device and waits for `NBD_DO_IT` to return. Blocking;
     /// a second call does nothing.
     pub fn disconnect(&mut self) -> Result<(), AttachError> {

@@ -16,6 +16,7 @@ use crate::attach::AttachError;
 pub const LOOP_SET_FD: u32 = 0x4C00;
 pub const LOOP_CLR_FD: u32 = 0x4C01;
 pub const LOOP_SET_STATUS64: u32 = 0x4C04;
+pub const LOOP_SET_CAPACITY: u32 = 0x4C07;
 pub const LOOP_SET_DIRECT_IO: u32 = 0x4C08;
 pub const LOOP_SET_BLOCK_SIZE: u32 = 0x4C09;
 pub const LOOP_CONFIGURE: u32 = 0x4C0A;
@@ -88,6 +89,7 @@ ioctl_write_int_bad!(loop_set_direct_io, LOOP_SET_DIRECT_IO);
 ioctl_write_int_bad!(loop_set_block_size, LOOP_SET_BLOCK_SIZE);
 ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
 ioctl_none_bad!(loop_ctl_get_free, LOOP_CTL_GET_FREE);
+ioctl_none_bad!(loop_set_capacity, LOOP_SET_CAPACITY);
 
 /// How to set up the loop device.
 #[derive(Debug, Clone)]
@@ -178,6 +180,11 @@ impl LoopDevice {
         self.direct_io
     }
 
+    /// A second descriptor of the device, for [`set_capacity`] off this thread.
+    pub fn handle(&self) -> Result<File, AttachError> {
+        self.file.try_clone().map_err(|e| AttachError::io(format!("duplicating {}", self.path.display()), e))
+    }
+
     /// [`AttachError::Busy`] while a file system is mounted on the device
     /// (or someone else holds it exclusively).
     pub fn check_not_busy(&self) -> Result<(), AttachError> {
@@ -208,6 +215,18 @@ impl LoopDevice {
         debug!(device = %path.display(), "loop device detached");
         Ok(())
     }
+}
+
+/// Makes the loop device on `device` take its backing file's current size
+/// (`LOOP_SET_CAPACITY`). The kernel reads the size the backing inode has
+/// now; for a FUSE file that is the last size the file system reported.
+pub fn set_capacity(device: &File, path: &Path) -> Result<(), AttachError> {
+    // SAFETY: no argument.
+    unsafe { loop_set_capacity(device.as_raw_fd()) }.map(drop).map_err(|source| AttachError::Ioctl {
+        op: "LOOP_SET_CAPACITY",
+        device: path.to_path_buf(),
+        source,
+    })
 }
 
 /// `LOOP_CONFIGURE`, or the older three-step sequence where it is missing.

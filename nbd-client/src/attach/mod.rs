@@ -23,9 +23,10 @@ pub mod sysfs;
 
 use std::fmt;
 use std::fs::OpenOptions;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ pub use fuse_fs::VOLUME_FILE;
 pub use io_flusher::set_io_flusher;
 pub use netlink::{DeviceStatus, NetlinkError};
 
-use crate::attach::connections::KernelConnections;
+use crate::attach::connections::{KernelConnections, Replacer};
 use crate::attach::fuse_loop::{FuseLoop, FuseLoopOptions};
 use crate::attach::ioctl::{IoctlConfig, IoctlDevice};
 use crate::attach::netlink::{ConnectParams, NbdNetlink, ReconfigureParams};
@@ -45,6 +46,9 @@ use crate::export::BlockExport;
 
 /// How long detach waits for the kernel to close its connections.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default kernel request timeout of netlink devices: above the engine's
+/// replica timeout (5 s), so a failover does not trip it.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// How a device was attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,10 +92,14 @@ pub struct AttachOptions {
     pub index: Option<u32>,
     /// Connections (and kernel queues) per nbd device.
     pub connections: usize,
-    /// Kernel per-request timeout; `None` keeps the kernel's default (30 s).
-    /// With several connections a timed-out request is requeued rather than
-    /// failed, which is also how requests stranded on the connections of a
-    /// crashed serving process reach its successor.
+    /// Kernel per-request timeout of netlink devices; `None` keeps the
+    /// kernel's default (30 s). A timed-out request is requeued on another
+    /// connection rather than failed, and the kernel drops the connection it
+    /// was on, which the serving process replaces at once. It is also how
+    /// long requests stranded on the connections of a crashed serving
+    /// process wait before they reach its successor, so it bounds the I/O
+    /// pause of a restart. Ioctl devices keep the kernel's default: they
+    /// cannot be given replacement connections.
     pub io_timeout: Option<Duration>,
     /// How long the kernel keeps requests while every connection is dead,
     /// waiting for [`reconnect`]. Netlink only.
@@ -110,7 +118,7 @@ impl AttachOptions {
             block_size: 4096,
             index: None,
             connections: cpus.clamp(1, 4),
-            io_timeout: None,
+            io_timeout: Some(DEFAULT_IO_TIMEOUT),
             dead_conn_timeout: Duration::from_secs(120),
             fuse_root: PathBuf::from("/run/ballast/fuse"),
         }
@@ -176,11 +184,13 @@ pub struct AttachedDevice<E: BlockExport> {
     path: PathBuf,
     kind: AttachKind,
     index: u32,
+    export: Arc<E>,
+    block_size: u32,
     state: Option<State<E>>,
 }
 
 enum State<E: BlockExport> {
-    Netlink { index: u32, block_size: u32, backend: Option<String>, connections: KernelConnections<E> },
+    Netlink { index: u32, backend: Option<String>, connections: KernelConnections<E> },
     Ioctl { device: IoctlDevice, connections: KernelConnections<E> },
     FuseLoop(FuseLoop),
 }
@@ -225,14 +235,16 @@ impl<E: BlockExport> AttachedDevice<E> {
         };
         let path = self.path.clone();
         match state {
-            State::Netlink { index, block_size, backend, connections } => {
+            State::Netlink { index, backend, connections } => {
+                connections.set_closing(true);
                 let result = blocking(move || {
                     ensure_not_busy(&path)?;
                     NbdNetlink::open()?.disconnect(index).map_err(AttachError::from)
                 })
                 .await;
                 if let Err(e) = result {
-                    self.state = Some(State::Netlink { index, block_size, backend, connections });
+                    connections.set_closing(false);
+                    self.state = Some(State::Netlink { index, backend, connections });
                     return Err(e);
                 }
                 connections.wait_closed(DETACH_TIMEOUT).await;
@@ -283,23 +295,39 @@ impl<E: BlockExport> AttachedDevice<E> {
         }
     }
 
-    /// Netlink only: tells the kernel the export's current size (after the
-    /// volume grew), as `NBD_CMD_RECONFIGURE` with a new size. Returns the
-    /// device size in bytes.
+    /// Tells the kernel the export's current size, after the export grew,
+    /// and returns the device's size as the kernel now reports it. Netlink
+    /// reconfigures the device with the new size, ioctl sets it, and FUSE +
+    /// loop waits for the file to show it and has the loop device re-read it.
     pub async fn resize(&self) -> Result<u64, AttachError> {
-        let Some(State::Netlink { index, block_size, backend, connections }) = &self.state else {
-            return Err(AttachError::Unsupported("resizing is supported for netlink-attached devices"));
-        };
-        let (index, block_size) = (*index, *block_size);
-        let size = device_size(connections.info().size, block_size)?;
-        let params = ReconfigureParams {
-            size_bytes: Some(size),
-            block_size: Some(block_size.into()),
-            backend: backend.clone(),
-            ..Default::default()
-        };
-        blocking(move || NbdNetlink::open()?.reconfigure(index, &params, &[])).await?;
-        Ok(size)
+        let size = device_size(self.export.size(), self.block_size)?;
+        match &self.state {
+            None => return Err(AttachError::Unsupported("the device is detached")),
+            Some(State::Netlink { index, backend, .. }) => {
+                let (index, params) = (
+                    *index,
+                    ReconfigureParams {
+                        size_bytes: Some(size),
+                        block_size: Some(self.block_size.into()),
+                        backend: backend.clone(),
+                        ..Default::default()
+                    },
+                );
+                blocking(move || NbdNetlink::open()?.reconfigure(index, &params, &[])).await?;
+            }
+            Some(State::Ioctl { device, .. }) => device.resize(size, self.block_size)?,
+            Some(State::FuseLoop(fuse)) => {
+                let (file, loop_file, loop_path) = fuse.grow_handles()?;
+                blocking(move || fuse_loop::grow(&file, &loop_file, &loop_path, size)).await?;
+            }
+        }
+        let name = self.path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let now = sysfs::block_device_size(Path::new(sysfs::SYS_BLOCK), &name).unwrap_or(0);
+        if now < size {
+            return Err(AttachError::ResizeRefused { device: self.path.clone(), wanted: size, now });
+        }
+        info!(device = %self.path.display(), size = now, "block device resized");
+        Ok(now)
     }
 }
 
@@ -364,8 +392,10 @@ pub async fn reconnect<E: BlockExport>(
             }
         }
     }
-    let (connections, kernel_ends) = KernelConnections::start(export, options.read_only, options.connections)?;
     let backend = Some(options.backend_id.clone()).filter(|b| !b.is_empty());
+    let replacer = netlink_replacer(Arc::new(AtomicU32::new(index)), backend.clone());
+    let (connections, kernel_ends) =
+        KernelConnections::start(export.clone(), options.read_only, options.connections, Some(replacer))?;
     let params = ReconfigureParams {
         timeout: options.io_timeout,
         dead_conn_timeout: Some(options.dead_conn_timeout),
@@ -387,7 +417,9 @@ pub async fn reconnect<E: BlockExport>(
         path,
         kind: AttachKind::Netlink,
         index,
-        state: Some(State::Netlink { index, block_size: options.block_size, backend, connections }),
+        export,
+        block_size: options.block_size,
+        state: Some(State::Netlink { index, backend, connections }),
     })
 }
 
@@ -406,8 +438,12 @@ async fn attach_netlink<E: BlockExport>(
     options: &AttachOptions,
     size: u64,
 ) -> Result<AttachedDevice<E>, AttachError> {
-    let (connections, kernel_ends) = KernelConnections::start(export, options.read_only, options.connections)?;
     let backend = Some(options.backend_id.clone()).filter(|b| !b.is_empty());
+    // The index is known once connected; replacements wait for it.
+    let connected_index = Arc::new(AtomicU32::new(NOT_CONNECTED));
+    let replacer = netlink_replacer(connected_index.clone(), backend.clone());
+    let (connections, kernel_ends) =
+        KernelConnections::start(export.clone(), options.read_only, options.connections, Some(replacer))?;
     let params = ConnectParams {
         index: options.index,
         size_bytes: size,
@@ -426,12 +462,17 @@ async fn attach_netlink<E: BlockExport>(
     })
     .await;
     match result {
-        Ok(index) => Ok(AttachedDevice {
-            path: PathBuf::from(format!("/dev/nbd{index}")),
-            kind: AttachKind::Netlink,
-            index,
-            state: Some(State::Netlink { index, block_size: options.block_size, backend, connections }),
-        }),
+        Ok(index) => {
+            connected_index.store(index, Ordering::SeqCst);
+            Ok(AttachedDevice {
+                path: PathBuf::from(format!("/dev/nbd{index}")),
+                kind: AttachKind::Netlink,
+                index,
+                export,
+                block_size: options.block_size,
+                state: Some(State::Netlink { index, backend, connections }),
+            })
+        }
         Err(e) => {
             connections.stop(Duration::from_secs(1)).await;
             Err(e.into())
@@ -444,12 +485,14 @@ async fn attach_ioctl<E: BlockExport>(
     options: &AttachOptions,
     size: u64,
 ) -> Result<AttachedDevice<E>, AttachError> {
-    let (connections, kernel_ends) = KernelConnections::start(export, options.read_only, options.connections)?;
+    let (connections, kernel_ends) =
+        KernelConnections::start(export.clone(), options.read_only, options.connections, None)?;
     let config = IoctlConfig {
         size_bytes: size,
         block_size: options.block_size,
         transmission_flags: connections.info().transmission_flags,
-        timeout: options.io_timeout,
+        // A connection the kernel drops on timeout cannot be replaced here.
+        timeout: None,
     };
     let index = options.index;
     let result = blocking(move || {
@@ -462,6 +505,8 @@ async fn attach_ioctl<E: BlockExport>(
             path: device.path().to_path_buf(),
             kind: AttachKind::Ioctl,
             index: device.index(),
+            export,
+            block_size: options.block_size,
             state: Some(State::Ioctl { device, connections }),
         }),
         Err(e) => {
@@ -482,12 +527,32 @@ async fn attach_fuse_loop<E: BlockExport>(
         read_only: options.read_only,
     };
     let runtime = Handle::current();
-    let fuse = blocking(move || FuseLoop::attach(export, runtime, &fuse_options)).await?;
+    let fuse = {
+        let export = export.clone();
+        blocking(move || FuseLoop::attach(export, runtime, &fuse_options)).await?
+    };
     Ok(AttachedDevice {
         path: fuse.path().to_path_buf(),
         kind: AttachKind::FuseLoop,
         index: fuse.loop_index(),
+        export,
+        block_size: options.block_size,
         state: Some(State::FuseLoop(fuse)),
+    })
+}
+
+const NOT_CONNECTED: u32 = u32::MAX;
+
+/// Replaces dropped connections of netlink device `index` (once it is
+/// known) through `NBD_CMD_RECONFIGURE`, which fills a dead slot.
+fn netlink_replacer(index: Arc<AtomicU32>, backend: Option<String>) -> Replacer {
+    Arc::new(move |kernel_end: OwnedFd| {
+        let index = index.load(Ordering::SeqCst);
+        if index == NOT_CONNECTED {
+            return Err(AttachError::Unsupported("the device is not connected yet"));
+        }
+        let params = ReconfigureParams { backend: backend.clone(), ..Default::default() };
+        NbdNetlink::open()?.reconfigure(index, &params, &[kernel_end.as_fd()]).map_err(AttachError::from)
     })
 }
 

@@ -25,6 +25,12 @@ pub fn find_nbd_by_backend(sys_block: &Path, backend: &str) -> Option<u32> {
     nbd_indices(sys_block).into_iter().find(|index| nbd_backend(sys_block, *index).as_deref() == Some(backend))
 }
 
+/// The size in bytes the kernel gives block device `name` (`nbd0`, `loop3`).
+pub fn block_device_size(sys_block: &Path, name: &str) -> Option<u64> {
+    let sectors = std::fs::read_to_string(sys_block.join(name).join("size")).ok()?;
+    sectors.trim().parse::<u64>().ok().map(|s| s * 512)
+}
+
 fn nbd_indices(sys_block: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir(sys_block) else {
         return Vec::new();
@@ -62,5 +68,9 @@ mod tests {
         assert_eq!(nbd_backend(root, 1), None);
         assert_eq!(find_nbd_by_backend(root, "vol-b"), Some(2));
         assert_eq!(find_nbd_by_backend(root, "vol-c"), None);
+
+        std::fs::write(root.join("nbd2/size"), "4096\n").unwrap();
+        assert_eq!(block_device_size(root, "nbd2"), Some(2 << 20));
+        assert_eq!(block_device_size(root, "nbd1"), None);
     }
 }

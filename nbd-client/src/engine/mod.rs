@@ -13,7 +13,7 @@ mod metrics;
 mod pool;
 mod replication;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ballast_proto::frame::BLOCK_SIZE;
@@ -64,6 +64,9 @@ impl Default for EngineOptions {
 /// An open volume. Implements [`BlockExport`] for the NBD server.
 pub struct Volume {
     info: pb::Volume,
+    /// Current size in bytes: `info.size_bytes` when opened, raised by
+    /// [`Volume::refresh_size`] after the volume was expanded.
+    size: AtomicU64,
     options: EngineOptions,
     min_replicas: usize,
     meta: MetaClient,
@@ -100,6 +103,7 @@ impl Volume {
             write_stripes: (0..WRITE_STRIPES).map(|_| RwLock::new(())).collect(),
             allocation: Mutex::new(()),
             read_rotation: AtomicUsize::new(0),
+            size: AtomicU64::new(info.size_bytes),
             info,
             options,
             meta,
@@ -108,8 +112,27 @@ impl Volume {
         Ok(volume)
     }
 
+    /// The volume as it was when opened; [`Volume::size_bytes`] has the current size.
     pub fn info(&self) -> &pb::Volume {
         &self.info
+    }
+
+    /// The size in bytes, including any growth picked up since opening.
+    pub fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Picks up an expansion recorded in metadata and returns the size now
+    /// served. Volumes only grow: a smaller size in metadata changes nothing.
+    pub async fn refresh_size(&self) -> Result<u64, EngineError> {
+        use pb::get_volume_request::Key;
+        let current = self.meta.get_volume(pb::GetVolumeRequest { key: Some(Key::Id(self.info.id.clone())) }).await?;
+        let previous = self.size.fetch_max(current.size_bytes, Ordering::AcqRel);
+        let size = previous.max(current.size_bytes);
+        if size != previous {
+            tracing::info!(volume = %self.info.id, from = previous, to = size, "volume grew");
+        }
+        Ok(size)
     }
 
     /// The fencing epoch every change carries.
@@ -119,7 +142,7 @@ impl Volume {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.info.size_bytes => Ok(()),
+            Some(end) if end <= self.size_bytes() => Ok(()),
             _ => Err(EngineError::OutOfRange { offset, len }),
         }
     }
@@ -306,7 +329,7 @@ async fn observed<T>(
 
 impl BlockExport for Volume {
     fn size(&self) -> u64 {
-        self.info.size_bytes
+        self.size_bytes()
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {

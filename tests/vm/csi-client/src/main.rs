@@ -6,6 +6,8 @@
 //! csi-client SOCKET controller-publish VOLUME NODE         -> publish context KEY=VALUE lines
 //! csi-client SOCKET controller-unpublish VOLUME NODE
 //! csi-client SOCKET delete VOLUME
+//! csi-client SOCKET controller-expand VOLUME SIZE_MIB      -> capacity bytes, node_expansion_required
+//! csi-client SOCKET node-expand VOLUME PATH SIZE_MIB       -> capacity bytes
 //! csi-client SOCKET node-info                              -> node id
 //! csi-client SOCKET stage VOLUME STAGING_PATH [KEY=VALUE...]   (publish context)
 //! csi-client SOCKET publish VOLUME STAGING_PATH TARGET_PATH
@@ -29,7 +31,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: csi-client SOCKET (create|controller-publish|controller-unpublish|delete|node-info|stage|publish|stats|unpublish|unstage) ARGS...");
+    eprintln!("usage: csi-client SOCKET (create|controller-publish|controller-unpublish|delete|controller-expand|node-expand|node-info|stage|publish|stats|unpublish|unstage) ARGS...");
     ExitCode::from(2)
 }
 
@@ -65,12 +67,14 @@ async fn call(channel: Channel, rpc: &str, a: &[String]) -> Result<bool, tonic::
     let mut controller = ControllerClient::new(channel.clone());
     let mut node = NodeClient::new(channel);
     let arg = |i: usize| a.get(i).cloned().unwrap_or_default();
+    let mib = |i: usize| -> Result<i64, tonic::Status> {
+        arg(i).parse::<i64>().map(|m| m << 20).map_err(|_| tonic::Status::invalid_argument("SIZE_MIB"))
+    };
     match (rpc, a.len()) {
         ("create", n) if n >= 2 => {
-            let mib: i64 = arg(1).parse().map_err(|_| tonic::Status::invalid_argument("SIZE_MIB"))?;
             let req = csi::CreateVolumeRequest {
                 name: arg(0),
-                capacity_range: Some(csi::CapacityRange { required_bytes: mib << 20, limit_bytes: 0 }),
+                capacity_range: Some(csi::CapacityRange { required_bytes: mib(1)?, limit_bytes: 0 }),
                 volume_capabilities: vec![mount_capability()],
                 parameters: pairs(&a[2..]),
                 ..Default::default()
@@ -95,6 +99,26 @@ async fn call(channel: Channel, rpc: &str, a: &[String]) -> Result<bool, tonic::
         }
         ("delete", 1) => {
             controller.delete_volume(csi::DeleteVolumeRequest { volume_id: arg(0), ..Default::default() }).await?;
+        }
+        ("controller-expand", 2) => {
+            let req = csi::ControllerExpandVolumeRequest {
+                volume_id: arg(0),
+                capacity_range: Some(csi::CapacityRange { required_bytes: mib(1)?, limit_bytes: 0 }),
+                volume_capability: Some(mount_capability()),
+                ..Default::default()
+            };
+            let reply = controller.controller_expand_volume(req).await?.into_inner();
+            println!("{} node_expansion_required={}", reply.capacity_bytes, reply.node_expansion_required);
+        }
+        ("node-expand", 3) => {
+            let req = csi::NodeExpandVolumeRequest {
+                volume_id: arg(0),
+                volume_path: arg(1),
+                capacity_range: Some(csi::CapacityRange { required_bytes: mib(2)?, limit_bytes: 0 }),
+                volume_capability: Some(mount_capability()),
+                ..Default::default()
+            };
+            println!("{}", node.node_expand_volume(req).await?.into_inner().capacity_bytes);
         }
         ("node-info", 0) => {
             println!("{}", node.node_get_info(csi::NodeGetInfoRequest {}).await?.into_inner().node_id);
