@@ -39,10 +39,11 @@ impl IdentityService {
         let service = |t: service::Type| csi::PluginCapability {
             r#type: Some(csi::plugin_capability::Type::Service(csi::plugin_capability::Service { r#type: t as i32 })),
         };
-        let mut caps = Vec::new();
-        if self.controller.is_some() {
-            caps.push(service(service::Type::ControllerService));
-        }
+        // Capabilities of the driver as a whole, the same from every
+        // instance: a node instance belongs to a driver whose controller
+        // runs elsewhere, and tools that only reach the node (the kubelet,
+        // csi-sanity's node tests) decide on ControllerPublish from this.
+        let mut caps = vec![service(service::Type::ControllerService)];
         if self.topology {
             caps.push(service(service::Type::VolumeAccessibilityConstraints));
         }
