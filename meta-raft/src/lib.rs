@@ -3,7 +3,7 @@
 //! component uses.
 //!
 //! - [`state`]: the metadata and the rules that change it; [`placement`]
-//!   picks the servers of a chunk.
+//!   picks the servers of a chunk; [`repair`] rebuilds missing replicas.
 //! - [`store`]: the sled-backed Raft log and state machine.
 //! - [`network`]: Raft RPCs between members.
 //! - [`service`] and [`cluster`]: the client and membership APIs.
@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod placement;
+pub mod repair;
 pub mod service;
 pub mod state;
 pub mod store;

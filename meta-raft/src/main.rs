@@ -2,12 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ballast_proto::meta as pb;
 use ballast_telemetry::LogFormat;
 use clap::{Parser, Subcommand};
 use meta_raft::client::META_ENV;
+use meta_raft::repair::RepairConfig;
 use meta_raft::{MemberConfig, MetaClient};
 
 #[derive(Parser)]
@@ -97,6 +99,13 @@ struct ServeArgs {
     /// Log entries kept behind a snapshot for lagging members.
     #[arg(long, env = "BALLAST_META_KEEP_LOGS", default_value_t = 1000)]
     keep_logs: u64,
+    /// Seconds between passes of the repair loop (on the leader).
+    #[arg(long, env = "BALLAST_META_REPAIR_INTERVAL", default_value_t = 5)]
+    repair_interval: u64,
+    /// Seconds without heartbeats after which a chunk server's replicas are
+    /// given up and rebuilt elsewhere.
+    #[arg(long, env = "BALLAST_META_REPAIR_AFTER", default_value_t = 60)]
+    repair_after: u64,
 }
 
 fn parse_members(list: &str) -> anyhow::Result<Vec<(u64, String)>> {
@@ -132,6 +141,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bootstrap,
         snapshot_every: args.snapshot_every,
         keep_logs: args.keep_logs,
+        repair: RepairConfig {
+            interval: Duration::from_secs(args.repair_interval.max(1)),
+            dead_after: Duration::from_secs(args.repair_after),
+        },
     };
     meta_raft::run(config, ballast_telemetry::shutdown_signal()).await?;
     Ok(())

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::cluster::ClusterService;
 use crate::network::{PeerNetwork, RaftService};
+use crate::repair::{RepairConfig, Repairer};
 use crate::service::MetaService;
 use crate::types::{NodeId, Raft};
 use crate::{metrics, store};
@@ -39,6 +40,8 @@ pub struct MemberConfig {
     pub snapshot_every: u64,
     /// Log entries kept behind a snapshot for lagging followers.
     pub keep_logs: u64,
+    /// The repair loop (runs on whichever member leads).
+    pub repair: RepairConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +98,7 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
         shutdown.await;
         let _ = stopping.send(());
     };
+    let repair = tokio::spawn(Repairer::new(config.id, raft.clone(), shared.clone(), config.repair).run());
     let server = tonic::transport::Server::builder()
         .add_service(RaftServer::new(RaftService::new(raft.clone())).max_decoding_message_size(usize::MAX))
         .add_service(MetaServer::new(MetaService::new(raft.clone(), shared)))
@@ -116,6 +120,7 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
             Ok(())
         }
     };
+    repair.abort();
     tracing::info!(id = config.id, "stopping raft");
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

@@ -234,6 +234,9 @@ impl MetaState {
             Command::ReportFailedReplica { volume_id, chunk_index, server_id, generation } => {
                 self.report_failed_replica(&volume_id, chunk_index, &server_id, generation)
             }
+            Command::AddReplica { volume_id, chunk_index, server_id, generation } => {
+                self.add_replica(&volume_id, chunk_index, &server_id, generation)
+            }
             Command::Publish { volume_id, node_id, readonly } => self.publish(&volume_id, &node_id, readonly),
             Command::Unpublish { volume_id, node_id } => {
                 if volume_id.is_empty() || node_id.is_empty() {
@@ -568,6 +571,49 @@ impl MetaState {
         Ok(self.replica_outcome(volume_id, chunk_index, current))
     }
 
+    /// Adds a rebuilt replica. Refused when the set moved on since the
+    /// rebuild started (the copy may miss what changed), when the server is
+    /// unknown or already a member, or when the set is full.
+    fn add_replica(
+        &mut self,
+        volume_id: &str,
+        chunk_index: u64,
+        server_id: &str,
+        generation: u64,
+    ) -> Result<Outcome, MetaError> {
+        let volume = self.volumes.get(volume_id).ok_or_else(|| MetaError::not_found(format!("volume {volume_id}")))?;
+        let (wanted, chunk_size) = (volume.replicas as usize, volume.chunk_size_bytes);
+        if !self.servers.contains_key(server_id) {
+            return Err(MetaError::not_found(format!("chunk server {server_id}")));
+        }
+        let set = self.chunk_maps.get_mut(volume_id).and_then(|m| m.get_mut(&chunk_index)).ok_or_else(|| {
+            MetaError::not_found(format!("chunk {chunk_index} of volume {volume_id} is not allocated"))
+        })?;
+        if set.generation != generation {
+            return Err(MetaError::FailedPrecondition(format!(
+                "chunk {chunk_index} of volume {volume_id} moved to generation {} during the rebuild from {generation}",
+                set.generation
+            )));
+        }
+        if set.servers.iter().any(|s| s == server_id) {
+            return Err(MetaError::AlreadyExists(format!(
+                "{server_id} already holds chunk {chunk_index} of {volume_id}"
+            )));
+        }
+        if set.servers.len() >= wanted {
+            return Err(MetaError::FailedPrecondition(format!(
+                "chunk {chunk_index} of volume {volume_id} already has its {wanted} replicas"
+            )));
+        }
+        set.servers.push(server_id.to_string());
+        set.generation += 1;
+        let current = set.clone();
+        if let Some(server) = self.servers.get_mut(server_id) {
+            server.allocated_bytes += chunk_size;
+        }
+        Ok(self.replica_outcome(volume_id, chunk_index, current))
+    }
+
     fn publish(&mut self, volume_id: &str, node_id: &str, readonly: bool) -> Result<Outcome, MetaError> {
         if volume_id.is_empty() || node_id.is_empty() {
             return Err(MetaError::invalid("volume id and node id are required"));
@@ -883,5 +929,44 @@ mod tests {
         old.as_object_mut().unwrap().remove("nodes");
         let loaded: MetaState = serde_json::from_value(old).unwrap();
         assert!(loaded.nodes.is_empty());
+    }
+
+    #[test]
+    fn a_rebuilt_replica_joins_only_the_generation_it_was_copied_from() {
+        let mut state = with_servers(4);
+        let v = volume(&mut state, 10, "v", 4 << 20);
+        let Outcome::ReplicaSet { set, .. } =
+            apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0 }).unwrap()
+        else {
+            panic!("a replica set")
+        };
+        let (lost, spare) =
+            (set.servers[0].clone(), state.servers.keys().find(|s| !set.servers.contains(s)).unwrap().clone());
+        let report = Command::ReportFailedReplica {
+            volume_id: v.id.clone(),
+            chunk_index: 0,
+            server_id: lost.clone(),
+            generation: set.generation,
+        };
+        apply(&mut state, 12, report).unwrap();
+        let add = |server: &str, generation| Command::AddReplica {
+            volume_id: v.id.clone(),
+            chunk_index: 0,
+            server_id: server.into(),
+            generation,
+        };
+        // Copied from the set before the failure: refused.
+        assert!(matches!(apply(&mut state, 13, add(&spare, set.generation)), Err(MetaError::FailedPrecondition(_))));
+        let before = state.servers[&spare].allocated_bytes;
+        let Outcome::ReplicaSet { set: grown, .. } = apply(&mut state, 14, add(&spare, set.generation + 1)).unwrap()
+        else {
+            panic!("a replica set")
+        };
+        assert_eq!(grown.generation, set.generation + 2);
+        assert!(grown.servers.contains(&spare) && !grown.servers.contains(&lost));
+        assert_eq!(state.servers[&spare].allocated_bytes, before + v.chunk_size_bytes);
+        // Full, or already a member: refused.
+        assert!(apply(&mut state, 15, add(&lost, grown.generation)).is_err());
+        assert!(matches!(apply(&mut state, 16, add(&spare, grown.generation)), Err(MetaError::AlreadyExists(_))));
     }
 }

@@ -101,6 +101,14 @@ pub enum Command {
         server_id: String,
         generation: u64,
     },
+    /// The repair loop rebuilt a replica of the chunk on `server_id` while
+    /// the set was at `generation`: the server joins the set.
+    AddReplica {
+        volume_id: String,
+        chunk_index: u64,
+        server_id: String,
+        generation: u64,
+    },
     Publish {
         volume_id: String,
         node_id: String,

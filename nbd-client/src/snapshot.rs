@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ballast_proto::frame::{ClientError, DataClient, ErrorCode};
+use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, ErrorCode};
 use ballast_proto::meta as pb;
 use futures::future::join_all;
 use meta_raft::MetaClient;
@@ -92,15 +92,16 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
         let mut holders = vec![primary.server_id.clone()];
         for replica in set.replicas.iter().filter(|r| r.server_id != primary.server_id) {
             let target = &clients[&replica.address];
-            match copy_chunk(
-                &clients[&primary.address],
-                target,
-                snapshot.data_id,
-                set.chunk_index,
-                snapshot.chunk_size_bytes,
-            )
-            .await
-            {
+            // A snapshot's data id is new: its chunks start at generation
+            // 1 and no server has seen an epoch for it.
+            let copy = CopyTarget {
+                data_id: snapshot.data_id,
+                chunk: set.chunk_index,
+                size: snapshot.chunk_size_bytes,
+                generation: 1,
+                epoch: 0,
+            };
+            match copy_chunk(&clients[&primary.address], target, copy).await {
                 Ok(()) => holders.push(replica.server_id.clone()),
                 Err(e) => tracing::warn!(snapshot = %snapshot.id, chunk = set.chunk_index, server = %replica.server_id,
                     error = %e, "copying a snapshot chunk; the snapshot keeps fewer copies"),
@@ -154,30 +155,6 @@ async fn clone_chunks(
         }
     }
     Ok(primaries)
-}
-
-/// Copies one chunk of `data_id` from `from` to `to`, replacing any copy there.
-async fn copy_chunk(
-    from: &DataClient,
-    to: &DataClient,
-    data_id: u64,
-    chunk: u64,
-    size: u64,
-) -> Result<(), ClientError> {
-    match to.delete_chunk(data_id, chunk, 0).await {
-        Err(e) if e.code() != Some(ErrorCode::NoSuchChunk) => return Err(e),
-        _ => {}
-    }
-    to.create_chunk(data_id, chunk, size as u32, 1).await?;
-    let mut stream = from.read_chunk_stream(data_id, chunk, 0, 0, 0).await?;
-    while let Some(segment) = stream.next().await {
-        let segment = segment?;
-        if segment.data.iter().all(|b| *b == 0) {
-            continue; // the new chunk already reads as zeros
-        }
-        to.write(data_id, chunk, segment.offset, segment.data, &segment.checksums, 0, 1, false).await?;
-    }
-    to.flush(Some(data_id)).await
 }
 
 /// Copies the content of a volume's source (snapshot or volume) into it and

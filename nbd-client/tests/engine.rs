@@ -143,6 +143,42 @@ async fn a_dead_chunk_server_leaves_the_set_and_writes_go_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_behind_the_sets_generation_are_brought_up_by_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(dir.path(), 3, 3).await.unwrap();
+    let meta = cluster.meta();
+    let info = create(&meta, "laggards", 2 * MIB, 3).await;
+    let epoch = publish(&meta, &info, "node-1").await;
+    let first = open(&meta, &info, epoch).await;
+    first.write_at(0, pattern(8, 4096), false).await.unwrap();
+
+    // The set moves on in metadata, and whoever moved it never reached the
+    // members: they stay at the old generation.
+    let set = chunk_map(&meta, &info).await.remove(0);
+    let report = pb::ReportFailedReplicaRequest {
+        volume_id: info.id.clone(),
+        chunk_index: 0,
+        server_id: set.replicas[2].server_id.clone(),
+        generation: set.generation,
+    };
+    let moved = meta.report_failed_replica(report).await.unwrap();
+    assert_eq!(moved.generation, set.generation + 1);
+
+    // A writer with the new view finds the members behind, moves them up
+    // and writes; the old view is refused from then on.
+    let second = open(&meta, &info, epoch).await;
+    second.write_at(0, pattern(9, 4096), false).await.unwrap();
+    assert_eq!(second.read_at(0, 4096).await.unwrap(), pattern(9, 4096));
+    for replica in &moved.replicas {
+        let client = ballast_proto::frame::DataClient::connect(&replica.address).await.unwrap();
+        let chunk = client.chunk_info(info.data_id, 0).await.unwrap();
+        assert_eq!(chunk.generation, moved.generation, "{} moved up", replica.server_id);
+    }
+    first.write_at(4096, pattern(10, 4096), false).await.unwrap();
+    assert_eq!(second.read_at(4096, 4096).await.unwrap(), pattern(10, 4096), "the old view re-read the set");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fenced_writer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = DevCluster::start(dir.path(), 3, 3).await.unwrap();

@@ -131,10 +131,12 @@
 //! with vectored writes. [`DataClient`] is the client side.
 
 mod client;
+mod copy;
 mod payload;
 mod wire;
 
 pub use client::{ChunkStream, ClientError, DataClient, ScrubReport, Segment};
+pub use copy::{copy_chunk, CopyTarget};
 pub use payload::{
     decode_data_payload, decode_entries, encode_entries, BadBlocks, ChunkEntry, ChunkInfo, CloneTarget, DirtyRegion,
     Entry, DIRTY_RECOVERED,

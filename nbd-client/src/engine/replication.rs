@@ -94,8 +94,11 @@ impl Volume {
                 return Err(EngineError::Fenced(epoch));
             }
             if results.iter().any(|r| matches!(r, Err(e) if e.code() == Some(ErrorCode::StaleGeneration))) {
-                // Our view is older than some replica's: re-read and redo.
+                // Our view is older than some replica's, or a replica is
+                // older than the set: re-read, bring laggards up, and redo.
+                let asked = view;
                 view = self.refresh(chunk).await?;
+                self.catch_up_generations(chunk, &asked, &results, &view).await;
                 continue;
             }
             let failed = failures(&view, results);
@@ -108,6 +111,31 @@ impl Volume {
             return Ok(());
         }
         Err(EngineError::Degraded { chunk, have: view.replicas.len(), need: self.min_replicas })
+    }
+
+    /// Moves members of `current` that refused a change for being behind its
+    /// generation (whoever moved the set could not reach them then) to it.
+    async fn catch_up_generations(
+        &self,
+        chunk: u64,
+        asked: &ChunkView,
+        results: &[Result<(), ClientError>],
+        current: &ChunkView,
+    ) {
+        let generation = current.generation;
+        let behind = asked.replicas.iter().zip(results).filter_map(|(replica, result)| match result {
+            Err(ClientError::Remote { code: ErrorCode::StaleGeneration, aux, .. })
+                if *aux < generation && current.replicas.iter().any(|r| r.server_id == replica.server_id) =>
+            {
+                Some(replica)
+            }
+            _ => None,
+        });
+        let data_id = self.info.data_id;
+        join_all(
+            behind.map(|r| self.on_replica(r, |c| async move { c.set_generation(data_id, chunk, generation).await })),
+        )
+        .await;
     }
 
     /// Reports `failed` replicas to meta, moves the survivors to the new

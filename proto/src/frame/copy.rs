@@ -1,0 +1,42 @@
+//! Copying a whole chunk from one chunk server to another: snapshot copies
+//! and replica rebuilds.
+
+use super::client::{ClientError, DataClient};
+use super::ErrorCode;
+
+/// Where a copied chunk goes and under which fencing it is written.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyTarget {
+    pub data_id: u64,
+    pub chunk: u64,
+    /// Chunk size in bytes.
+    pub size: u64,
+    /// Generation the new chunk is created with and written under.
+    pub generation: u64,
+    /// Fencing epoch of the writes: the volume's newest, so that a server
+    /// which has seen it accepts them.
+    pub epoch: u64,
+}
+
+/// Replaces whatever `to` holds of the chunk with `from`'s copy, checked
+/// block by block (the checksums travel with the data), and makes it
+/// durable. Blocks that read as zeros are skipped: a new chunk reads as
+/// zeros already.
+pub async fn copy_chunk(from: &DataClient, to: &DataClient, target: CopyTarget) -> Result<(), ClientError> {
+    let CopyTarget { data_id, chunk, size, generation, epoch } = target;
+    let size = u32::try_from(size).map_err(|_| ClientError::Protocol(format!("chunk size {size} too large")))?;
+    match to.delete_chunk(data_id, chunk, 0).await {
+        Err(e) if e.code() != Some(ErrorCode::NoSuchChunk) => return Err(e),
+        _ => {}
+    }
+    to.create_chunk(data_id, chunk, size, generation).await?;
+    let mut stream = from.read_chunk_stream(data_id, chunk, 0, 0, 0).await?;
+    while let Some(segment) = stream.next().await {
+        let segment = segment?;
+        if segment.data.iter().all(|b| *b == 0) {
+            continue;
+        }
+        to.write(data_id, chunk, segment.offset, segment.data, &segment.checksums, epoch, generation, false).await?;
+    }
+    to.flush(Some(data_id)).await
+}
