@@ -32,6 +32,9 @@ pub struct Process {
     pub binary: String,
     pub pid: u32,
     pub address: String,
+    /// Its command line, to start it again.
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -83,7 +86,8 @@ fn spawn(dir: &Path, bin_dir: &Path, name: &str, binary: &str, args: &[String]) 
     if !path.exists() {
         bail!("{} not found; build the workspace first (cargo build --release)", path.display());
     }
-    let log = fs::File::create(dir.join("logs").join(format!("{name}.log")))?;
+    // Appended to: a restarted process keeps its predecessor's log.
+    let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("logs").join(format!("{name}.log")))?;
     let child = Command::new(&path)
         .args(args)
         .stdin(Stdio::null())
@@ -137,7 +141,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
             bootstrap.clone(),
         ];
         let pid = spawn(&dir, &options.bin_dir, &name, "meta-raft", &args)?;
-        state.processes.push(Process { name, binary: "meta-raft".into(), pid, address: addr.clone() });
+        state.processes.push(Process { name, binary: "meta-raft".into(), pid, address: addr.clone(), args });
         write_state(&dir, &state)?;
     }
     let meta_list = meta_addrs.join(",");
@@ -159,7 +163,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
             format!("host={name}"),
         ];
         let pid = spawn(&dir, &options.bin_dir, &name, "storage-server", &args)?;
-        state.processes.push(Process { name, binary: "storage-server".into(), pid, address: addr });
+        state.processes.push(Process { name, binary: "storage-server".into(), pid, address: addr, args });
         write_state(&dir, &state)?;
     }
 
@@ -191,6 +195,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
         binary: "csi-plugin".into(),
         pid,
         address: format!("unix://{}", socket.display()),
+        args,
     });
     state.csi_socket = Some(socket.display().to_string());
     write_state(&dir, &state)?;
@@ -283,6 +288,7 @@ fn release_devices(dir: &Path, state: &ClusterState) {
 pub struct DevCluster {
     pub dir: PathBuf,
     pub state: ClusterState,
+    bin_dir: PathBuf,
 }
 
 /// Where cargo put the workspace binaries, seen from a test executable
@@ -299,9 +305,10 @@ pub fn workspace_bin_dir() -> PathBuf {
 
 impl DevCluster {
     pub async fn start(dir: &Path, meta: usize, storage: usize) -> anyhow::Result<DevCluster> {
-        let options = UpOptions { dir: dir.to_path_buf(), meta, storage, bin_dir: workspace_bin_dir() };
+        let bin_dir = workspace_bin_dir();
+        let options = UpOptions { dir: dir.to_path_buf(), meta, storage, bin_dir: bin_dir.clone() };
         match up(options).await {
-            Ok(state) => Ok(DevCluster { dir: dir.to_path_buf(), state }),
+            Ok(state) => Ok(DevCluster { dir: dir.to_path_buf(), state, bin_dir }),
             Err(e) => {
                 let _ = down(dir);
                 Err(e)
@@ -328,6 +335,20 @@ impl DevCluster {
         while is_running(process) {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts a stopped process (e.g. after [`DevCluster::kill`]) again
+    /// with the same command line and data.
+    pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let process = self.process(name);
+        if is_running(process) {
+            bail!("{name} is still running (pid {})", process.pid);
+        }
+        let pid = spawn(&self.dir, &self.bin_dir, name, &process.binary, &process.args)?;
+        if let Some(process) = self.state.processes.iter_mut().find(|p| p.name == name) {
+            process.pid = pid;
+        }
+        write_state(&self.dir, &self.state)
     }
 }
 

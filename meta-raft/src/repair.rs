@@ -2,6 +2,10 @@
 //! replicas its volume asks for.
 //!
 //! Each pass:
+//! 0. A chunk with a region its server found dirty when it restarted
+//!    (written since its last flush when it crashed: torn, or with stale
+//!    checksums) is suspect on that server: the server leaves the chunk's
+//!    set, and step 2 copies the chunk back from a peer.
 //! 1. Replicas on servers that missed heartbeats for longer than the repair
 //!    delay leave their set (as a writer's failure report would), and the
 //!    remaining members move to the new generation.
@@ -16,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, ErrorCode};
+use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, DirtyRegion, ErrorCode};
 use futures::future::join_all;
 
 use crate::error::MetaError;
@@ -137,6 +141,7 @@ impl Repairer {
     }
 
     async fn pass(&self) {
+        self.resync_dirty_regions().await;
         let work = {
             let applied = self.state.read().expect("state lock poisoned");
             plan(&applied.state, now_ms(), self.config.dead_after)
@@ -164,6 +169,79 @@ impl Repairer {
                 }
             }
         }
+    }
+
+    /// Resyncs the recovered dirty regions every live server lists.
+    async fn resync_dirty_regions(&self) {
+        let live: Vec<String> = {
+            let applied = self.state.read().expect("state lock poisoned");
+            let now = now_ms();
+            applied.state.servers.values().filter(|s| s.is_alive(now)).map(|s| s.id.clone()).collect()
+        };
+        for (server, client) in self.connect(&live).await {
+            let regions = match client.dirty_regions(None).await {
+                Ok(regions) => regions,
+                Err(e) => {
+                    tracing::debug!(%server, error = %e, "listing dirty regions");
+                    continue;
+                }
+            };
+            for region in regions.into_iter().filter(DirtyRegion::is_recovered) {
+                if let Err(e) = self.resync(&server, &client, &region).await {
+                    tracing::warn!(%server, data_id = region.volume, chunk = region.chunk, offset = region.offset,
+                        error = %e, "resyncing a dirty region failed; retrying on the next pass");
+                }
+            }
+        }
+    }
+
+    /// A recovered dirty region makes the server's copy of that chunk
+    /// suspect: the server leaves the chunk's set (its peers move to the new
+    /// generation) and the rebuild that follows copies the whole chunk from
+    /// a peer, onto it or another server. Copying only the region would race
+    /// writers, who keep writing to a member while its peers are paused.
+    async fn resync(&self, server: &str, client: &DataClient, region: &DirtyRegion) -> Result<(), RepairError> {
+        let found = {
+            let applied = self.state.read().expect("state lock poisoned");
+            let state = &applied.state;
+            state.volumes.values().find(|v| v.data_id == region.volume).map(|volume| {
+                let set = state.chunk_maps.get(&volume.id).and_then(|m| m.get(&region.chunk)).cloned();
+                (volume.id.clone(), set)
+            })
+        };
+        // Not a volume's (a snapshot's copy is redone by whoever takes it).
+        let Some((volume_id, set)) = found else { return Ok(()) };
+        if let Some(set) = set.filter(|set| set.servers.iter().any(|s| s == server)) {
+            let command = Command::ReportFailedReplica {
+                volume_id: volume_id.clone(),
+                chunk_index: region.chunk,
+                server_id: server.to_string(),
+                generation: set.generation,
+            };
+            match self.propose(command).await {
+                Ok(Outcome::ReplicaSet { set: current, .. }) => {
+                    tracing::warn!(%server, volume = %volume_id, chunk = region.chunk, offset = region.offset,
+                        "dirty after a crash: the replica leaves the set and is rebuilt from a peer");
+                    let members = self.connect(&current.servers).await;
+                    join_all(
+                        members.iter().map(|(_, c)| c.set_generation(region.volume, region.chunk, current.generation)),
+                    )
+                    .await;
+                }
+                // The last replica stays; its blocks are checked on every read.
+                Err(RepairError::Meta(MetaError::FailedPrecondition(_))) => {
+                    tracing::warn!(%server, volume = %volume_id, chunk = region.chunk,
+                        "a dirty region has no other replica to resync from")
+                }
+                Ok(other) => return Err(RepairError::Raft(format!("unexpected outcome {other:?}"))),
+                Err(e) => return Err(e),
+            }
+        }
+        client
+            .clear_dirty_regions(region.volume, region.chunk, 0, 0)
+            .await
+            .map_err(|e| RepairError::Server { server: server.to_string(), message: format!("clearing: {e}") })?;
+        Ok(())
     }
 
     async fn propose(&self, command: Command) -> Result<Outcome, RepairError> {
