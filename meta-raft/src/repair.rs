@@ -20,12 +20,12 @@
 
 use std::time::{Duration, Instant};
 
-use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, DirtyRegion, ErrorCode};
+use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, DirtyRegion, ErrorCode, HeldPause};
 use futures::future::join_all;
 
 use crate::error::MetaError;
 use crate::placement;
-use crate::state::{now_ms, MetaState, ReplicaSet};
+use crate::state::{now_ms, volume_id, MetaState, ReplicaSet};
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft, Request};
 
@@ -43,10 +43,12 @@ impl Default for RepairConfig {
     }
 }
 
-/// Servers pause a volume for this long at most; the rebuild must commit
-/// well within it, or it is abandoned.
+/// Each hold of a rebuild's pause lasts this long unless renewed (it is,
+/// while the rebuild runs); a rebuilder that dies releases it this way.
 const PAUSE: Duration = Duration::from_secs(30);
-const COMMIT_BEFORE: Duration = Duration::from_secs(20);
+/// How long a rebuild whose commit is undecided keeps the volume paused
+/// while it looks for the outcome.
+const UNDECIDED_WAIT: Duration = Duration::from_secs(30);
 /// Chunks rebuilt per pass: one pass never pauses volumes for long.
 const REBUILDS_PER_PASS: usize = 8;
 
@@ -103,6 +105,20 @@ fn copy_error(source: &str, target: &str, e: ClientError) -> RepairError {
     RepairError::Server { server: format!("{source} -> {target}"), message: format!("copying the chunk: {e}") }
 }
 
+/// How a rebuild failed: before its commit, or with the commit undecided.
+enum RebuildError {
+    NotCommitted(RepairError),
+    Undecided(RepairError),
+}
+
+impl RebuildError {
+    fn into_inner(self) -> RepairError {
+        match self {
+            RebuildError::NotCommitted(e) | RebuildError::Undecided(e) => e,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum RepairError {
     #[error("metadata: {0}")]
@@ -111,8 +127,6 @@ enum RepairError {
     Raft(String),
     #[error("{server}: {message}")]
     Server { server: String, message: String },
-    #[error("the copy took longer than {0:?}; abandoned")]
-    TooSlow(Duration),
 }
 
 pub struct Repairer {
@@ -201,25 +215,37 @@ impl Repairer {
     /// a peer, onto it or another server. Copying only the region would race
     /// writers, who keep writing to a member while its peers are paused.
     async fn resync(&self, server: &str, client: &DataClient, region: &DirtyRegion) -> Result<(), RepairError> {
-        let found = {
+        let volume_id = volume_id(region.volume);
+        let (set, peer_alive) = {
             let applied = self.state.read().expect("state lock poisoned");
             let state = &applied.state;
-            state.volumes.values().find(|v| v.data_id == region.volume).map(|volume| {
-                let set = state.chunk_maps.get(&volume.id).and_then(|m| m.get(&region.chunk)).cloned();
-                (volume.id.clone(), set)
-            })
+            if !state.volumes.contains_key(&volume_id) {
+                // Not a volume's (a snapshot's copy is redone by whoever takes it).
+                return Ok(());
+            }
+            let set = state.chunk_maps.get(&volume_id).and_then(|m| m.get(&region.chunk)).cloned();
+            let now = now_ms();
+            let peer_alive = set.as_ref().is_some_and(|set| {
+                set.servers.iter().any(|s| s != server && state.servers.get(s).is_some_and(|p| p.is_alive(now)))
+            });
+            (set, peer_alive)
         };
-        // Not a volume's (a snapshot's copy is redone by whoever takes it).
-        let Some((volume_id, set)) = found else { return Ok(()) };
         if let Some(set) = set.filter(|set| set.servers.iter().any(|s| s == server)) {
+            if !peer_alive {
+                // Its copy may be the only good one: keep it until a peer is
+                // back; its blocks are checked on every read meanwhile.
+                tracing::warn!(%server, volume = %volume_id, chunk = region.chunk,
+                    "a dirty chunk has no live peer to be rebuilt from; keeping it for now");
+                return Ok(());
+            }
             let command = Command::ReportFailedReplica {
                 volume_id: volume_id.clone(),
                 chunk_index: region.chunk,
                 server_id: server.to_string(),
                 generation: set.generation,
             };
-            match self.propose(command).await {
-                Ok(Outcome::ReplicaSet { set: current, .. }) => {
+            match self.propose(command).await? {
+                Outcome::ReplicaSet { set: current, .. } if !current.servers.iter().any(|s| s == server) => {
                     tracing::warn!(%server, volume = %volume_id, chunk = region.chunk, offset = region.offset,
                         "dirty after a crash: the replica leaves the set and is rebuilt from a peer");
                     let members = self.connect(&current.servers).await;
@@ -228,13 +254,9 @@ impl Repairer {
                     )
                     .await;
                 }
-                // The last replica stays; its blocks are checked on every read.
-                Err(RepairError::Meta(MetaError::FailedPrecondition(_))) => {
-                    tracing::warn!(%server, volume = %volume_id, chunk = region.chunk,
-                        "a dirty region has no other replica to resync from")
-                }
-                Ok(other) => return Err(RepairError::Raft(format!("unexpected outcome {other:?}"))),
-                Err(e) => return Err(e),
+                // The set moved on meanwhile: try again on the next pass.
+                Outcome::ReplicaSet { .. } => return Ok(()),
+                other => return Err(RepairError::Raft(format!("unexpected outcome {other:?}"))),
             }
         }
         client
@@ -322,23 +344,25 @@ impl Repairer {
             generation = chunk.set.generation, "rebuilding a replica");
         let started = Instant::now();
 
-        let paused = join_all(members.iter().map(|(_, c)| c.pause_volume(chunk.data_id, PAUSE))).await;
-        let result =
-            match members.iter().zip(&paused).find_map(|((server, _), r)| r.as_ref().err().map(|e| (server, e))) {
-                Some((server, e)) => {
-                    Err(RepairError::Server { server: server.clone(), message: format!("pausing the volume: {e}") })
-                }
-                None => self.copy_and_commit(chunk, &target, &target_client, &members, started).await,
-            };
-        join_all(members.iter().map(|(_, c)| c.resume_volume(chunk.data_id))).await;
+        // Renewed in the background until released: the volume stays
+        // paused for as long as the outcome is undecided.
+        let servers: Vec<DataClient> = members.iter().map(|(_, c)| c.clone()).collect();
+        let pause = HeldPause::acquire(servers, chunk.data_id, PAUSE).await.map_err(|(index, e)| {
+            RepairError::Server { server: members[index].0.clone(), message: format!("pausing the volume: {e}") }
+        })?;
+        let result = self.copy_and_commit(chunk, &target, &target_client, &members).await;
+        pause.release().await;
         match &result {
             Ok(()) => tracing::info!(volume = %chunk.volume_id, chunk = chunk.chunk_index, server = %target,
                 elapsed_ms = started.elapsed().as_millis() as u64, "replica rebuilt"),
-            Err(_) => {
+            // Never committed: the copy is nobody's.
+            Err(RebuildError::NotCommitted(_)) => {
                 let _ = target_client.delete_chunk(chunk.data_id, chunk.chunk_index, 0).await;
             }
+            // Maybe committed: the copy stays; orphan cleanup removes it if not.
+            Err(RebuildError::Undecided(_)) => {}
         }
-        result
+        result.map_err(RebuildError::into_inner)
     }
 
     async fn copy_and_commit(
@@ -347,8 +371,7 @@ impl Repairer {
         target: &str,
         target_client: &DataClient,
         members: &[(String, DataClient)],
-        started: Instant,
-    ) -> Result<(), RepairError> {
+    ) -> Result<(), RebuildError> {
         let next = chunk.set.generation + 1;
         let copy = CopyTarget {
             data_id: chunk.data_id,
@@ -358,38 +381,42 @@ impl Repairer {
             epoch: chunk.epoch,
         };
         // Any member holds every acknowledged write; the first that can be
-        // read is the source. A chunk allocated but never written exists
-        // nowhere, and its new replica is the empty chunk the copy creates.
+        // read is the source.
         let mut copied = false;
         let mut failure = None;
+        let mut absent = 0;
         for (server, source) in members {
             match copy_chunk(source, target_client, copy).await {
                 Ok(()) => {
                     copied = true;
                     break;
                 }
-                Err(e) if e.code() == Some(ErrorCode::NoSuchChunk) => {}
+                Err(e) if e.code() == Some(ErrorCode::NoSuchChunk) => absent += 1,
                 Err(e) => failure = Some(copy_error(server, target, e)),
             }
         }
         if !copied {
             if let Some(e) = failure {
-                return Err(e);
+                return Err(RebuildError::NotCommitted(e));
+            }
+            // Every member says the chunk does not exist: it was allocated
+            // and never written, and its new replica is an empty chunk.
+            if absent < chunk.set.servers.len() {
+                return Err(RebuildError::NotCommitted(RepairError::Server {
+                    server: "some member".into(),
+                    message: "unreachable, and the reachable ones hold no copy".into(),
+                }));
             }
             let size = chunk.chunk_size as u32;
-            let created = target_client.create_chunk(chunk.data_id, chunk.chunk_index, size, next).await;
-            match created {
+            match target_client.create_chunk(chunk.data_id, chunk.chunk_index, size, next).await {
                 Err(e) if e.code() != Some(ErrorCode::ChunkExists) => {
-                    return Err(RepairError::Server {
+                    return Err(RebuildError::NotCommitted(RepairError::Server {
                         server: target.into(),
                         message: format!("creating the chunk: {e}"),
-                    })
+                    }))
                 }
                 _ => {}
             }
-        }
-        if started.elapsed() > COMMIT_BEFORE {
-            return Err(RepairError::TooSlow(COMMIT_BEFORE));
         }
         let command = Command::AddReplica {
             volume_id: chunk.volume_id.clone(),
@@ -397,7 +424,16 @@ impl Repairer {
             server_id: target.to_string(),
             generation: chunk.set.generation,
         };
-        self.propose(command).await?;
+        match self.propose(command).await {
+            Ok(_) => {}
+            Err(e @ RepairError::Meta(_)) => return Err(RebuildError::NotCommitted(e)),
+            // Leadership changed or quorum lost: the entry may still commit.
+            Err(e) => {
+                if !self.wait_until_joined(chunk, target).await {
+                    return Err(RebuildError::Undecided(e));
+                }
+            }
+        }
         // Still paused: the members move to the new generation before any
         // waiting write goes on under the old one.
         for (server, client) in members {
@@ -406,6 +442,27 @@ impl Repairer {
             }
         }
         Ok(())
+    }
+
+    /// After a proposal whose outcome is unknown: waits (the volume stays
+    /// paused) until this member's state shows `target` in the chunk's set,
+    /// or [`UNDECIDED_WAIT`] passes.
+    async fn wait_until_joined(&self, chunk: &ChunkRepair, target: &str) -> bool {
+        let deadline = Instant::now() + UNDECIDED_WAIT;
+        while Instant::now() < deadline {
+            let joined = {
+                let applied = self.state.read().expect("state lock poisoned");
+                let set = applied.state.chunk_maps.get(&chunk.volume_id).and_then(|m| m.get(&chunk.chunk_index));
+                set.is_some_and(|s| s.generation > chunk.set.generation && s.servers.iter().any(|id| id == target))
+            };
+            if joined {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tracing::error!(volume = %chunk.volume_id, chunk = chunk.chunk_index, %target,
+            "cannot tell whether the rebuilt replica joined its set; the volume resumes");
+        false
     }
 }
 

@@ -232,6 +232,10 @@ async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: Path
         }
         None => attach::attach(opened.volume.clone(), options).await?,
     };
+    // Handlers first: the record tells `unmap` and `resize` they may signal.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut unmap = signal(SignalKind::user_defined1())?;
+    let mut grow = signal(SignalKind::hangup())?;
     let mapping = Mapping {
         volume_id: info.id.clone(),
         volume_name: info.name.clone(),
@@ -239,13 +243,10 @@ async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: Path
         method: device.kind().to_string(),
         pid: std::process::id(),
         epoch: opened.volume.epoch(),
+        resizable: true,
     };
     state.save(&mapping)?;
     tracing::info!(device = %mapping.device, method = %mapping.method, "volume mapped");
-
-    let mut term = signal(SignalKind::terminate())?;
-    let mut unmap = signal(SignalKind::user_defined1())?;
-    let mut grow = signal(SignalKind::hangup())?;
     loop {
         let detach = tokio::select! {
             _ = term.recv() => device.kind() == attach::AttachKind::FuseLoop,
@@ -382,6 +383,13 @@ async fn resize(target: String, meta: String, state_dir: PathBuf) -> anyhow::Res
     };
     if !mapping.is_served() {
         bail!("{} is mapped but its serving process {} is gone; map it again", mapping.device, mapping.pid);
+    }
+    if !mapping.resizable {
+        bail!(
+            "the serving process {} of {} predates online resizing; unmap and map the volume to get its new size",
+            mapping.pid,
+            mapping.device
+        );
     }
     let meta = MetaClient::from_list(&meta)?;
     let volume = nbd_client::engine::find_volume(&meta, &mapping.volume_id).await?;

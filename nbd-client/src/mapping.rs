@@ -20,6 +20,10 @@ pub struct Mapping {
     /// The serving process.
     pub pid: u32,
     pub epoch: u64,
+    /// Whether the serving process grows the device on SIGHUP (`resize`);
+    /// processes of older versions would die of the signal.
+    #[serde(default)]
+    pub resizable: bool,
 }
 
 impl Mapping {
@@ -137,6 +141,7 @@ mod tests {
             method: "fuse-loop".into(),
             pid: 1,
             epoch: 4,
+            resizable: true,
         };
         state.save(&mapping).unwrap();
         assert_eq!(state.load("vol-1").unwrap(), Some(mapping.clone()));

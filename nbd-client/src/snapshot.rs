@@ -15,9 +15,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, ErrorCode};
+use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, ErrorCode, HeldPause};
 use ballast_proto::meta as pb;
-use futures::future::join_all;
 use meta_raft::MetaClient;
 
 use crate::engine::{find_volume, EngineError, EngineOptions, Volume};
@@ -67,22 +66,20 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
         clients.insert(address.clone(), connect(address).await?);
     }
 
-    // Pause everywhere first; clone only once every server has paused.
-    let paused = join_all(clients.values().map(|c| c.pause_volume(source.data_id, PAUSE_TIMEOUT))).await;
-    let cloned = match paused.into_iter().zip(clients.keys()).find_map(|(r, a)| r.err().map(|e| (a.clone(), e))) {
-        Some((address, source)) => Err(SnapshotError::Server { address, source }),
-        None => {
-            // Renew the pause while cloning, so many chunks take as long as they need.
-            let renewing = renew_pauses(clients.values().cloned().collect(), source.data_id);
+    // Pause everywhere first; clone only once every server has paused. The
+    // pause is renewed while cloning, so many chunks take as long as they need.
+    let servers: Vec<DataClient> = clients.values().cloned().collect();
+    let cloned = match HeldPause::acquire(servers, source.data_id, PAUSE_TIMEOUT).await {
+        Err((index, source)) => {
+            let address = clients.keys().nth(index).cloned().unwrap_or_default();
+            Err(SnapshotError::Server { address, source })
+        }
+        Ok(pause) => {
             let cloned = clone_chunks(&clients, &map, source.data_id, snapshot.data_id).await;
-            renewing.abort();
+            pause.release().await;
             cloned
         }
     };
-    for client in clients.values() {
-        // An unresumed server resumes by itself when the pause times out.
-        let _ = client.resume_volume(source.data_id).await;
-    }
     let primaries = cloned?;
 
     // Redundancy: copy each clone to the rest of the chunk's replica set.
@@ -111,16 +108,6 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
     }
     let request = pb::CompleteSnapshotRequest { snapshot_id: snapshot.id.clone(), chunks };
     Ok(meta.complete_snapshot(request).await?)
-}
-
-/// Re-sends PAUSE every third of the pause timeout until aborted.
-fn renew_pauses(clients: Vec<DataClient>, volume: u64) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(PAUSE_TIMEOUT / 3).await;
-            join_all(clients.iter().map(|c| c.pause_volume(volume, PAUSE_TIMEOUT))).await;
-        }
-    })
 }
 
 /// Clones every chunk on the first replica that manages it; returns the

@@ -129,6 +129,8 @@ async fn lost_replicas_are_rebuilt_on_a_spare_server_while_writes_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_servers_dirty_chunks_are_rebuilt_from_a_peer() {
     std::env::set_var("BALLAST_META_REPAIR_INTERVAL", "1");
+    // Long enough that storage1 is never given up as dead here.
+    std::env::set_var("BALLAST_META_REPAIR_AFTER", "600");
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = DevCluster::start(dir.path(), 3, 3).await.unwrap();
     let meta = cluster.meta();
@@ -162,6 +164,7 @@ async fn a_restarted_servers_dirty_chunks_are_rebuilt_from_a_peer() {
 
     // The repair loop takes the suspect replica out of the chunk's set and
     // rebuilds it from a peer (onto storage1 again: no other server is free).
+    let clean_chunk = chunk_map(&meta, &info.id).await[1].clone();
     let generation = chunk_map(&meta, &info.id).await[0].generation;
     let deadline = Instant::now() + Duration::from_secs(60);
     let client = loop {
@@ -177,6 +180,7 @@ async fn a_restarted_servers_dirty_chunks_are_rebuilt_from_a_peer() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     eprintln!("suspect replica rebuilt {:?} after the restart", restarted.elapsed());
+    assert_eq!(chunk_map(&meta, &info.id).await[1], clean_chunk, "a chunk flushed before the crash is left alone");
     let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, 0).await.expect("every block verifies");
     assert!(data[..] == unflushed[..], "the restarted replica holds what its peers hold");
     assert_eq!(volume.read_at(0, MIB).await.unwrap(), Bytes::from(unflushed));

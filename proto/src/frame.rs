@@ -132,11 +132,13 @@
 
 mod client;
 mod copy;
+mod held_pause;
 mod payload;
 mod wire;
 
 pub use client::{ChunkStream, ClientError, DataClient, ScrubReport, Segment};
 pub use copy::{copy_chunk, CopyTarget};
+pub use held_pause::HeldPause;
 pub use payload::{
     decode_data_payload, decode_entries, encode_entries, BadBlocks, ChunkEntry, ChunkInfo, CloneTarget, DirtyRegion,
     Entry, DIRTY_RECOVERED,

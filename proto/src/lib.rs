@@ -5,6 +5,7 @@
 //! - [`meta`]: the metadata service API and the Raft transport between members.
 //! - [`frame`]: the binary data-plane protocol between volume engines and
 //!   chunk servers.
+//! - [`range_lock`]: the byte range lock both ends of it order writes with.
 
 pub mod csi {
     tonic::include_proto!("csi.v1");
@@ -15,3 +16,4 @@ pub mod meta {
 }
 
 pub mod frame;
+pub mod range_lock;

@@ -205,6 +205,17 @@ async fn paused_changes_wait_until_resume(backend: BackendChoice) {
     coordinator.resume_volume(VOL).await.unwrap();
     coordinator.resume_volume(0x7777).await.unwrap();
     prompt("a write after the resume", write(&engine, VOL, 0, 0, pattern(4, 0, 1), 0, false)).await.unwrap();
+
+    // Two holders (a snapshot and a rebuild, say): each resume ends only
+    // its own hold, and the volume resumes with the last.
+    coordinator.pause_volume_for(VOL, 11, Duration::from_secs(30)).await.unwrap();
+    coordinator.pause_volume_for(VOL, 22, Duration::from_secs(30)).await.unwrap();
+    let w = spawn_write(&engine, VOL, 0, 0, pattern(5, 0, 1));
+    coordinator.resume_volume_for(VOL, 11).await.unwrap();
+    coordinator.resume_volume(VOL).await.unwrap();
+    still_pending(&w, Duration::from_millis(300), "a write held by a second holder").await;
+    coordinator.resume_volume_for(VOL, 22).await.unwrap();
+    prompt("the write after the last hold ended", w).await.unwrap().unwrap();
     t.stop().await;
 }
 

@@ -10,7 +10,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
@@ -24,11 +24,14 @@ use crate::nbd::{ExportInfo, ExportOptions, NbdServer};
 /// dropped one (netlink `NBD_CMD_RECONFIGURE`). Blocking.
 pub(crate) type Replacer = Arc<dyn Fn(OwnedFd) -> Result<(), AttachError> + Send + Sync>;
 
-/// Attempts to replace one dropped connection before giving up on it.
-const REPLACE_ATTEMPTS: u32 = 10;
 /// The driver marks a connection dead just after shutting it down: a
-/// replacement offered in between finds no dead slot and is retried.
-const REPLACE_RETRY: Duration = Duration::from_millis(200);
+/// replacement offered in between finds no dead slot and is retried, after
+/// this long at first and up to [`RETRY_MAX`] later.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// A replacement that ends sooner than this was most likely not taken (the
+/// driver closes a socket it had no slot for): the next waits.
+const SHORT_LIVED: Duration = Duration::from_secs(1);
 
 pub(crate) struct KernelConnections<E: BlockExport> {
     server: NbdServer<E>,
@@ -134,7 +137,9 @@ struct Connection<E: BlockExport> {
 
 impl<E: BlockExport> Connection<E> {
     async fn serve(self, mut ours: UnixStream) {
+        let mut pause = Duration::ZERO;
         loop {
+            let started = Instant::now();
             match self.server.serve_transmission(ours, "").await {
                 Ok(()) => debug!(connection = self.slot, "kernel nbd connection closed"),
                 Err(e) => warn!(connection = self.slot, error = %e, "kernel nbd connection failed"),
@@ -145,6 +150,12 @@ impl<E: BlockExport> Connection<E> {
             let Some(replacer) = &self.replacer else {
                 return;
             };
+            pause = if started.elapsed() < SHORT_LIVED {
+                (pause * 2).clamp(RETRY_FIRST, RETRY_MAX)
+            } else {
+                Duration::ZERO
+            };
+            tokio::time::sleep(pause).await;
             match self.replace(replacer).await {
                 Some(replacement) => ours = replacement,
                 None => return,
@@ -152,9 +163,11 @@ impl<E: BlockExport> Connection<E> {
         }
     }
 
-    /// Offers the driver a new connection until it takes one.
+    /// Offers the driver a new connection until it takes one, the device
+    /// goes away, or it is being disconnected.
     async fn replace(&self, replacer: &Replacer) -> Option<UnixStream> {
-        for attempt in 1..=REPLACE_ATTEMPTS {
+        let mut delay = RETRY_FIRST;
+        for attempt in 1.. {
             if self.closing.load(Ordering::SeqCst) {
                 return None;
             }
@@ -171,15 +184,19 @@ impl<E: BlockExport> Connection<E> {
                     info!(connection = self.slot, attempt, "replaced a connection the kernel dropped");
                     return Some(ours);
                 }
+                Ok(Err(e @ (AttachError::BackendMismatch { .. } | AttachError::Unsupported(_)))) => {
+                    warn!(connection = self.slot, error = %e, "not replacing a dropped nbd connection");
+                    return None;
+                }
                 Ok(Err(e)) => debug!(connection = self.slot, attempt, error = %e, "replacement refused; retrying"),
                 Err(e) => {
                     warn!(connection = self.slot, error = %e, "replacing a connection panicked");
                     return None;
                 }
             }
-            tokio::time::sleep(REPLACE_RETRY).await;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
         }
-        warn!(connection = self.slot, "the kernel refused every replacement; the device runs with one connection less");
         None
     }
 }

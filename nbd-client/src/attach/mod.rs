@@ -549,7 +549,15 @@ fn netlink_replacer(index: Arc<AtomicU32>, backend: Option<String>) -> Replacer 
     Arc::new(move |kernel_end: OwnedFd| {
         let index = index.load(Ordering::SeqCst);
         if index == NOT_CONNECTED {
-            return Err(AttachError::Unsupported("the device is not connected yet"));
+            return Err(AttachError::io("replacing a connection", std::io::Error::other("not connected yet")));
+        }
+        // The device may have been disconnected and reused for another
+        // volume meanwhile: never hand that one our socket.
+        if let Some(expected) = &backend {
+            let found = sysfs::nbd_backend(Path::new(sysfs::SYS_BLOCK), index).unwrap_or_default();
+            if found != *expected {
+                return Err(AttachError::BackendMismatch { index, expected: expected.clone(), found });
+            }
         }
         let params = ReconfigureParams { backend: backend.clone(), ..Default::default() };
         NbdNetlink::open()?.reconfigure(index, &params, &[kernel_end.as_fd()]).map_err(AttachError::from)

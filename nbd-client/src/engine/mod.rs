@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use ballast_proto::frame::BLOCK_SIZE;
 use ballast_proto::meta as pb;
+use ballast_proto::range_lock::{RangeGuard, RangeLock};
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use meta_raft::MetaClient;
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::Mutex;
 
 pub use chunk_map::{ChunkView, Replica};
 pub use error::EngineError;
@@ -30,8 +31,6 @@ use layout::{pieces, Piece};
 use crate::export::{BlockExport, ExportError};
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
-/// Unaligned writes of one chunk stripe exclude other writes to it.
-const WRITE_STRIPES: usize = 64;
 
 /// How a volume is opened.
 #[derive(Clone, Debug)]
@@ -72,7 +71,11 @@ pub struct Volume {
     meta: MetaClient,
     map: chunk_map::ChunkMap,
     pool: pool::ConnectionPool,
-    write_stripes: Vec<RwLock<()>>,
+    /// Overlapping changes run one at a time, in the order they came: a
+    /// request the kernel resent after a timeout never lands after a newer
+    /// write to the same blocks, and a read-modify-write sees no change
+    /// between its read and its write. Byte ranges of the volume, whole blocks.
+    changes: RangeLock,
     allocation: Mutex<()>,
     read_rotation: AtomicUsize,
 }
@@ -100,7 +103,7 @@ impl Volume {
             min_replicas,
             map: chunk_map::ChunkMap::from_meta(&map),
             pool: pool::ConnectionPool::default(),
-            write_stripes: (0..WRITE_STRIPES).map(|_| RwLock::new(())).collect(),
+            changes: RangeLock::default(),
             allocation: Mutex::new(()),
             read_rotation: AtomicUsize::new(0),
             size: AtomicU64::new(info.size_bytes),
@@ -154,8 +157,11 @@ impl Volume {
         Ok(())
     }
 
-    fn stripe(&self, chunk: u64) -> &RwLock<()> {
-        &self.write_stripes[chunk as usize % WRITE_STRIPES]
+    /// Locks the whole blocks a change to `piece` touches.
+    async fn lock_blocks(&self, piece: &Piece) -> RangeGuard<'_> {
+        let (start, len) = piece.aligned();
+        let base = piece.chunk * self.info.chunk_size_bytes;
+        self.changes.lock(base + start, base + start + len, true).await
     }
 
     /// Reads `len` bytes at `offset`.
@@ -203,13 +209,11 @@ impl Volume {
     }
 
     async fn write_piece(&self, piece: &Piece, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let _blocks = self.lock_blocks(piece).await;
         if piece.is_aligned() {
-            let _shared = self.stripe(piece.chunk).read().await;
             return self.write_blocks(piece.chunk, piece.offset, data, fua).await;
         }
-        // Read-modify-write of the partial blocks at either end; exclusive
-        // so that no other write to the chunk lands between read and write.
-        let _exclusive = self.stripe(piece.chunk).write().await;
+        // Read-modify-write of the partial blocks at either end.
         let (start, len) = piece.aligned();
         let mut merged = BytesMut::with_capacity(len as usize);
         let head_partial = piece.offset != start;
@@ -255,7 +259,7 @@ impl Volume {
             if !p.is_aligned() {
                 return self.write_piece(p, Bytes::from(vec![0u8; p.len as usize]), fua).await;
             }
-            let _shared = self.stripe(p.chunk).read().await;
+            let _blocks = self.lock_blocks(p).await;
             let (data_id, epoch, chunk, off, n) =
                 (self.info.data_id, self.options.epoch, p.chunk, p.offset, p.len as u32);
             self.replicate(p.chunk, |client, generation| async move {

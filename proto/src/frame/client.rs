@@ -519,15 +519,33 @@ impl DataClient {
     /// Waiting changes occupy the connection's request slots: pause and
     /// resume over a connection that carries no writes.
     pub async fn pause_volume(&self, volume: u64, timeout: Duration) -> Result<(), ClientError> {
-        let header =
-            RequestHeader { volume, length: pause_timeout_ms(timeout), ..RequestHeader::new(Opcode::VolumePause, 0) };
+        self.pause_volume_for(volume, 0, timeout).await
+    }
+
+    /// [`DataClient::pause_volume`] as `holder`: the volume stays paused
+    /// while any holder holds it, and each holder ends only its own hold
+    /// ([`DataClient::resume_volume_for`]), so concurrent coordinators (a
+    /// snapshot, a replica rebuild) never end each other's pause.
+    pub async fn pause_volume_for(&self, volume: u64, holder: u64, timeout: Duration) -> Result<(), ClientError> {
+        let header = RequestHeader {
+            volume,
+            offset: holder,
+            length: pause_timeout_ms(timeout),
+            ..RequestHeader::new(Opcode::VolumePause, 0)
+        };
         self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
     }
 
     /// Ends a pause of `volume`; its waiting changes proceed. Succeeds when
     /// the volume is not paused.
     pub async fn resume_volume(&self, volume: u64) -> Result<(), ClientError> {
-        let header = RequestHeader { volume, ..RequestHeader::new(Opcode::VolumeResume, 0) };
+        self.resume_volume_for(volume, 0).await
+    }
+
+    /// Ends `holder`'s hold on `volume`; the volume resumes when no other
+    /// holder remains.
+    pub async fn resume_volume_for(&self, volume: u64, holder: u64) -> Result<(), ClientError> {
+        let header = RequestHeader { volume, offset: holder, ..RequestHeader::new(Opcode::VolumeResume, 0) };
         self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
     }
 

@@ -144,13 +144,15 @@ impl Handler {
                 reply(Bytes::new(), Bytes::new())
             }
             Opcode::VolumePause => {
-                let granted = self.store.pause_volume(h.volume, Duration::from_millis(u64::from(h.length))).await?;
+                // The holder rides in the otherwise unused offset field.
+                let timeout = Duration::from_millis(u64::from(h.length));
+                let granted = self.store.pause_volume(h.volume, h.offset, timeout).await?;
                 let header =
                     ReplyHeader { aux: granted.as_millis() as u64, ..ReplyHeader::new(h.opcode, h.request_id, Ok(())) };
                 WireFrame::reply(&header, Bytes::new(), Bytes::new())
             }
             Opcode::VolumeResume => {
-                self.store.resume_volume(h.volume);
+                self.store.resume_volume(h.volume, h.offset);
                 reply(Bytes::new(), Bytes::new())
             }
             Opcode::ChunkInfo => {

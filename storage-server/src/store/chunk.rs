@@ -27,9 +27,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::backend::{aligned, fallocate_fd, open_direct, IoBackend, IoFile};
 use super::bitmap::Bitmap;
 use super::buf::{AlignedBuf, BufPool, ALIGN};
-use super::range_lock::{RangeGuard, RangeLock};
 use crate::checksum::{verify_block, UNWRITTEN};
 use crate::error::StoreError;
+use ballast_proto::range_lock::{RangeGuard, RangeLock};
 
 /// Bytes before the data.
 pub const HEADER_LEN: u64 = 4096;

@@ -15,7 +15,6 @@ pub mod bitmap;
 pub mod buf;
 pub mod chunk;
 pub mod pause;
-pub mod range_lock;
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -36,10 +35,10 @@ use crate::error::StoreError;
 use crate::fencing::Fencing;
 use crate::metrics::metrics;
 use backend::{IoBackend, PUNCH_HOLE, ZERO_RANGE};
+use ballast_proto::range_lock::RangeGuard;
 use buf::BufPool;
 use chunk::{sync_dir, Chunk, ChunkKey, MAX_CHUNK_SIZE, REGION_SIZE};
 use pause::Pauses;
-use range_lock::RangeGuard;
 
 /// What a change must prove: the attachment epoch and the chunk generation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -460,13 +459,13 @@ impl Store {
 
     /// Pauses changes to `volume` (see [`pause`]) and waits for those in
     /// flight; returns the timeout granted.
-    pub async fn pause_volume(&self, volume: u64, timeout: Duration) -> Result<Duration, StoreError> {
-        self.pauses.pause(volume, timeout).await
+    pub async fn pause_volume(&self, volume: u64, holder: u64, timeout: Duration) -> Result<Duration, StoreError> {
+        self.pauses.pause(volume, holder, timeout).await
     }
 
-    /// Ends a pause of `volume`; true if it was paused.
-    pub fn resume_volume(&self, volume: u64) -> bool {
-        self.pauses.resume(volume)
+    /// Ends `holder`'s hold on `volume`; true if the volume is no longer paused.
+    pub fn resume_volume(&self, volume: u64, holder: u64) -> bool {
+        self.pauses.resume(volume, holder)
     }
 
     pub fn is_paused(&self, volume: u64) -> bool {

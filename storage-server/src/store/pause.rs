@@ -4,7 +4,10 @@
 //! have finished. Nothing else waits: reads, flushes and chunk admin
 //! (clones included) never pass through the gate.
 //!
-//! A pause ends on resume, or by itself when its timeout elapses, so a
+//! A pause has holders (a snapshot, a replica rebuild), each named by the
+//! coordinator and with its own timeout; the volume stays paused while any
+//! holder remains, so one coordinator's resume never ends another's pause.
+//! A holder leaves on resume, or by itself when its timeout elapses, so a
 //! coordinator that dies mid-snapshot cannot hold a volume for ever.
 
 use std::collections::HashMap;
@@ -64,8 +67,16 @@ struct Volume {
 struct Pause {
     /// Tells this pause from a later one of the same volume.
     token: u64,
-    deadline: Instant,
+    /// Holder → when its hold ends.
+    holders: HashMap<u64, Instant>,
     timer: AbortHandle,
+}
+
+impl Pause {
+    /// When the last holder's hold ends.
+    fn deadline(&self) -> Instant {
+        self.holders.values().copied().max().unwrap_or_else(Instant::now)
+    }
 }
 
 impl Inner {
@@ -134,10 +145,11 @@ impl Pauses {
         }
     }
 
-    /// Pauses `volume` for `timeout` (see [`granted`]), or renews its pause,
-    /// then waits until its in-flight changes have finished. Returns the
-    /// timeout granted; `Interrupted` if the pause ended first.
-    pub async fn pause(&self, volume: u64, timeout: Duration) -> Result<Duration, StoreError> {
+    /// Pauses `volume` for `holder` for `timeout` (see [`granted`]), or
+    /// renews that holder's hold, then waits until the volume's in-flight
+    /// changes have finished. Returns the timeout granted; `Interrupted` if
+    /// the pause ended first.
+    pub async fn pause(&self, volume: u64, holder: u64, timeout: Duration) -> Result<Duration, StoreError> {
         let timeout = granted(timeout);
         let deadline = Instant::now() + timeout;
         {
@@ -148,13 +160,16 @@ impl Pauses {
             let State { volumes, next_token, .. } = &mut *state;
             let v = volumes.entry(volume).or_default();
             match &mut v.pause {
-                Some(pause) => pause.deadline = deadline,
+                Some(pause) => {
+                    pause.holders.insert(holder, deadline);
+                }
                 None => {
                     *next_token += 1;
                     let token = *next_token;
                     let timer = tokio::spawn(expire(Arc::downgrade(&self.inner), volume, token, deadline));
-                    v.pause = Some(Pause { token, deadline, timer: timer.abort_handle() });
-                    tracing::info!(volume, ?timeout, "volume paused");
+                    let holders = HashMap::from([(holder, deadline)]);
+                    v.pause = Some(Pause { token, holders, timer: timer.abort_handle() });
+                    tracing::info!(volume, holder, ?timeout, "volume paused");
                 }
             }
             let paused = state.paused_count();
@@ -185,11 +200,18 @@ impl Pauses {
         }
     }
 
-    /// Ends the pause of `volume`, if any; true if there was one.
-    pub fn resume(&self, volume: u64) -> bool {
+    /// Ends `holder`'s hold on `volume`; true if that ended the pause (no
+    /// other holder remains).
+    pub fn resume(&self, volume: u64, holder: u64) -> bool {
         let resumed = {
             let mut state = self.inner.lock();
-            let pause = state.volumes.get_mut(&volume).and_then(|v| v.pause.take());
+            let Some(v) = state.volumes.get_mut(&volume) else { return false };
+            if let Some(pause) = &mut v.pause {
+                if pause.holders.remove(&holder).is_none() || !pause.holders.is_empty() {
+                    return false;
+                }
+            }
+            let pause = v.pause.take();
             state.tidy(volume);
             if let Some(pause) = &pause {
                 pause.timer.abort();
@@ -218,17 +240,20 @@ impl Pauses {
     }
 }
 
-/// Ends the pause `token` of `volume` at its deadline (which renewals move).
+/// Ends the holds of the pause `token` of `volume` as their deadlines
+/// (which renewals move) pass, and the pause with the last of them.
 async fn expire(inner: Weak<Inner>, volume: u64, token: u64, mut deadline: Instant) {
     loop {
         tokio::time::sleep_until(deadline).await;
         let Some(inner) = inner.upgrade() else { return };
         let mut state = inner.lock();
         let Some(v) = state.volumes.get_mut(&volume) else { return };
-        match &v.pause {
+        match &mut v.pause {
             Some(pause) if pause.token == token => {
-                if pause.deadline > Instant::now() {
-                    deadline = pause.deadline;
+                let now = Instant::now();
+                pause.holders.retain(|_, until| *until > now);
+                if !pause.holders.is_empty() {
+                    deadline = pause.deadline();
                     continue;
                 }
             }
@@ -266,14 +291,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn changes_wait_while_paused_and_resume_releases_them() {
         let p = Pauses::default();
-        assert_eq!(p.pause(1, Duration::from_secs(30)).await.unwrap(), Duration::from_secs(30));
+        assert_eq!(p.pause(1, 0, Duration::from_secs(30)).await.unwrap(), Duration::from_secs(30));
         assert!(p.is_paused(1));
         let mut waiting = Box::pin(p.admit(1));
         assert!(pending(&mut waiting).await);
         // Other volumes are not paused.
         drop(p.admit(2).await.unwrap());
-        assert!(p.resume(1));
-        assert!(!p.resume(1), "resuming again is a no-op");
+        assert!(p.resume(1, 0));
+        assert!(!p.resume(1, 0), "resuming again is a no-op");
         let guard = waiting.await.unwrap();
         drop(guard);
         assert!(p.inner.lock().volumes.is_empty(), "idle volumes leave no entry");
@@ -284,7 +309,7 @@ mod tests {
         let p = Pauses::default();
         let a = p.admit(7).await.unwrap();
         let b = p.admit(7).await.unwrap();
-        let mut pausing = Box::pin(p.pause(7, Duration::ZERO));
+        let mut pausing = Box::pin(p.pause(7, 0, Duration::ZERO));
         assert!(pending(&mut pausing).await);
         drop(a);
         assert!(pending(&mut pausing).await);
@@ -298,31 +323,31 @@ mod tests {
     async fn pause_times_out_and_renewal_extends_it() {
         let p = Pauses::default();
         let start = Instant::now();
-        p.pause(3, Duration::from_secs(2)).await.unwrap();
+        p.pause(3, 0, Duration::from_secs(2)).await.unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        p.pause(3, Duration::from_secs(2)).await.unwrap();
+        p.pause(3, 0, Duration::from_secs(2)).await.unwrap();
         let guard = p.admit(3).await.unwrap();
         let waited = start.elapsed();
         assert!(waited >= Duration::from_secs(3), "the renewed pause ran 2 s from the renewal: {waited:?}");
         assert!(waited < Duration::from_millis(3100), "{waited:?}");
         assert!(!p.is_paused(3));
         drop(guard);
-        assert!(!p.resume(3), "a timed-out pause needs no resume");
+        assert!(!p.resume(3, 0), "a timed-out pause needs no resume");
     }
 
     #[tokio::test(start_paused = true)]
     async fn pause_that_ends_before_the_drain_is_interrupted() {
         let p = Pauses::default();
         let inflight = p.admit(5).await.unwrap();
-        let err = p.pause(5, Duration::from_millis(100)).await.unwrap_err();
+        let err = p.pause(5, 0, Duration::from_millis(100)).await.unwrap_err();
         assert!(matches!(err, StoreError::Interrupted(_)), "{err}");
         assert!(!p.is_paused(5));
         drop(inflight);
 
         let inflight = p.admit(5).await.unwrap();
-        let mut pausing = Box::pin(p.pause(5, Duration::from_secs(10)));
+        let mut pausing = Box::pin(p.pause(5, 0, Duration::from_secs(10)));
         assert!(pending(&mut pausing).await);
-        p.resume(5);
+        p.resume(5, 0);
         assert!(matches!(pausing.await, Err(StoreError::Interrupted(_))));
         drop(inflight);
     }
@@ -330,13 +355,34 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn close_fails_waiters_but_not_unpaused_changes() {
         let p = Pauses::default();
-        p.pause(9, Duration::from_secs(30)).await.unwrap();
+        p.pause(9, 0, Duration::from_secs(30)).await.unwrap();
         let mut waiting = Box::pin(p.admit(9));
         assert!(pending(&mut waiting).await);
         p.close();
         assert!(matches!(waiting.await, Err(StoreError::ShuttingDown)));
         assert!(matches!(p.admit(9).await, Err(StoreError::ShuttingDown)));
-        assert!(matches!(p.pause(10, Duration::ZERO).await, Err(StoreError::ShuttingDown)));
+        assert!(matches!(p.pause(10, 0, Duration::ZERO).await, Err(StoreError::ShuttingDown)));
         drop(p.admit(10).await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_lasts_while_any_holder_holds_it() {
+        let p = Pauses::default();
+        p.pause(4, 1, Duration::from_secs(30)).await.unwrap();
+        p.pause(4, 2, Duration::from_secs(5)).await.unwrap();
+        assert!(!p.resume(4, 1), "holder 2 still holds the volume");
+        assert!(p.is_paused(4));
+        assert!(!p.resume(4, 7), "a holder that holds nothing changes nothing");
+        // Holder 2's hold runs out by itself.
+        let start = Instant::now();
+        drop(p.admit(4).await.unwrap());
+        assert!(start.elapsed() >= Duration::from_secs(5), "{:?}", start.elapsed());
+
+        p.pause(4, 1, Duration::from_secs(2)).await.unwrap();
+        p.pause(4, 2, Duration::from_secs(30)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(p.is_paused(4), "holder 1's timeout ends only its own hold");
+        assert!(p.resume(4, 2));
+        assert!(!p.is_paused(4));
     }
 }

@@ -1,6 +1,8 @@
-//! Per-chunk block range locks: overlapping writes are serialised, and reads
-//! exclude overlapping writes, so a block's data and its checksum always
-//! change together and a reader never sees one without the other.
+//! Byte range locks: overlapping holders wait for each other unless all are
+//! shared. The chunk server serialises overlapping writes and keeps readers
+//! out of blocks being written (a block's data and checksum change
+//! together); the volume engine serialises overlapping writes so that they
+//! land on every replica in the order they were issued.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
