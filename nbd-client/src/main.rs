@@ -252,7 +252,7 @@ async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: Path
             _ = term.recv() => device.kind() == attach::AttachKind::FuseLoop,
             _ = unmap.recv() => true,
             _ = grow.recv() => {
-                grow_device(&opened.volume, &device).await;
+                grow_device(&opened.volume, &device, &state.resize_error_path(&info.id)).await;
                 continue;
             }
         };
@@ -275,8 +275,9 @@ async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: Path
 }
 
 /// SIGHUP (sent by `resize`): serve the volume's size in metadata and make
-/// the device that large. Failures are logged; the device keeps serving.
-async fn grow_device(volume: &Volume, device: &AttachedDevice<Volume>) {
+/// the device that large. A failure is logged and written to `error_file`
+/// for `resize` to report; the device keeps serving.
+async fn grow_device(volume: &Volume, device: &AttachedDevice<Volume>, error_file: &std::path::Path) {
     let grown = async {
         let size = volume.refresh_size().await?;
         let device_size = device.resize().await?;
@@ -284,7 +285,12 @@ async fn grow_device(volume: &Volume, device: &AttachedDevice<Volume>) {
     };
     match grown.await {
         Ok((size, device_size)) => tracing::info!(size, device_size, "device resized to the volume's size"),
-        Err(e) => tracing::error!(error = %e, "cannot grow the device"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot grow the device");
+            if let Err(write) = std::fs::write(error_file, format!("{e:#}")) {
+                tracing::warn!(error = %write, "cannot report the failure to `resize`");
+            }
+        }
     }
 }
 
@@ -400,6 +406,8 @@ async fn resize(target: String, meta: String, state_dir: PathBuf) -> anyhow::Res
         println!("{}", device_size().unwrap_or_default());
         return Ok(());
     }
+    let error_file = state.resize_error_path(&mapping.volume_id);
+    let _ = std::fs::remove_file(&error_file);
     let pid = nix::unistd::Pid::from_raw(mapping.pid as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -408,6 +416,9 @@ async fn resize(target: String, meta: String, state_dir: PathBuf) -> anyhow::Res
         if now >= wanted {
             println!("{now}");
             return Ok(());
+        }
+        if let Ok(error) = std::fs::read_to_string(&error_file) {
+            bail!("the serving process {} could not grow {}: {error}", mapping.pid, mapping.device);
         }
         if !mapping.is_served() {
             bail!("the serving process {} exited while growing {}", mapping.pid, mapping.device);

@@ -66,6 +66,11 @@ impl StateDir {
         self.dir.join(format!("{volume_id}.log"))
     }
 
+    /// Where the serving process reports why its last resize failed.
+    pub fn resize_error_path(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{volume_id}.resize-error"))
+    }
+
     /// Writes a record atomically (rename), so readers never see half of one.
     pub fn save(&self, mapping: &Mapping) -> io::Result<()> {
         let tmp = self.dir.join(format!(".{}.tmp", mapping.volume_id));
