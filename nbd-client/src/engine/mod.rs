@@ -71,10 +71,11 @@ pub struct Volume {
     meta: MetaClient,
     map: chunk_map::ChunkMap,
     pool: pool::ConnectionPool,
-    /// Overlapping changes run one at a time, in the order they came: a
-    /// request the kernel resent after a timeout never lands after a newer
-    /// write to the same blocks, and a read-modify-write sees no change
-    /// between its read and its write. Byte ranges of the volume, whole blocks.
+    /// Overlapping changes run one at a time: a request the kernel resent
+    /// after a timeout waits for its first copy to finish, so neither lands
+    /// after a newer write to the same blocks, and a read-modify-write sees
+    /// no change between its read and its write. Byte ranges of the volume,
+    /// whole blocks, one lock per request.
     changes: RangeLock,
     allocation: Mutex<()>,
     read_rotation: AtomicUsize,
@@ -157,11 +158,14 @@ impl Volume {
         Ok(())
     }
 
-    /// Locks the whole blocks a change to `piece` touches.
-    async fn lock_blocks(&self, piece: &Piece) -> RangeGuard<'_> {
-        let (start, len) = piece.aligned();
-        let base = piece.chunk * self.info.chunk_size_bytes;
-        self.changes.lock(base + start, base + start + len, true).await
+    /// Locks the whole blocks a change of `len` bytes at `offset` touches.
+    /// One lock per request, taken before it is split into pieces: two
+    /// requests that each held some of their pieces could wait for each
+    /// other for ever.
+    async fn lock_blocks(&self, offset: u64, len: u64) -> RangeGuard<'_> {
+        let start = offset / BLOCK * BLOCK;
+        let end = (offset + len).div_ceil(BLOCK) * BLOCK;
+        self.changes.lock(start, end, true).await
     }
 
     /// Reads `len` bytes at `offset`.
@@ -199,6 +203,7 @@ impl Volume {
     pub async fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
+        let _blocks = self.lock_blocks(offset, data.len() as u64).await;
         let parts = pieces(offset, data.len() as u64, self.info.chunk_size_bytes);
         try_join_all(parts.iter().map(|p| {
             let slice = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
@@ -208,8 +213,8 @@ impl Volume {
         Ok(())
     }
 
+    /// Writes one piece; the caller holds the lock on its blocks.
     async fn write_piece(&self, piece: &Piece, data: Bytes, fua: bool) -> Result<(), EngineError> {
-        let _blocks = self.lock_blocks(piece).await;
         if piece.is_aligned() {
             return self.write_blocks(piece.chunk, piece.offset, data, fua).await;
         }
@@ -251,6 +256,7 @@ impl Volume {
     async fn zero_range(&self, offset: u64, len: u64, fua: bool, trim: bool) -> Result<(), EngineError> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        let _blocks = self.lock_blocks(offset, len).await;
         let parts = pieces(offset, len, self.info.chunk_size_bytes);
         try_join_all(parts.iter().map(|p| async move {
             if self.map.get(p.chunk).is_none() {
@@ -259,7 +265,6 @@ impl Volume {
             if !p.is_aligned() {
                 return self.write_piece(p, Bytes::from(vec![0u8; p.len as usize]), fua).await;
             }
-            let _blocks = self.lock_blocks(p).await;
             let (data_id, epoch, chunk, off, n) =
                 (self.info.data_id, self.options.epoch, p.chunk, p.offset, p.len as u32);
             self.replicate(p.chunk, |client, generation| async move {
