@@ -47,8 +47,8 @@ impl Default for RepairConfig {
 /// while the rebuild runs); a rebuilder that dies releases it this way.
 const PAUSE: Duration = Duration::from_secs(30);
 /// How long a rebuild whose commit is undecided keeps the volume paused
-/// while it looks for the outcome.
-const UNDECIDED_WAIT: Duration = Duration::from_secs(30);
+/// while it looks for the outcome (a new leader settles it well within).
+const UNDECIDED_WAIT: Duration = Duration::from_secs(120);
 /// Chunks rebuilt per pass: one pass never pauses volumes for long.
 const REBUILDS_PER_PASS: usize = 8;
 
@@ -350,7 +350,7 @@ impl Repairer {
         let pause = HeldPause::acquire(servers, chunk.data_id, PAUSE).await.map_err(|(index, e)| {
             RepairError::Server { server: members[index].0.clone(), message: format!("pausing the volume: {e}") }
         })?;
-        let result = self.copy_and_commit(chunk, &target, &target_client, &members).await;
+        let result = self.copy_and_commit(chunk, &target, &target_client, &members, &pause).await;
         pause.release().await;
         match &result {
             Ok(()) => tracing::info!(volume = %chunk.volume_id, chunk = chunk.chunk_index, server = %target,
@@ -371,6 +371,7 @@ impl Repairer {
         target: &str,
         target_client: &DataClient,
         members: &[(String, DataClient)],
+        pause: &HeldPause,
     ) -> Result<(), RebuildError> {
         let next = chunk.set.generation + 1;
         let copy = CopyTarget {
@@ -418,6 +419,13 @@ impl Repairer {
                 _ => {}
             }
         }
+        if !pause.is_intact() {
+            // Changes may have gone on at some member: the copy may miss them.
+            return Err(RebuildError::NotCommitted(RepairError::Server {
+                server: "some member".into(),
+                message: "the pause lapsed during the copy".into(),
+            }));
+        }
         let command = Command::AddReplica {
             volume_id: chunk.volume_id.clone(),
             chunk_index: chunk.chunk_index,
@@ -446,17 +454,22 @@ impl Repairer {
 
     /// After a proposal whose outcome is unknown: waits (the volume stays
     /// paused) until this member's state shows `target` in the chunk's set,
-    /// or [`UNDECIDED_WAIT`] passes.
+    /// or the set moved on without it (the proposal, which names the
+    /// generation it was copied from, can then never apply), or
+    /// [`UNDECIDED_WAIT`] passes.
     async fn wait_until_joined(&self, chunk: &ChunkRepair, target: &str) -> bool {
         let deadline = Instant::now() + UNDECIDED_WAIT;
         while Instant::now() < deadline {
-            let joined = {
+            let current = {
                 let applied = self.state.read().expect("state lock poisoned");
                 let set = applied.state.chunk_maps.get(&chunk.volume_id).and_then(|m| m.get(&chunk.chunk_index));
-                set.is_some_and(|s| s.generation > chunk.set.generation && s.servers.iter().any(|id| id == target))
+                set.map(|s| (s.generation, s.servers.iter().any(|id| id == target)))
             };
-            if joined {
-                return true;
+            match current {
+                Some((generation, true)) if generation > chunk.set.generation => return true,
+                Some((generation, _)) if generation == chunk.set.generation => {}
+                // Moved on without the target, or the chunk is gone.
+                _ => return false,
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

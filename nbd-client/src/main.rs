@@ -287,7 +287,11 @@ async fn grow_device(volume: &Volume, device: &AttachedDevice<Volume>, error_fil
         Ok((size, device_size)) => tracing::info!(size, device_size, "device resized to the volume's size"),
         Err(e) => {
             tracing::error!(error = %e, "cannot grow the device");
-            if let Err(write) = std::fs::write(error_file, format!("{e:#}")) {
+            // Written aside and renamed: `resize` never reads half of it.
+            let partial = error_file.with_extension("partial");
+            let written =
+                std::fs::write(&partial, format!("{e:#}")).and_then(|()| std::fs::rename(&partial, error_file));
+            if let Err(write) = written {
                 tracing::warn!(error = %write, "cannot report the failure to `resize`");
             }
         }

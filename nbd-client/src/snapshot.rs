@@ -38,6 +38,10 @@ pub enum SnapshotError {
     NoSuchSnapshot(String),
     #[error("snapshot chunk {chunk} could not be read from any server: {last}")]
     Unreadable { chunk: u64, last: String },
+    /// A server may have let the pause lapse while chunks were cloned, so
+    /// the clones may not be of one moment; taking the snapshot again redoes them.
+    #[error("the volume's pause lapsed on a server while the snapshot was taken; take it again")]
+    PauseLapsed,
 }
 
 async fn connect(address: &str) -> Result<DataClient, SnapshotError> {
@@ -76,8 +80,12 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
         }
         Ok(pause) => {
             let cloned = clone_chunks(&clients, &map, source.data_id, snapshot.data_id).await;
+            let intact = pause.is_intact();
             pause.release().await;
-            cloned
+            match cloned {
+                Ok(_) if !intact => Err(SnapshotError::PauseLapsed),
+                other => other,
+            }
         }
     };
     let primaries = cloned?;

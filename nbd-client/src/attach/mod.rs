@@ -554,9 +554,16 @@ fn netlink_replacer(index: Arc<AtomicU32>, backend: Option<String>) -> Replacer 
         // The device may have been disconnected and reused for another
         // volume meanwhile: never hand that one our socket.
         if let Some(expected) = &backend {
-            let found = sysfs::nbd_backend(Path::new(sysfs::SYS_BLOCK), index).unwrap_or_default();
-            if found != *expected {
-                return Err(AttachError::BackendMismatch { index, expected: expected.clone(), found });
+            match sysfs::nbd_backend(Path::new(sysfs::SYS_BLOCK), index) {
+                Some(found) if found != *expected => {
+                    return Err(AttachError::BackendMismatch { index, expected: expected.clone(), found })
+                }
+                Some(_) => {}
+                // Unreadable or not set (yet): try again later.
+                None => {
+                    let why = std::io::Error::other(format!("nbd{index} reports no backend"));
+                    return Err(AttachError::io("replacing a connection", why));
+                }
             }
         }
         let params = ReconfigureParams { backend: backend.clone(), ..Default::default() };

@@ -30,6 +30,8 @@ impl Piece {
 
 /// Splits `offset..offset + len` of a volume into pieces, each inside one
 /// chunk and, once aligned outward to whole blocks, at most one frame long.
+/// Pieces split only at block boundaries: no two share a block, so their
+/// read-modify-writes never overwrite each other.
 pub fn pieces(offset: u64, len: u64, chunk_size: u64) -> Vec<Piece> {
     // Leave room for the alignment of both ends within one frame.
     let max_piece = MAX_DATA as u64 - 2 * BLOCK;
@@ -39,7 +41,8 @@ pub fn pieces(offset: u64, len: u64, chunk_size: u64) -> Vec<Piece> {
     while pos < end {
         let chunk = pos / chunk_size;
         let chunk_offset = pos % chunk_size;
-        let in_chunk = (chunk_size - chunk_offset).min(end - pos).min(max_piece);
+        let frame_end = pos / BLOCK * BLOCK + max_piece;
+        let in_chunk = (chunk_size - chunk_offset).min(end - pos).min(frame_end - pos);
         out.push(Piece { chunk, offset: chunk_offset, len: in_chunk, buf_offset: (pos - offset) as usize });
         pos += in_chunk;
     }
@@ -65,6 +68,15 @@ mod tests {
         assert!(big.iter().all(|p| p.len <= MAX_DATA as u64 - 8192));
         assert_eq!(big.iter().map(|p| p.len).sum::<u64>(), 32 << 20);
         assert_eq!(big.last().unwrap().buf_offset as u64 + big.last().unwrap().len, 32 << 20);
+
+        // Unaligned and long: pieces meet at block boundaries only.
+        let odd = pieces(1000, 20 << 20, 64 << 20);
+        assert_eq!(odd.iter().map(|p| p.len).sum::<u64>(), 20 << 20);
+        for pair in odd.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            assert!((b.offset % BLOCK == 0) && (a.offset + a.len) % BLOCK == 0, "{a:?} {b:?}");
+        }
+        assert!(odd.iter().all(|p| p.aligned().1 <= MAX_DATA as u64), "{odd:?}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! all of them, renewed in the background while the coordinator works, and
 //! released on all of them. Holds of other coordinators are untouched.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
@@ -23,6 +24,9 @@ pub struct HeldPause {
     volume: u64,
     holder: u64,
     renewing: JoinHandle<()>,
+    /// Set when a renewal failed or came late: some server may have let
+    /// the hold lapse, and changes may have gone on there.
+    lapsed: Arc<AtomicBool>,
 }
 
 impl HeldPause {
@@ -41,16 +45,33 @@ impl HeldPause {
             join_all(servers.iter().map(|c| c.resume_volume_for(volume, holder))).await;
             return Err((index, error));
         }
+        let lapsed = Arc::new(AtomicBool::new(false));
         let renewing = {
-            let servers = servers.clone();
+            let (servers, lapsed) = (servers.clone(), lapsed.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(timeout / 3).await;
-                    join_all(servers.iter().map(|c| c.pause_volume_for(volume, holder, timeout))).await;
+                    // Each server on its own clock: a slow one must not make
+                    // the others' holds lapse.
+                    let renewed = join_all(
+                        servers
+                            .iter()
+                            .map(|c| tokio::time::timeout(timeout / 3, c.pause_volume_for(volume, holder, timeout))),
+                    )
+                    .await;
+                    if renewed.iter().any(|r| !matches!(r, Ok(Ok(())))) {
+                        lapsed.store(true, Ordering::SeqCst);
+                    }
                 }
             })
         };
-        Ok(Self { servers, volume, holder, renewing })
+        Ok(Self { servers, volume, holder, renewing, lapsed })
+    }
+
+    /// Whether every renewal so far reached every server in time: only then
+    /// is it certain that no change went on anywhere since the pause began.
+    pub fn is_intact(&self) -> bool {
+        !self.lapsed.load(Ordering::SeqCst)
     }
 
     /// Ends this hold everywhere. A server that misses it ends the hold

@@ -70,12 +70,31 @@ struct Pause {
     /// Holder → when its hold ends.
     holders: HashMap<u64, Instant>,
     timer: AbortHandle,
+    /// When the timer wakes next.
+    timer_at: Instant,
 }
 
 impl Pause {
-    /// When the last holder's hold ends.
-    fn deadline(&self) -> Instant {
-        self.holders.values().copied().max().unwrap_or_else(Instant::now)
+    /// When the next holder's hold ends.
+    fn next_deadline(&self) -> Instant {
+        self.holders.values().copied().min().unwrap_or_else(Instant::now)
+    }
+
+    /// Forgets the holders whose holds have ended.
+    fn drop_expired(&mut self) {
+        let now = Instant::now();
+        self.holders.retain(|_, until| *until > now);
+    }
+
+    /// Makes the timer wake by the next hold's end (a new, shorter hold, or
+    /// the end of a longer one, moves it earlier).
+    fn rearm(&mut self, inner: &Arc<Inner>, volume: u64) {
+        let next = self.next_deadline();
+        if next < self.timer_at {
+            self.timer.abort();
+            self.timer = tokio::spawn(expire(Arc::downgrade(inner), volume, self.token, next)).abort_handle();
+            self.timer_at = next;
+        }
     }
 }
 
@@ -162,13 +181,14 @@ impl Pauses {
             match &mut v.pause {
                 Some(pause) => {
                     pause.holders.insert(holder, deadline);
+                    pause.rearm(&self.inner, volume);
                 }
                 None => {
                     *next_token += 1;
                     let token = *next_token;
                     let timer = tokio::spawn(expire(Arc::downgrade(&self.inner), volume, token, deadline));
                     let holders = HashMap::from([(holder, deadline)]);
-                    v.pause = Some(Pause { token, holders, timer: timer.abort_handle() });
+                    v.pause = Some(Pause { token, holders, timer: timer.abort_handle(), timer_at: deadline });
                     tracing::info!(volume, holder, ?timeout, "volume paused");
                 }
             }
@@ -207,7 +227,10 @@ impl Pauses {
             let mut state = self.inner.lock();
             let Some(v) = state.volumes.get_mut(&volume) else { return false };
             if let Some(pause) = &mut v.pause {
-                if pause.holders.remove(&holder).is_none() || !pause.holders.is_empty() {
+                let held = pause.holders.remove(&holder).is_some();
+                pause.drop_expired();
+                if !held || !pause.holders.is_empty() {
+                    pause.rearm(&self.inner, volume);
                     return false;
                 }
             }
@@ -250,10 +273,10 @@ async fn expire(inner: Weak<Inner>, volume: u64, token: u64, mut deadline: Insta
         let Some(v) = state.volumes.get_mut(&volume) else { return };
         match &mut v.pause {
             Some(pause) if pause.token == token => {
-                let now = Instant::now();
-                pause.holders.retain(|_, until| *until > now);
+                pause.drop_expired();
                 if !pause.holders.is_empty() {
-                    deadline = pause.deadline();
+                    deadline = pause.next_deadline();
+                    pause.timer_at = deadline;
                     continue;
                 }
             }
@@ -373,10 +396,11 @@ mod tests {
         assert!(!p.resume(4, 1), "holder 2 still holds the volume");
         assert!(p.is_paused(4));
         assert!(!p.resume(4, 7), "a holder that holds nothing changes nothing");
-        // Holder 2's hold runs out by itself.
+        // Holder 2's hold runs out by itself, 5 s in, not when holder 1's would have.
         let start = Instant::now();
         drop(p.admit(4).await.unwrap());
-        assert!(start.elapsed() >= Duration::from_secs(5), "{:?}", start.elapsed());
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(6), "{waited:?}");
 
         p.pause(4, 1, Duration::from_secs(2)).await.unwrap();
         p.pause(4, 2, Duration::from_secs(30)).await.unwrap();
