@@ -25,7 +25,7 @@ use crate::metrics::observe;
 use crate::params::{self, Segments, VolumeParams};
 
 /// The capabilities this controller implements, and nothing else.
-pub const CAPABILITIES: [RpcType; 13] = [
+pub const CAPABILITIES: [RpcType; 14] = [
     RpcType::CreateDeleteVolume,
     RpcType::PublishUnpublishVolume,
     // ControllerPublishVolume honours `readonly`.
@@ -35,6 +35,7 @@ pub const CAPABILITIES: [RpcType; 13] = [
     RpcType::GetCapacity,
     RpcType::CreateDeleteSnapshot,
     RpcType::ListSnapshots,
+    RpcType::GetSnapshot,
     RpcType::CloneVolume,
     RpcType::ExpandVolume,
     RpcType::GetVolume,
@@ -107,14 +108,9 @@ impl ControllerService {
     async fn source_size(&self, source: &pb::ContentSource) -> Result<u64> {
         match &source.source {
             Some(pb::content_source::Source::SnapshotId(id)) => {
-                let list = self
-                    .meta
-                    .list_snapshots(pb::ListSnapshotsRequest { snapshot_id: id.clone(), ..Default::default() })
-                    .await?;
-                let snapshot = list
-                    .snapshots
-                    .into_iter()
-                    .next()
+                let snapshot = self
+                    .find_snapshot(id)
+                    .await?
                     .ok_or_else(|| CsiError::not_found(format!("source snapshot {id} does not exist")))?;
                 Ok(snapshot.size_bytes)
             }
@@ -125,6 +121,23 @@ impl ControllerService {
             }
             None => Err(CsiError::invalid("volume_content_source names no snapshot or volume")),
         }
+    }
+
+    async fn find_snapshot(&self, id: &str) -> Result<Option<pb::Snapshot>> {
+        let list =
+            self.meta.list_snapshots(pb::ListSnapshotsRequest { snapshot_id: id.into(), ..Default::default() }).await?;
+        Ok(list.snapshots.into_iter().next())
+    }
+
+    async fn get_snapshot(&self, id: &str) -> Result<csi::GetSnapshotResponse> {
+        if id.is_empty() {
+            return Err(CsiError::Missing("snapshot_id"));
+        }
+        let snapshot = self
+            .find_snapshot(id)
+            .await?
+            .ok_or_else(|| CsiError::not_found(format!("snapshot {id} does not exist")))?;
+        Ok(csi::GetSnapshotResponse { snapshot: Some(csi_snapshot(&snapshot)) })
     }
 
     async fn get_volume(&self, id: &str) -> Result<pb::Volume> {
@@ -714,7 +727,7 @@ impl Controller for ControllerService {
         request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
         let id = request.into_inner().snapshot_id;
-        observe("GetSnapshot", &id, async { Err(CsiError::Unimplemented("GetSnapshot")) }).await
+        observe("GetSnapshot", &id, self.get_snapshot(&id)).await
     }
 
     async fn controller_expand_volume(

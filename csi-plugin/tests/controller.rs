@@ -40,6 +40,7 @@ async fn capabilities_list_exactly_what_is_implemented() {
         RpcType::GetCapacity,
         RpcType::CreateDeleteSnapshot,
         RpcType::ListSnapshots,
+        RpcType::GetSnapshot,
         RpcType::CloneVolume,
         RpcType::ExpandVolume,
         RpcType::GetVolume,
@@ -52,7 +53,6 @@ async fn capabilities_list_exactly_what_is_implemented() {
     assert_eq!(got, want);
 
     // What is not advertised is not served.
-    assert_eq!(code(c.get_snapshot(csi::GetSnapshotRequest::default()).await), Code::Unimplemented);
     assert_eq!(
         code(c.controller_modify_volume(csi::ControllerModifyVolumeRequest::default()).await),
         Code::Unimplemented
@@ -615,6 +615,19 @@ async fn snapshots_create_list_delete() {
         .unwrap()
         .into_inner();
     assert_eq!(by_id.entries.len(), 1);
+    let got = c
+        .get_snapshot(csi::GetSnapshotRequest { snapshot_id: first.snapshot_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(got, first);
+    assert_eq!(code(c.get_snapshot(csi::GetSnapshotRequest::default()).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.get_snapshot(csi::GetSnapshotRequest { snapshot_id: "snap-ffff".into(), ..Default::default() }).await),
+        Code::NotFound
+    );
     let none = list(csi::ListSnapshotsRequest { snapshot_id: "snap-ffff".into(), ..Default::default() }).await.unwrap();
     assert!(none.into_inner().entries.is_empty());
     let of_v2 = list(csi::ListSnapshotsRequest { source_volume_id: v2.clone(), ..Default::default() }).await.unwrap();
