@@ -235,7 +235,8 @@ impl NodeService {
     }
 
     /// Unmounts the staging path, detaches the device and forgets it.
-    async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+    /// `meta_volume_id` is what was attached when nothing was recorded.
+    async fn unstage(&self, volume_id: &str, meta_volume_id: &str, staging_path: &Path) -> Result<()> {
         let staged = self.state.load(volume_id)?;
         // Never detach a device a pod still uses.
         if let Some(s) = staged.as_ref().filter(|s| s.device.exists()) {
@@ -256,7 +257,7 @@ impl NodeService {
             Some(s) => self.nbd.unmap(&s.meta_volume_id).await?,
             // Nothing recorded: a crash may have come between attaching and
             // recording, so detach anyway, if there is anything to detach with.
-            None if self.nbd.binary().is_ok() => self.nbd.unmap(volume_id).await?,
+            None if self.nbd.binary().is_ok() => self.nbd.unmap(meta_volume_id).await?,
             None => {}
         }
         self.state.remove(volume_id)?;
@@ -304,7 +305,7 @@ impl NodeService {
         let staging = required("staging_target_path", &req.staging_target_path)?;
         check_volume_id(volume_id)?;
         let _guard = self.inflight.claim(volume_id)?;
-        self.unstage(volume_id, Path::new(staging)).await?;
+        self.unstage(volume_id, volume_id, Path::new(staging)).await?;
         Ok(csi::NodeUnstageVolumeResponse {})
     }
 
@@ -464,7 +465,7 @@ impl NodeService {
     /// metadata, delete.
     async fn remove_ephemeral(&self, volume_id: &str, meta_volume_id: &str) -> Result<()> {
         let staging = self.state.ephemeral_staging(volume_id);
-        self.unstage(volume_id, &staging).await?;
+        self.unstage(volume_id, meta_volume_id, &staging).await?;
         let _ = std::fs::remove_dir(&staging);
         self.meta
             .unpublish_volume(pb::UnpublishVolumeRequest {

@@ -428,18 +428,7 @@ async fn ephemeral_inline_volumes_live_as_long_as_their_publication() {
     let mut n = t.plugin.node().await;
     let target = t.path("pods/e/mount");
     let volume_id = "csi-0123456789abcdef";
-    let req = csi::NodePublishVolumeRequest {
-        volume_id: volume_id.into(),
-        target_path: target.to_str().unwrap().into(),
-        volume_capability: Some(mount_cap("", Mode::SingleNodeWriter)),
-        volume_context: params(&[
-            ("csi.storage.k8s.io/ephemeral", "true"),
-            ("csi.storage.k8s.io/pod.name", "p"),
-            ("size", "300Mi"),
-            ("replicas", "2"),
-        ]),
-        ..Default::default()
-    };
+    let req = ephemeral_request(volume_id, &target, &[("size", "300Mi"), ("replicas", "2")]);
     let mut bad = req.clone();
     bad.volume_context.insert("colour".into(), "blue".into());
     assert_eq!(code(n.node_publish_volume(bad).await), Code::InvalidArgument);
@@ -448,9 +437,7 @@ async fn ephemeral_inline_volumes_live_as_long_as_their_publication() {
     n.node_publish_volume(req).await.unwrap();
     assert_eq!(mounts::mounted_at(&target).unwrap().unwrap().fs_type, "ext4");
     std::fs::write(target.join("scratch"), b"x").unwrap();
-    let by_name =
-        || pb::GetVolumeRequest { key: Some(pb::get_volume_request::Key::Name(format!("ephemeral-{volume_id}"))) };
-    let meta_volume = t.meta.get_volume(by_name()).await.unwrap();
+    let meta_volume = t.meta.get_volume(ephemeral_by_name(volume_id)).await.unwrap();
     assert_eq!((meta_volume.size_bytes, meta_volume.replicas), (300 << 20, 2));
     let attachments =
         t.meta.list_attachments(pb::ListAttachmentsRequest { volume_id: meta_volume.id.clone() }).await.unwrap();
@@ -460,8 +447,74 @@ async fn ephemeral_inline_volumes_live_as_long_as_their_publication() {
     n.node_unpublish_volume(unpublish_request(volume_id, &target)).await.unwrap();
     n.node_unpublish_volume(unpublish_request(volume_id, &target)).await.unwrap();
     assert!(!target.exists());
-    assert_eq!(t.meta.get_volume(by_name()).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(t.meta.get_volume(ephemeral_by_name(volume_id)).await.unwrap_err().code(), Code::NotFound);
     assert!(t.mapping(&meta_volume.id).is_none(), "{:?}", t.mapped());
+}
+
+/// NodePublishVolume of an inline ephemeral volume, as the kubelet sends it.
+fn ephemeral_request(volume_id: &str, target: &Path, attributes: &[(&str, &str)]) -> csi::NodePublishVolumeRequest {
+    let mut context = params(&[("csi.storage.k8s.io/ephemeral", "true"), ("csi.storage.k8s.io/pod.name", "p")]);
+    context.extend(params(attributes));
+    csi::NodePublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.to_str().unwrap().into(),
+        volume_capability: Some(mount_cap("", Mode::SingleNodeWriter)),
+        volume_context: context,
+        ..Default::default()
+    }
+}
+
+fn ephemeral_by_name(volume_id: &str) -> pb::GetVolumeRequest {
+    pb::GetVolumeRequest { key: Some(pb::get_volume_request::Key::Name(format!("ephemeral-{volume_id}"))) }
+}
+
+/// The node plugin crashes while inline volumes are published: once with
+/// its state intact, once having lost a volume's state file (a crash
+/// between attaching the volume and recording it). Unpublishing through
+/// the restarted plugin removes everything: mounts, the device and its
+/// serving process, the metadata volume.
+#[tokio::test]
+async fn ephemeral_volumes_leak_nothing_across_a_plugin_crash() {
+    if !attach_possible(&[]) {
+        return;
+    }
+    let mut t = ClusterHarness::start().await;
+    let state_dir = t.path("state");
+    let pods = [("csi-aaaaaaaaaaaaaaaa", false), ("csi-bbbbbbbbbbbbbbbb", true)];
+    let mut published = Vec::new();
+    let mut n = t.plugin.node().await;
+    for (volume_id, _) in pods {
+        let target = t.path(&format!("pods/{volume_id}/mount"));
+        n.node_publish_volume(ephemeral_request(volume_id, &target, &[("size", "64Mi")])).await.unwrap();
+        std::fs::write(target.join("scratch"), volume_id).unwrap();
+        let meta_volume = t.meta.get_volume(ephemeral_by_name(volume_id)).await.unwrap();
+        assert!(t.mapping(&meta_volume.id).is_some_and(|m| m.served), "{:?}", t.mapped());
+        published.push((volume_id, target, meta_volume.id));
+    }
+
+    t.plugin.crash_and_restart().await;
+    for (volume_id, lose_state) in pods {
+        if lose_state {
+            std::fs::remove_file(state_dir.join(format!("{volume_id}.json"))).unwrap();
+        }
+    }
+    let mut n = t.plugin.node().await;
+    for (volume_id, target, meta_id) in &published {
+        n.node_unpublish_volume(unpublish_request(volume_id, target)).await.unwrap();
+        assert!(!target.exists());
+        assert_eq!(t.meta.get_volume(ephemeral_by_name(volume_id)).await.unwrap_err().code(), Code::NotFound);
+        assert!(t.mapping(meta_id).is_none(), "{volume_id} is still mapped: {:?}", t.mapped());
+    }
+    let root = std::fs::canonicalize(t.dir.path()).unwrap();
+    let left: Vec<_> =
+        mounts::mount_table().unwrap().into_iter().filter(|m| m.mount_point.starts_with(&root)).collect();
+    assert!(left.is_empty(), "mounts left behind: {left:?}");
+    let records: Vec<_> = std::fs::read_dir(&state_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert!(records.is_empty(), "state left behind: {records:?}");
 }
 
 #[tokio::test]

@@ -57,6 +57,10 @@ pub async fn connect(path: &Path) -> Channel {
 pub struct Plugin {
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// `--meta` and the rest of the command line, for restarts.
+    meta: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -64,22 +68,45 @@ impl Plugin {
     /// Starts `csi-plugin` with `args` (plus `--endpoint` and `--meta`) and
     /// waits until it answers on its socket.
     pub async fn start(dir: &Path, name: &str, meta: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
+        std::fs::File::create(&log).expect("creating the plugin log");
+        let mut plugin = Self {
+            socket: dir.join(format!("{name}.sock")),
+            log,
+            meta: meta.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            child: None,
+        };
+        plugin.spawn().await;
+        plugin
+    }
+
+    /// Starts the process (its log appended to) and waits until it answers.
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log).expect("opening the plugin log");
         let child = Command::new(PLUGIN)
             .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
-            .args(["--meta", meta])
-            .args(args)
-            .envs(env.iter().copied())
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["--meta", &self.meta])
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,csi_plugin=debug")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("creating the plugin log"))
+            .stderr(log)
             .spawn()
             .expect("spawning csi-plugin");
-        let mut plugin = Self { socket, log, child: Some(child) };
-        plugin.wait_ready().await;
-        plugin
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    /// SIGKILLs the plugin, as a crash or an OOM kill would, and starts it
+    /// again with the same command line (its old socket file left behind).
+    pub async fn crash_and_restart(&mut self) {
+        let mut child = self.child.take().expect("plugin is running");
+        child.kill().expect("killing the plugin");
+        child.wait().expect("waiting for the plugin");
+        self.spawn().await;
     }
 
     async fn wait_ready(&mut self) {
