@@ -699,3 +699,63 @@ async fn expand_grows_never_shrinks() {
     with_cap.volume_capability = Some(block_cap(Mode::SingleNodeWriter));
     assert!(!c.controller_expand_volume(with_cap).await.unwrap().into_inner().node_expansion_required);
 }
+
+/// Provisioner, attacher, snapshotter and resizer secrets reach every call
+/// they belong to, successful or refused; none is ever logged.
+#[tokio::test]
+async fn operation_secrets_are_accepted_and_never_logged() {
+    let h = controller().await;
+    h.register_node("n1", 0).await;
+    let mut c = h.plugin.controller().await;
+    let mut create = create_request("secretive", GIB);
+    create.secrets = secrets();
+    let vol = c.create_volume(create.clone()).await.unwrap().into_inner().volume.unwrap();
+    let mut refused = create;
+    refused.parameters = params(&[("replicas", "9")]);
+    assert_eq!(code(c.create_volume(refused).await), Code::InvalidArgument);
+
+    let publish = csi::ControllerPublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        node_id: "n1".into(),
+        volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
+        secrets: secrets(),
+        ..Default::default()
+    };
+    let mut unknown_node = publish.clone();
+    unknown_node.node_id = "nowhere".into();
+    assert_eq!(code(c.controller_publish_volume(unknown_node).await), Code::NotFound);
+    c.controller_publish_volume(publish).await.unwrap();
+    let snapshot = c
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: vol.volume_id.clone(),
+            name: "secretive-snap".into(),
+            secrets: secrets(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    c.list_snapshots(csi::ListSnapshotsRequest { secrets: secrets(), ..Default::default() }).await.unwrap();
+    c.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: snapshot.snapshot_id, secrets: secrets() })
+        .await
+        .unwrap();
+    c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        capacity_range: range(2 * GIB, 0),
+        secrets: secrets(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        node_id: "n1".into(),
+        secrets: secrets(),
+    })
+    .await
+    .unwrap();
+    c.delete_volume(csi::DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: secrets() }).await.unwrap();
+    h.plugin.assert_logged_without_secrets(&vol.volume_id);
+}

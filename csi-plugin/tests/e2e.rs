@@ -370,6 +370,7 @@ async fn filesystem_volume_end_to_end(fs: &str, tools: &[&str]) {
     assert!(mounts::mounted_at(staging).unwrap().is_none());
     assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
     unpublish_and_delete(&t, &volume, data_id).await;
+    t.plugin.assert_logged_without_secrets(&volume.volume_id);
 }
 
 #[tokio::test]
@@ -433,4 +434,5 @@ async fn block_volume_end_to_end_with_fio_verify() {
     assert!(!target.exists());
     assert!(t.mapping(&volume.volume_id).is_none(), "{:?}", t.mapped());
     unpublish_and_delete(&t, &volume, data_id).await;
+    t.plugin.assert_logged_without_secrets(&volume.volume_id);
 }

@@ -161,6 +161,7 @@ impl ClusterHarness {
         let mut req = create_request(name, size.unwrap_or(512 * MIB));
         req.volume_capabilities = vec![cap];
         req.parameters = params(parameters);
+        req.secrets = super::secrets();
         self.plugin.controller().await.create_volume(req).await.expect("CreateVolume").into_inner().volume.unwrap()
     }
 
@@ -175,6 +176,7 @@ impl ClusterHarness {
             node_id: NODE.into(),
             volume_capability: Some(cap.clone()),
             volume_context: volume.volume_context.clone(),
+            secrets: super::secrets(),
             ..Default::default()
         };
         self.plugin
@@ -386,6 +388,7 @@ pub fn stage_request(
         staging_target_path: staging.to_str().unwrap().into(),
         volume_capability: Some(cap.clone()),
         volume_context: volume.volume_context.clone(),
+        secrets: super::secrets(),
         ..Default::default()
     }
 }
@@ -404,6 +407,7 @@ pub fn publish_request(
         volume_capability: Some(cap.clone()),
         readonly,
         volume_context: volume.volume_context.clone(),
+        secrets: super::secrets(),
         ..Default::default()
     }
 }
@@ -427,6 +431,7 @@ pub fn expand_request(
         volume_path: path.to_str().unwrap().into(),
         capacity_range: super::range(bytes, 0),
         volume_capability: Some(cap.clone()),
+        secrets: super::secrets(),
         ..Default::default()
     }
 }

@@ -25,6 +25,9 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
 pub const PLUGIN: &str = env!("CARGO_BIN_EXE_csi-plugin");
+/// The value of the operation secret the tests send: it must never appear
+/// in the plugin's log.
+pub const SECRET_VALUE: &str = "hunter2-7f1c9e-never-logged";
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
 
@@ -124,6 +127,14 @@ impl Plugin {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log (at debug level) names `volume_id`, and no secret anywhere.
+    #[track_caller]
+    pub fn assert_logged_without_secrets(&self, volume_id: &str) {
+        let log = self.log_text();
+        assert!(log.contains(volume_id), "the log does not mention {volume_id}:\n{log}");
+        assert!(!log.contains(SECRET_VALUE), "a secret was logged:\n{log}");
     }
 
     pub async fn channel(&self) -> Channel {
@@ -270,6 +281,12 @@ pub fn create_request(name: &str, size: i64) -> csi::CreateVolumeRequest {
         volume_capabilities: vec![mount_cap("ext4", Mode::SingleNodeWriter)],
         ..Default::default()
     }
+}
+
+/// Operation secrets, as the sidecars and the kubelet pass them from the
+/// StorageClass's secret references.
+pub fn secrets() -> HashMap<String, String> {
+    params(&[("username", "ballast"), ("password", SECRET_VALUE)])
 }
 
 pub fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
