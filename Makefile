@@ -7,7 +7,7 @@ DEMO_DIR ?= $(CURDIR)/.dev/demo
 help:
 	@echo "make demo       build release binaries and run a local cluster on loopback ($(DEMO_DIR))"
 	@echo "make demo-down  stop the local cluster"
-	@echo "make test       run every test (unit, cluster, end to end)"
+	@echo "make test       run every test (unit, cluster, end to end, Kubernetes manifests)"
 	@echo "make lint       rustfmt check and clippy with warnings as errors"
 	@echo "make ci         lint + test, as CI runs them"
 
@@ -29,6 +29,7 @@ test:
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
+	python3 deploy/check.py
 
 lint:
 	$(CARGO) fmt --all -- --check
