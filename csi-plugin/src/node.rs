@@ -10,12 +10,14 @@
 //!
 //! - [`attach`]: the `nbd-client` contract.
 //! - [`mounts`]: the mount table and the mount syscalls.
+//! - [`recovery`]: new serving processes for devices that lost theirs.
 //! - [`registration`]: announcing the node to the metadata service.
 //! - [`state`]: the per-volume state files.
 //! - [`tools`]: blkid, mkfs, resize2fs, xfs_growfs.
 
 pub mod attach;
 pub mod mounts;
+pub mod recovery;
 pub mod registration;
 pub mod state;
 pub mod tools;
@@ -131,6 +133,13 @@ impl NodeService {
 
     fn meta_list(&self) -> String {
         self.meta.endpoints().join(",")
+    }
+
+    /// At startup: kernel devices of volumes staged here whose serving
+    /// process is gone (a restart of the plugin's container ends them) get
+    /// a new one.
+    pub async fn reattach_orphans(&self) -> usize {
+        recovery::reattach_orphans(&self.state, &self.nbd, &self.meta_list(), &self.inflight).await
     }
 
     /// Attaches (unless attached with this epoch already), records, and

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::csi::controller_server::ControllerServer;
@@ -147,7 +148,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
         ))
     });
     let node = match (config.mode.node(), &node_id) {
-        (true, Some(node_id)) => Some(NodeServer::new(NodeService::new(
+        (true, Some(node_id)) => Some(Arc::new(NodeService::new(
             NodeConfig {
                 node_id: node_id.clone(),
                 max_volumes: config.max_volumes,
@@ -160,14 +161,19 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
         ))),
         _ => None,
     };
-    if let (true, Some(node_id)) = (node.is_some(), &node_id) {
+    if let (Some(service), Some(node_id)) = (&node, &node_id) {
         let request = crate::node::registration::request(node_id, config.max_volumes, &config.topology);
         crate::node::registration::register(meta.clone(), request).await;
         match nbd.binary() {
             Ok(binary) => tracing::info!(nbd_client = %binary.display(), "attaching volumes with nbd-client"),
             Err(err) => tracing::warn!("{err}; volumes cannot be staged until it is installed"),
         }
+        // Within the kernel's dead-connection timeout, while calls are
+        // already served.
+        let service = service.clone();
+        tokio::spawn(async move { service.reattach_orphans().await });
     }
+    let node = node.map(NodeServer::from_arc);
     let identity = IdentityServer::new(IdentityService::new(
         config.mode.controller().then(|| meta.clone()),
         config.mode.node().then(|| nbd.clone()),

@@ -522,7 +522,7 @@ async fn a_dead_serving_process_is_reported_and_replaced_by_staging_again() {
     if !attach_possible(&[]) {
         return;
     }
-    let t = ClusterHarness::start().await;
+    let mut t = ClusterHarness::start().await;
     let mut n = t.plugin.node().await;
     let cap = block_cap(Mode::SingleNodeWriter);
     let volume = t.create("crash", cap.clone(), Some(64 * MIB), &[]).await;
@@ -555,6 +555,22 @@ async fn a_dead_serving_process_is_reported_and_replaced_by_staging_again() {
     let condition = n.node_get_volume_stats(stats()).await.unwrap().into_inner().volume_condition.unwrap();
     assert!(condition.abnormal, "{condition:?}");
     assert!(condition.message.contains("has exited"), "{}", condition.message);
+
+    // A restarted plugin replaces lost serving processes only where the
+    // kernel device survives them (netlink nbd); a FUSE + loop device
+    // does not, and must not get a second device beside it.
+    t.plugin.crash_and_restart().await;
+    let mut n = t.plugin.node().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let expected = if mapping.method == "netlink" { "serving process replaced" } else { "cannot be taken over" };
+    while !t.plugin.log_text().contains(expected) {
+        assert!(std::time::Instant::now() < deadline, "no recovery after the restart:\n{}", t.plugin.log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if mapping.method != "netlink" {
+        let after = t.mapping(&volume.volume_id).unwrap();
+        assert!(!after.served && after.pid == mapping.pid, "{after:?}");
+    }
 
     // The kubelet tears down and sets up again: a new serving process,
     // the data as written.

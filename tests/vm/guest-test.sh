@@ -394,12 +394,32 @@ csi_node() {
     csi_run $NODE stage "$vid" "$staging" $ctx || { csi_fail "second NodeStageVolume"; return 1; }
     csi_run $NODE publish "$vid" "$staging" "$target" || { csi_fail "second NodePublishVolume"; return 1; }
     verify_set "$target" set-csi && verify_set "$target" set-csi-grown || { csi_fail "data differs after unstage + stage"; return 1; }
+    # A restart of the node plugin's container: the plugin and the serving
+    # process it started die together. The restarted plugin gives the live
+    # device a new serving process; the mounted filesystem only waits.
+    spid=$(mapping_field pvc-csi pid)
+    kmsg_mark csi-restart
+    t1=$(ts)
+    kill -9 "$npid" "$spid"; wait "$npid" 2>/dev/null
+    csi-plugin --mode node --node-id n1 --endpoint "unix://$NODE" --meta "$META" --state-dir $D/state >> $D/node.log 2>&1 &
+    npid=$!
+    i=0
+    until [ "$(mapping_field pvc-csi served)" = true ] && [ "$(mapping_field pvc-csi pid)" != "$spid" ]; do
+        [ $i -lt 600 ] || { csi_fail "no new serving process 60 s after the plugin restart"; return 1; }
+        sleep 0.1; i=$((i + 1))
+    done
+    replaced=$(elapsed "$t1")
+    write_set "$target" set-csi-restarted || { csi_fail "writing after the plugin restart"; return 1; }
+    verify_set "$target" set-csi && verify_set "$target" set-csi-grown || { csi_fail "data differs after the plugin restart"; return 1; }
+    [ "$(mounted_rw "$staging")" = rw ] || { csi_fail "the filesystem is $(mounted_rw "$staging") after the plugin restart"; return 1; }
+    errs=$(kmsg_errors csi-restart)
+    [ -z "$errs" ] || { csi_fail "kernel errors after the plugin restart: $errs"; return 1; }
     csi_run $NODE unpublish "$vid" "$target" && csi_run $NODE unstage "$vid" "$staging" ||
         { csi_fail "second unpublish/unstage"; return 1; }
     csi_run $CTL controller-unpublish "$vid" n1 || { csi_fail "ControllerUnpublishVolume"; return 1; }
     csi_run $CTL delete "$vid" || { csi_fail "DeleteVolume"; return 1; }
     kill $cpid $npid; wait $cpid $npid 2>/dev/null
-    result csi-node PASS "$vid: staged on $dev ($fstype), published, 21 files written, grown online 128 -> 192 MiB (filesystem total $total0 -> $total1 bytes), 21 more files, all verified by sha256 after unstage + stage, unpublished, unstaged (device detached), deleted"
+    result csi-node PASS "$vid: staged on $dev ($fstype), published, 21 files written, grown online 128 -> 192 MiB (filesystem total $total0 -> $total1 bytes), 21 more files, all verified by sha256 after unstage + stage; plugin and serving process SIGKILLed, device served again ${replaced} s later, files verified, no kernel errors; unpublished, unstaged (device detached), deleted"
 }
 
 # ----------------------------------------------------------------- main

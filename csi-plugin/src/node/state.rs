@@ -77,6 +77,30 @@ impl StateDir {
         }
     }
 
+    /// Every volume recorded here; a file that cannot be read is skipped
+    /// with a warning.
+    pub fn list(&self) -> Result<Vec<Staged>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(CsiError::io("reading", &self.dir, e)),
+        };
+        let mut staged = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(|e| CsiError::io("reading", &self.dir, e))?.path();
+            let Some(volume_id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            match self.load(volume_id) {
+                Ok(Some(volume)) => staged.push(volume),
+                Ok(None) => {}
+                Err(err) => tracing::warn!("skipping {}: {err}", path.display()),
+            }
+        }
+        Ok(staged)
+    }
+
     pub fn save(&self, staged: &Staged) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| CsiError::io("creating", &self.dir, e))?;
         let path = self.file(&staged.volume_id);
@@ -116,8 +140,11 @@ mod tests {
             fs_type: Some(FsType::Xfs),
             ephemeral: false,
         };
+        assert!(state.list().unwrap().is_empty());
         state.save(&staged).unwrap();
-        assert_eq!(state.load("vol-1").unwrap(), Some(staged));
+        assert_eq!(state.load("vol-1").unwrap(), Some(staged.clone()));
+        std::fs::write(dir.path().join("state/vol-2.json"), b"{").unwrap();
+        assert_eq!(state.list().unwrap(), vec![staged]);
         state.remove("vol-1").unwrap();
         state.remove("vol-1").unwrap();
         assert!(state.load("vol-1").unwrap().is_none());

@@ -389,7 +389,6 @@ pub fn stage_request(
         volume_capability: Some(cap.clone()),
         volume_context: volume.volume_context.clone(),
         secrets: super::secrets(),
-        ..Default::default()
     }
 }
 

@@ -1,0 +1,77 @@
+//! After the node plugin restarts: volumes staged here whose serving
+//! process is gone get a new one.
+//!
+//! In Kubernetes, restarting the plugin's container ends the serving
+//! processes it started, since they share its cgroup. A kernel nbd device
+//! attached over netlink outlives its process for the dead-connection
+//! timeout, and a successor hands it new sockets (`NBD_CMD_RECONFIGURE`):
+//! the filesystem on it sees a pause, not an I/O error. Devices attached
+//! over ioctl, or as FUSE + loop, die with their process; those volumes
+//! are reported (their volume condition is abnormal) until the kubelet
+//! stages them again.
+
+use tracing::Instrument;
+
+use crate::inflight::InFlight;
+use crate::node::attach::{Mapping, NbdClient};
+use crate::node::state::{Staged, StateDir};
+
+/// The attach method whose devices a new serving process can take over.
+const REPLACEABLE: &str = "netlink";
+
+/// Re-attaches every recorded volume whose kernel device lost its serving
+/// process; returns how many were re-attached. A volume busy with a call
+/// is left to that call.
+pub async fn reattach_orphans(state: &StateDir, nbd: &NbdClient, meta: &str, inflight: &InFlight) -> usize {
+    let staged = match state.list() {
+        Ok(staged) => staged,
+        Err(err) => {
+            tracing::warn!("cannot look for orphaned devices: {err}");
+            return 0;
+        }
+    };
+    if staged.is_empty() {
+        return 0;
+    }
+    let mappings = match nbd.list().await {
+        Ok(mappings) => mappings,
+        Err(err) => {
+            tracing::warn!("cannot look for orphaned devices: {err}");
+            return 0;
+        }
+    };
+    let mut reattached = 0;
+    for volume in staged {
+        let Some(mapping) = mappings.iter().find(|m| m.volume == volume.meta_volume_id) else { continue };
+        if mapping.is_served() {
+            continue;
+        }
+        let span = tracing::info_span!("recovery", volume = %volume.volume_id);
+        if reattach(&volume, mapping, nbd, meta, inflight).instrument(span).await {
+            reattached += 1;
+        }
+    }
+    reattached
+}
+
+async fn reattach(volume: &Staged, mapping: &Mapping, nbd: &NbdClient, meta: &str, inflight: &InFlight) -> bool {
+    if mapping.method.as_deref() != Some(REPLACEABLE) {
+        tracing::warn!(
+            device = %mapping.device.display(),
+            method = mapping.method.as_deref().unwrap_or("unknown"),
+            "the serving process is gone and this device cannot be taken over; stage the volume again"
+        );
+        return false;
+    }
+    let Ok(_guard) = inflight.claim(volume.volume_id.clone()) else { return false };
+    match nbd.map(&volume.meta_volume_id, meta, volume.epoch, volume.readonly).await {
+        Ok(device) => {
+            tracing::info!(device = %device.display(), epoch = volume.epoch, "serving process replaced");
+            true
+        }
+        Err(err) => {
+            tracing::warn!(device = %mapping.device.display(), "replacing the serving process: {err}");
+            false
+        }
+    }
+}
