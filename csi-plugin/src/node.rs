@@ -138,7 +138,7 @@ impl NodeService {
     /// At startup: kernel devices of volumes staged here whose serving
     /// process is gone (a restart of the plugin's container ends them) get
     /// a new one.
-    pub async fn reattach_orphans(&self) -> usize {
+    pub async fn reattach_orphans(&self) {
         recovery::reattach_orphans(&self.state, &self.nbd, &self.meta_list(), &self.inflight).await
     }
 

@@ -20,58 +20,49 @@ use crate::node::state::{Staged, StateDir};
 const REPLACEABLE: &str = "netlink";
 
 /// Re-attaches every recorded volume whose kernel device lost its serving
-/// process; returns how many were re-attached. A volume busy with a call
-/// is left to that call.
-pub async fn reattach_orphans(state: &StateDir, nbd: &NbdClient, meta: &str, inflight: &InFlight) -> usize {
+/// process. A volume busy with a call is left to that call.
+pub async fn reattach_orphans(state: &StateDir, nbd: &NbdClient, meta: &str, inflight: &InFlight) {
     let staged = match state.list() {
         Ok(staged) => staged,
         Err(err) => {
             tracing::warn!("cannot look for orphaned devices: {err}");
-            return 0;
+            return;
         }
     };
     if staged.is_empty() {
-        return 0;
+        return;
     }
     let mappings = match nbd.list().await {
         Ok(mappings) => mappings,
         Err(err) => {
             tracing::warn!("cannot look for orphaned devices: {err}");
-            return 0;
+            return;
         }
     };
-    let mut reattached = 0;
     for volume in staged {
         let Some(mapping) = mappings.iter().find(|m| m.volume == volume.meta_volume_id) else { continue };
         if mapping.is_served() {
             continue;
         }
         let span = tracing::info_span!("recovery", volume = %volume.volume_id);
-        if reattach(&volume, mapping, nbd, meta, inflight).instrument(span).await {
-            reattached += 1;
-        }
+        reattach(&volume, mapping, nbd, meta, inflight).instrument(span).await;
     }
-    reattached
 }
 
-async fn reattach(volume: &Staged, mapping: &Mapping, nbd: &NbdClient, meta: &str, inflight: &InFlight) -> bool {
+async fn reattach(volume: &Staged, mapping: &Mapping, nbd: &NbdClient, meta: &str, inflight: &InFlight) {
     if mapping.method.as_deref() != Some(REPLACEABLE) {
         tracing::warn!(
             device = %mapping.device.display(),
             method = mapping.method.as_deref().unwrap_or("unknown"),
             "the serving process is gone and this device cannot be taken over; stage the volume again"
         );
-        return false;
+        return;
     }
-    let Ok(_guard) = inflight.claim(volume.volume_id.clone()) else { return false };
+    let Ok(_guard) = inflight.claim(volume.volume_id.clone()) else { return };
     match nbd.map(&volume.meta_volume_id, meta, volume.epoch, volume.readonly).await {
         Ok(device) => {
-            tracing::info!(device = %device.display(), epoch = volume.epoch, "serving process replaced");
-            true
+            tracing::info!(device = %device.display(), epoch = volume.epoch, "serving process replaced")
         }
-        Err(err) => {
-            tracing::warn!(device = %mapping.device.display(), "replacing the serving process: {err}");
-            false
-        }
+        Err(err) => tracing::warn!(device = %mapping.device.display(), "replacing the serving process: {err}"),
     }
 }
