@@ -2,14 +2,19 @@
 CARGO ?= cargo
 DEMO_DIR ?= $(CURDIR)/.dev/demo
 
-.PHONY: help build release demo demo-down test lint fmt ci
+.PHONY: help deps build release demo demo-down test test-unit lint fmt ci
 
 help:
+	@echo "make deps       install the system packages the demo and tests need (apt-get, as root)"
 	@echo "make demo       build release binaries and run a local cluster on loopback ($(DEMO_DIR))"
 	@echo "make demo-down  stop the local cluster"
-	@echo "make test       run every test (unit, cluster, end to end, Kubernetes manifests)"
+	@echo "make test       run every test (unit, cluster, end to end, Kubernetes manifests); nothing is skipped"
+	@echo "make test-unit  a partial run without root or system tools: such tests are skipped and counted"
 	@echo "make lint       rustfmt check and clippy with warnings as errors"
 	@echo "make ci         lint + test, as CI runs them"
+
+deps:
+	./scripts/deps.sh
 
 build:
 	$(CARGO) build --workspace
@@ -17,19 +22,18 @@ build:
 release:
 	$(CARGO) build --workspace --release
 
-demo: release
+demo: deps release
 	DEMO_DIR=$(DEMO_DIR) ./deploy/demo.sh up
 
 demo-down:
 	DEMO_DIR=$(DEMO_DIR) ./deploy/demo.sh down
 
-test:
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
-	else \
-		$(CARGO) test --workspace --no-fail-fast; \
-	fi
-	python3 deploy/check.py
+# SKIP_SYSTEM_TESTS=1 make test is test-unit: no package install either.
+test: $(if $(filter 1,$(SKIP_SYSTEM_TESTS)),,deps)
+	CARGO=$(CARGO) ./scripts/test.sh
+
+test-unit:
+	CARGO=$(CARGO) SKIP_SYSTEM_TESTS=1 ./scripts/test.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -9,7 +9,7 @@ BIN=$PWD/target/release
 
 case "${1:-up}" in
   up)
-    command -v fio >/dev/null || { echo "fio is needed for the demo: apt-get install fio" >&2; exit 1; }
+    command -v fio >/dev/null || { echo "fio is needed for the demo: make deps installs it" >&2; exit 1; }
     "$BIN/ballast" dev up --dir "$DEMO_DIR"
     # shellcheck disable=SC1091
     . "$DEMO_DIR/cluster.env"
@@ -17,9 +17,15 @@ case "${1:-up}" in
     "$BIN/ballast" volume get demo >/dev/null 2>&1 ||
       "$BIN/ballast" volume create demo --size 256MiB --replicas 3 >/dev/null
     sock="$DEMO_DIR/demo.sock"
-    setsid "$BIN/nbd-client" serve demo --listen "unix:$sock" </dev/null >/dev/null 2>"$DEMO_DIR/logs/nbd-serve.log" &
-    echo $! >"$DEMO_DIR/nbd-serve.pid"
-    for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+    pidfile="$DEMO_DIR/nbd-serve.pid"
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      echo "== volume 'demo' is already served (pid $(cat "$pidfile"))"
+    else
+      rm -f "$sock"
+      setsid "$BIN/nbd-client" serve demo --listen "unix:$sock" </dev/null >/dev/null 2>>"$DEMO_DIR/logs/nbd-serve.log" &
+      echo $! >"$pidfile"
+      for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+    fi
     echo "== volume 'demo' served at nbd+unix:///?socket=$sock; fio verify through it:"
     fio --name=demo-verify --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --rw=randwrite --bs=4k \
       --iodepth=16 --size=64M --verify=crc32c --verify_fatal=1 --verify_state_save=0 \

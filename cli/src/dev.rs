@@ -3,7 +3,9 @@
 //!
 //! Layout of DIR: `cluster.json` (what runs: name, pid, address),
 //! `cluster.env` (`BALLAST_META=...`, `BALLAST_CSI_SOCKET=...`), `logs/`,
-//! and one data directory per process.
+//! and one data directory per process. `up` on a directory that holds a
+//! cluster starts what is not running with the same command lines (ports,
+//! data), so `up` twice or after `down` gives back the same cluster.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -53,6 +55,9 @@ pub struct UpOptions {
 }
 
 fn is_running(process: &Process) -> bool {
+    if process.pid == 0 {
+        return false;
+    }
     // Gone, or a zombie: not running.
     let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", process.pid)) else {
         return false;
@@ -107,16 +112,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
         bail!("a cluster needs at least one metadata member");
     }
     if let Some(state) = read_state(dir)? {
-        let running: Vec<String> =
-            state.processes.iter().filter(|p| is_running(p)).map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
-        if !running.is_empty() {
-            bail!(
-                "a cluster is already running in {}: {}; stop it with `ballast dev down --dir {}`",
-                dir.display(),
-                running.join(", "),
-                dir.display()
-            );
-        }
+        return resume(dir, state, &options).await;
     }
     fs::create_dir_all(dir.join("logs"))?;
     let dir = fs::canonicalize(dir)?;
@@ -201,11 +197,45 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
     write_state(&dir, &state)?;
 
     wait_ready(&state, options.storage).await?;
-    let mut env = format!("BALLAST_META={meta_list}\n");
+    write_env(&dir, &state)?;
+    Ok(state)
+}
+
+/// `cluster.env`: what a shell needs to talk to the running cluster.
+fn write_env(dir: &Path, state: &ClusterState) -> anyhow::Result<()> {
+    let mut env = format!("BALLAST_META={}\n", state.meta.join(","));
     if let Some(socket) = &state.csi_socket {
         env.push_str(&format!("BALLAST_CSI_SOCKET={socket}\n"));
     }
-    fs::write(dir.join(ENV_FILE), env)?;
+    fs::write(dir.join(ENV_FILE), env).context("writing cluster.env")
+}
+
+/// `up` on a directory that already holds a cluster: the processes that
+/// are not running start again with their command lines (same ports, same
+/// data), so running `up` twice, or after `down`, gives the same cluster.
+async fn resume(dir: &Path, mut state: ClusterState, options: &UpOptions) -> anyhow::Result<ClusterState> {
+    let storage = state.processes.iter().filter(|p| p.binary == "storage-server").count();
+    if state.meta.len() != options.meta || storage != options.storage {
+        bail!(
+            "{} holds a cluster of {} metadata members and {storage} chunk servers, not {} and {}; \
+             stop it (`ballast dev down --dir {0}`) and remove the directory to start another",
+            dir.display(),
+            state.meta.len(),
+            options.meta,
+            options.storage
+        );
+    }
+    let dir = fs::canonicalize(dir)?;
+    for i in 0..state.processes.len() {
+        let process = &state.processes[i];
+        if !is_running(process) {
+            let pid = spawn(&dir, &options.bin_dir, &process.name, &process.binary, &process.args)?;
+            state.processes[i].pid = pid;
+            write_state(&dir, &state)?;
+        }
+    }
+    wait_ready(&state, options.storage).await?;
+    write_env(&dir, &state)?;
     Ok(state)
 }
 
@@ -251,9 +281,14 @@ pub fn down(dir: &Path) -> anyhow::Result<Vec<String>> {
     for process in running.iter().filter(|p| is_running(p)) {
         let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
     }
-    fs::remove_file(dir.join(STATE_FILE))?;
+    let stopped = running.iter().map(|p| p.name.clone()).collect();
+    // The command lines stay for the next `up`; pid 0 is "not running", so
+    // a recycled pid is never taken for one of ours.
+    let mut state = state;
+    state.processes.iter_mut().for_each(|p| p.pid = 0);
+    write_state(dir, &state)?;
     let _ = fs::remove_file(dir.join(ENV_FILE));
-    Ok(running.iter().map(|p| p.name.clone()).collect())
+    Ok(stopped)
 }
 
 /// Unmounts and unmaps every device the cluster's CSI plugin (or anyone

@@ -42,9 +42,12 @@ fn dev_up_serves_volume_commands_and_dev_down_stops_everything() {
     let connected = std::os::unix::net::UnixStream::connect(socket);
     assert!(connected.is_ok(), "the CSI plugin listens on {socket}: {connected:?}");
 
-    let again = ballast(&["dev", "up", "--dir", dir_arg, "--storage", "0"], None);
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"), "{again:?}");
+    // Up again: the same cluster, still serving.
+    ok(ballast(&["dev", "up", "--dir", dir_arg, "--storage", "0"], None));
+    assert_eq!(std::fs::read_to_string(dir.path().join("cluster.env")).unwrap(), env);
+    let other_shape = ballast(&["dev", "up", "--dir", dir_arg, "--storage", "2"], None);
+    assert!(!other_shape.status.success());
+    assert!(String::from_utf8_lossy(&other_shape.stderr).contains("holds a cluster of 3"), "{other_shape:?}");
 
     ok(ballast(&["volume", "create", "data", "--size", "64MiB", "--replicas", "3"], Some(meta)));
     let listed: serde_json::Value =
@@ -76,6 +79,7 @@ fn dev_up_serves_volume_commands_and_dev_down_stops_everything() {
         serde_json::from_str(&ok(ballast(&["volume", "list", "-o", "json"], Some(meta)))).unwrap();
     assert_eq!(listed, serde_json::json!([]));
 
+    ok(ballast(&["volume", "create", "kept", "--size", "64MiB", "--replicas", "3"], Some(meta)));
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("cluster.json")).unwrap()).unwrap();
     let pids: Vec<i32> =
@@ -89,4 +93,11 @@ fn dev_up_serves_volume_commands_and_dev_down_stops_everything() {
             "pid {pid} stopped"
         );
     }
+
+    // Up after down: the same cluster again, with its data.
+    ok(ballast(&["dev", "up", "--dir", dir_arg, "--storage", "0"], None));
+    assert_eq!(std::fs::read_to_string(dir.path().join("cluster.env")).unwrap(), env);
+    let kept: serde_json::Value =
+        serde_json::from_str(&ok(ballast(&["volume", "get", "kept", "-o", "json"], Some(meta)))).unwrap();
+    assert_eq!(kept[0]["name"], "kept");
 }

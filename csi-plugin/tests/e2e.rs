@@ -7,8 +7,7 @@
 //! the replicated volume to the chunk servers, and deleting the volume
 //! empties their data directories.
 //!
-//! These need root, FUSE, loop devices, mkfs and fio. Outside CI they skip
-//! with a message when those are missing; under `CI=true` that is a failure.
+//! These need root, FUSE, loop devices, mkfs and fio.
 
 mod common;
 

@@ -4,8 +4,7 @@
 //! nbd kernel module is missing). Formatting, mounting, publishing, stats,
 //! expansion and teardown are real too.
 //!
-//! These need root, FUSE, loop devices and mkfs. Outside CI they skip with
-//! a message when those are missing; under `CI=true` that is a failure.
+//! These need root, FUSE, loop devices and mkfs.
 
 mod common;
 

@@ -2,8 +2,8 @@
 //! `/dev/loopN`, gets an ext4 file system, files are written, the device is
 //! detached and attached again, and the files are still there.
 //!
-//! Needs root, /dev/fuse, /dev/loop-control and e2fsprogs. Without them the
-//! test skips with a message, except under `CI=true`, where it fails.
+//! Needs root, /dev/fuse, /dev/loop-control and e2fsprogs
+//! (`ballast_testkit::machine_has`).
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -24,35 +24,6 @@ use common::mem_export::TestMemExport;
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
-
-/// Root, FUSE, loop devices and e2fsprogs; a missing one skips the test
-/// (fails under `CI=true`).
-fn prerequisites() -> bool {
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("root".to_owned());
-    }
-    for path in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(path).exists() {
-            missing.push(path.to_owned());
-        }
-    }
-    for tool in ["mkfs.ext4", "e2fsck"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()));
-        if !found {
-            missing.push(tool.to_owned());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("FUSE + loop test needs {missing:?} under CI=true");
-    }
-    eprintln!("SKIP: FUSE + loop test needs {missing:?}");
-    false
-}
 
 /// What the test set up, so that it is torn down whatever happens.
 struct Env {
@@ -149,7 +120,8 @@ fn random_bytes(len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext4_on_fuse_loop_survives_detach_and_reattach() {
-    if !prerequisites() {
+    if !ballast_testkit::machine_has(&[ballast_testkit::ROOT, "/dev/fuse", "/dev/loop-control", "mkfs.ext4", "e2fsck"])
+    {
         return;
     }
     let mut env = Env::new();

@@ -5,8 +5,7 @@
 //! The server serves `TestMemExport`, an in-memory export defined here for
 //! tests only; the replicated volume engine is exercised elsewhere.
 //!
-//! A missing tool skips its test with a message, except under `CI=true`,
-//! where it fails.
+//! A missing tool skips its test (`ballast_testkit::machine_has`).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -31,22 +30,6 @@ use common::mem_export::TestMemExport;
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
-
-/// True if `name` is on PATH. Missing: a skip with a message, or a failure
-/// under `CI=true`.
-fn tool(name: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false);
-    if found {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{name} is required under CI=true but is not installed");
-    }
-    eprintln!("SKIP: {name} is not installed (apt-get install -y qemu-utils libnbd-bin fio)");
-    false
-}
 
 /// A server on a unix socket in a private temp dir; stopped and cleaned up on drop.
 struct TestServer {
@@ -150,7 +133,7 @@ async fn qemu_io(uri: &str, commands: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_io_writes_and_verifies_patterns_over_unix() {
-    if !tool("qemu-io") {
+    if !ballast_testkit::machine_has(&["qemu-io"]) {
         return;
     }
     let export = TestMemExport::new(8 * MIB);
@@ -182,7 +165,7 @@ async fn qemu_io_writes_and_verifies_patterns_over_unix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_io_over_tcp_default_and_named_exports() {
-    if !tool("qemu-io") {
+    if !ballast_testkit::machine_has(&["qemu-io"]) {
         return;
     }
     let first = TestMemExport::new(4 * MIB);
@@ -209,7 +192,7 @@ async fn qemu_io_over_tcp_default_and_named_exports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_info_and_convert_round_trip_bit_identical() {
-    if !tool("qemu-img") {
+    if !ballast_testkit::machine_has(&["qemu-img"]) {
         return;
     }
     let size = 8 * MIB;
@@ -233,7 +216,7 @@ async fn qemu_img_info_and_convert_round_trip_bit_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdinfo_reports_size_flags_and_block_sizes() {
-    if !tool("nbdinfo") {
+    if !ballast_testkit::machine_has(&["nbdinfo"]) {
         return;
     }
     let server = TestServer::single(TestMemExport::new(6 * MIB)).await;
@@ -259,7 +242,7 @@ async fn nbdinfo_reports_size_flags_and_block_sizes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdinfo_lists_exports_and_sees_read_only() {
-    if !tool("nbdinfo") {
+    if !ballast_testkit::machine_has(&["nbdinfo"]) {
         return;
     }
     let nbd = NbdServer::new();
@@ -279,7 +262,7 @@ async fn nbdinfo_lists_exports_and_sees_read_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdcopy_round_trip_bit_identical() {
-    if !tool("nbdcopy") {
+    if !ballast_testkit::machine_has(&["nbdcopy"]) {
         return;
     }
     let size = 16 * MIB + 12345;
@@ -298,7 +281,7 @@ async fn nbdcopy_round_trip_bit_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_nbd_engine_writes_and_verifies() {
-    if !tool("fio") {
+    if !ballast_testkit::machine_has(&["fio"]) {
         return;
     }
     let server = TestServer::single(TestMemExport::new(32 * MIB)).await;

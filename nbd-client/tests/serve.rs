@@ -10,7 +10,7 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_nbd_clients_round_trip_through_a_replicated_volume() {
-    if !(have("qemu-io") && have("qemu-img") && have("nbdinfo") && have("nbdcopy")) {
+    if !ballast_testkit::machine_has(&["qemu-io", "qemu-img", "nbdinfo", "nbdcopy"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -86,7 +86,7 @@ async fn real_nbd_clients_round_trip_through_a_replicated_volume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_verify_passes_while_a_chunk_server_is_killed() {
-    if !have("fio") {
+    if !ballast_testkit::machine_has(&["fio"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -44,37 +44,14 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     binary
 }
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
 /// Whether this machine can run the tests that attach volumes: root, FUSE,
-/// loop devices and the tools in `needs` (plus mkfs.ext4, blkid,
-/// resize2fs). Outside CI a missing piece skips the test with a message;
-/// under `CI=true` it is a failure.
+/// loop devices, mkfs.ext4, blkid, resize2fs, losetup and the tools in
+/// `needs` (see `ballast_testkit::machine_has` for what a lack does).
 pub fn attach_possible(needs: &[&str]) -> bool {
-    let mut missing = Vec::new();
-    if !is_root() {
-        missing.push("root".to_string());
-    }
-    for tool in ["mkfs.ext4", "blkid", "resize2fs", "losetup"].iter().chain(needs) {
-        if csi_plugin::node::tools::which(tool).is_none() {
-            missing.push(tool.to_string());
-        }
-    }
-    for device in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(device).exists() {
-            missing.push(device.to_string());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("these tests need {} (CI must provide them)", missing.join(", "));
-    }
-    eprintln!("skipping: these tests need {}", missing.join(", "));
-    false
+    let always =
+        [ballast_testkit::ROOT, "/dev/fuse", "/dev/loop-control", "mkfs.ext4", "blkid", "resize2fs", "losetup"];
+    let all: Vec<&str> = always.iter().chain(needs).copied().collect();
+    ballast_testkit::machine_has(&all)
 }
 
 /// A mapping as `nbd-client list -o json` prints it.

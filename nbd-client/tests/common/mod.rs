@@ -15,21 +15,6 @@ use ballast_proto::meta as pb;
 pub const NBD_CLIENT: &str = env!("CARGO_BIN_EXE_nbd-client");
 pub const MIB: u64 = 1 << 20;
 
-/// Whether `tool` can run. Under CI a missing tool fails the test instead.
-pub fn have(tool: &str) -> bool {
-    let found =
-        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{tool} is required under CI");
-        eprintln!("skipping: {tool} is not installed");
-    }
-    found
-}
-
-pub fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
 pub fn ok(output: Output, what: &str) -> String {
     assert!(
         output.status.success(),
