@@ -50,7 +50,7 @@ pub fn snapshot(state: &MetaState, s: &Snapshot) -> pb::Snapshot {
     }
 }
 
-pub fn chunk_server(s: &ChunkServer) -> pb::ChunkServer {
+pub fn chunk_server(s: &ChunkServer, cluster_id: &str) -> pb::ChunkServer {
     pb::ChunkServer {
         id: s.id.clone(),
         address: s.address.clone(),
@@ -61,6 +61,7 @@ pub fn chunk_server(s: &ChunkServer) -> pb::ChunkServer {
         draining: s.draining,
         last_heartbeat_ms: s.last_heartbeat_ms,
         alive: s.is_alive(now_ms()),
+        cluster_id: cluster_id.to_string(),
     }
 }
 

@@ -493,6 +493,7 @@ mod tests {
                 address: format!("127.0.0.1:{}", 7400 + i),
                 capacity_bytes: 100 << 30,
                 labels: Default::default(),
+                cluster_id: String::new(),
             };
             state.apply(i + 1, NOW, command).unwrap();
         }

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::error::{not_leader, MetaError};
 use crate::metrics::REQUEST_LATENCY;
-use crate::state::{now_ms, page_size, paginate, MetaState};
+use crate::state::{now_ms, page_size, paginate, HeldChunk, MetaState};
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft};
 
@@ -253,14 +253,25 @@ impl Meta for MetaService {
     async fn register_chunk_server(&self, request: Request<pb::RegisterChunkServerRequest>) -> Reply<pb::ChunkServer> {
         timed("RegisterChunkServer", async {
             let r = request.into_inner();
+            // The first registration names the cluster (once: a concurrent
+            // proposal's id loses and the applied one is returned).
+            let mut cluster_id = self.read(|state| Ok(state.cluster_id.clone())).await?;
+            if cluster_id.is_empty() {
+                let id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+                cluster_id = match self.propose(Command::SetClusterId { id }).await? {
+                    Outcome::ClusterId(id) => id,
+                    other => return Err(unexpected(other)),
+                };
+            }
             let command = Command::RegisterChunkServer {
                 id: r.id,
                 address: r.address,
                 capacity_bytes: r.capacity_bytes,
                 labels: r.labels.into_iter().collect(),
+                cluster_id: r.cluster_id,
             };
             match self.propose(command).await? {
-                Outcome::ChunkServer(s) => Ok(Response::new(convert::chunk_server(&s))),
+                Outcome::ChunkServer(s) => Ok(Response::new(convert::chunk_server(&s, &cluster_id))),
                 other => Err(unexpected(other)),
             }
         })
@@ -271,18 +282,28 @@ impl Meta for MetaService {
         timed("Heartbeat", async {
             let r = request.into_inner();
             required("server id", &r.server_id)?;
-            let held = r.reports_chunks.then(|| r.chunks.iter().map(|c| (c.data_id, c.chunk_index)).collect());
+            let held = r.reports_chunks.then(|| {
+                r.chunks
+                    .iter()
+                    .map(|c| HeldChunk { data_id: c.data_id, chunk_index: c.chunk_index, generation: c.generation })
+                    .collect()
+            });
             let command = Command::Heartbeat {
                 server_id: r.server_id,
                 used_bytes: r.used_bytes,
                 capacity_bytes: r.capacity_bytes,
                 held,
+                cluster_id: r.cluster_id,
             };
             match self.propose(command).await? {
                 Outcome::Orphaned(list) => Ok(Response::new(pb::HeartbeatResponse {
                     orphaned: list
                         .into_iter()
-                        .map(|(data_id, chunk_index)| pb::HeldChunk { data_id, chunk_index })
+                        .map(|c| pb::HeldChunk {
+                            data_id: c.data_id,
+                            chunk_index: c.chunk_index,
+                            generation: c.generation,
+                        })
                         .collect(),
                 })),
                 other => Err(unexpected(other)),
@@ -296,7 +317,9 @@ impl Meta for MetaService {
         _request: Request<pb::ListChunkServersRequest>,
     ) -> Reply<pb::ListChunkServersResponse> {
         timed("ListChunkServers", async {
-            let servers = self.read(|state| Ok(state.servers.values().map(convert::chunk_server).collect())).await?;
+            let servers = self
+                .read(|state| Ok(state.servers.values().map(|s| convert::chunk_server(s, &state.cluster_id)).collect()))
+                .await?;
             Ok(Response::new(pb::ListChunkServersResponse { servers }))
         })
         .await
@@ -307,7 +330,10 @@ impl Meta for MetaService {
             let r = request.into_inner();
             required("server id", &r.server_id)?;
             match self.propose(Command::SetDraining { server_id: r.server_id, draining: r.draining }).await? {
-                Outcome::ChunkServer(s) => Ok(Response::new(convert::chunk_server(&s))),
+                Outcome::ChunkServer(s) => {
+                    let cluster_id = self.read_local(|state| Ok(state.cluster_id.clone()))?;
+                    Ok(Response::new(convert::chunk_server(&s, &cluster_id)))
+                }
                 other => Err(unexpected(other)),
             }
         })

@@ -125,9 +125,44 @@ pub struct CsiNode {
     pub registered_at_ms: u64,
 }
 
+/// A chunk a server reports holding, with its replica-set generation there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "LoggedHeldChunk")]
+pub struct HeldChunk {
+    pub data_id: u64,
+    pub chunk_index: u64,
+    pub generation: u64,
+}
+
+/// How logs written before held chunks carried a generation name them:
+/// `[data_id, chunk_index]` (generation 0, which is older than any).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LoggedHeldChunk {
+    Current { data_id: u64, chunk_index: u64, generation: u64 },
+    Pair(u64, u64),
+}
+
+impl From<LoggedHeldChunk> for HeldChunk {
+    fn from(logged: LoggedHeldChunk) -> Self {
+        match logged {
+            LoggedHeldChunk::Current { data_id, chunk_index, generation } => {
+                HeldChunk { data_id, chunk_index, generation }
+            }
+            LoggedHeldChunk::Pair(data_id, chunk_index) => HeldChunk { data_id, chunk_index, generation: 0 },
+        }
+    }
+}
+
 /// All replicated metadata.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaState {
+    /// Random, set once when the first chunk server registers. Servers keep
+    /// it and refuse any other cluster: a metadata cluster bootstrapped
+    /// afresh (lost data directories) knows none of their chunks, and must
+    /// not have them deleted as orphans.
+    #[serde(default)]
+    pub cluster_id: String,
     pub volumes: BTreeMap<String, Volume>,
     pub volume_names: BTreeMap<String, String>,
     pub chunk_maps: BTreeMap<String, BTreeMap<u64, ReplicaSet>>,
@@ -208,11 +243,19 @@ impl MetaState {
                 volume.populating = false;
                 Ok(Outcome::Volume(volume.clone()))
             }
-            Command::RegisterChunkServer { id, address, capacity_bytes, labels } => {
+            Command::SetClusterId { id } => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id = id;
+                }
+                Ok(Outcome::ClusterId(self.cluster_id.clone()))
+            }
+            Command::RegisterChunkServer { id, address, capacity_bytes, labels, cluster_id } => {
+                self.check_cluster(&id, &cluster_id)?;
                 self.register_server(at_ms, id, address, capacity_bytes, labels)
             }
-            Command::Heartbeat { server_id, used_bytes, capacity_bytes, held } => {
-                self.heartbeat(at_ms, &server_id, used_bytes, capacity_bytes, held)
+            Command::Heartbeat { server_id, used_bytes, capacity_bytes, held, cluster_id } => {
+                self.check_cluster(&server_id, &cluster_id)?;
+                self.heartbeat(index, at_ms, &server_id, used_bytes, capacity_bytes, held)
             }
             Command::SetDraining { server_id, draining } => {
                 let server = self
@@ -465,13 +508,26 @@ impl MetaState {
         Ok(Outcome::ChunkServer(server.clone()))
     }
 
+    /// A server whose data belongs to another metadata cluster is refused.
+    fn check_cluster(&self, server_id: &str, claimed: &str) -> Result<(), MetaError> {
+        if claimed.is_empty() || claimed == self.cluster_id {
+            return Ok(());
+        }
+        Err(MetaError::FailedPrecondition(format!(
+            "chunk server {server_id} belongs to metadata cluster {claimed}, and this is metadata cluster {:?}: \
+             it would see every chunk of that server as an orphan",
+            self.cluster_id
+        )))
+    }
+
     fn heartbeat(
         &mut self,
+        index: u64,
         at_ms: u64,
         server_id: &str,
         used_bytes: u64,
         capacity_bytes: u64,
-        held: Option<Vec<(u64, u64)>>,
+        held: Option<Vec<HeldChunk>>,
     ) -> Result<Outcome, MetaError> {
         let server = self
             .servers
@@ -480,12 +536,28 @@ impl MetaState {
         server.used_bytes = used_bytes;
         server.capacity_bytes = capacity_bytes;
         server.last_heartbeat_ms = at_ms;
-        let orphaned = held
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|&(data_id, chunk_index)| !self.references(server_id, data_id, chunk_index))
-            .collect();
+        let orphaned = held.unwrap_or_default().into_iter().filter(|c| self.is_orphan(index, server_id, c)).collect();
         Ok(Outcome::Orphaned(orphaned))
+    }
+
+    /// Whether `server_id` may drop a chunk it holds: no volume or
+    /// snapshot references its copy, and metadata is not behind the chunk.
+    /// A chunk is newer than this metadata when its data id (a log index)
+    /// is beyond `index`, or when its volume still exists and the chunk is
+    /// either unallocated here or at an older generation than on the server
+    /// (metadata restored from an old copy): such chunks are kept.
+    fn is_orphan(&self, index: u64, server_id: &str, chunk: &HeldChunk) -> bool {
+        if self.references(server_id, chunk.data_id, chunk.chunk_index) || chunk.data_id >= index {
+            return false;
+        }
+        let volume_id = volume_id(chunk.data_id);
+        if !self.volumes.contains_key(&volume_id) {
+            return true;
+        }
+        self.chunk_maps
+            .get(&volume_id)
+            .and_then(|chunks| chunks.get(&chunk.chunk_index))
+            .is_some_and(|set| set.generation >= chunk.generation)
     }
 
     /// Whether metadata still expects `server_id` to hold this chunk.
@@ -748,6 +820,7 @@ mod tests {
                     address: format!("127.0.0.1:{}", 7400 + i),
                     capacity_bytes: 100 << 30,
                     labels: BTreeMap::new(),
+                    cluster_id: String::new(),
                 },
             )
             .unwrap();
@@ -827,36 +900,89 @@ mod tests {
         assert!(matches!(result, Err(MetaError::ResourceExhausted(_))), "{result:?}");
     }
 
+    fn beat(server_id: &str, held: &[(u64, u64, u64)], cluster_id: &str) -> Command {
+        Command::Heartbeat {
+            server_id: server_id.into(),
+            used_bytes: 1,
+            capacity_bytes: 100 << 30,
+            held: Some(
+                held.iter()
+                    .map(|&(data_id, chunk_index, generation)| HeldChunk { data_id, chunk_index, generation })
+                    .collect(),
+            ),
+            cluster_id: cluster_id.into(),
+        }
+    }
+
+    fn orphaned(outcome: Outcome) -> Vec<(u64, u64)> {
+        match outcome {
+            Outcome::Orphaned(list) => list.iter().map(|c| (c.data_id, c.chunk_index)).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
-    fn heartbeats_name_chunks_nobody_references() {
-        let mut state = with_servers(3);
+    fn heartbeats_name_chunks_nobody_references_and_nothing_metadata_is_behind_on() {
+        let mut state = with_servers(4);
         let v = volume(&mut state, 10, "v", 128 << 20);
         let set = replica_set(
             apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0 }).unwrap(),
         );
         let holder = set.servers[0].clone();
-        let held = vec![(v.data_id, 0), (v.data_id, 1), (999, 0)];
-        let beat = Command::Heartbeat {
-            server_id: holder.clone(),
-            used_bytes: 1,
-            capacity_bytes: 100 << 30,
-            held: Some(held),
-        };
-        match apply(&mut state, 12, beat).unwrap() {
-            Outcome::Orphaned(list) => assert_eq!(list, vec![(v.data_id, 1), (999, 0)]),
+        // Referenced; an unallocated chunk of a live volume; a deleted
+        // volume's; and one of a volume created after index 12.
+        let held = [(v.data_id, 0, 1), (v.data_id, 1, 1), (5, 0, 1), (999, 0, 1)];
+        assert_eq!(orphaned(apply(&mut state, 12, beat(&holder, &held, "")).unwrap()), vec![(5, 0)]);
+        // A server outside the set: its copy is an orphan, unless it is at a
+        // newer generation than the set (metadata restored from an old copy).
+        let outsider = state.servers.keys().find(|s| !set.servers.contains(s)).unwrap().clone();
+        assert_eq!(
+            orphaned(apply(&mut state, 13, beat(&outsider, &[(v.data_id, 0, 1)], "")).unwrap()),
+            vec![(v.data_id, 0)]
+        );
+        assert_eq!(orphaned(apply(&mut state, 14, beat(&outsider, &[(v.data_id, 0, 5)], "")).unwrap()), vec![]);
+        apply(&mut state, 15, Command::DeleteVolume { id: v.id.clone() }).unwrap();
+        assert_eq!(
+            orphaned(apply(&mut state, 16, beat(&holder, &[(v.data_id, 0, 1)], "")).unwrap()),
+            vec![(v.data_id, 0)]
+        );
+    }
+
+    #[test]
+    fn heartbeats_logged_before_generations_still_load() {
+        let old = r#"{"Heartbeat":{"server_id":"s0","used_bytes":1,"capacity_bytes":2,"held":[[7,3]]}}"#;
+        match serde_json::from_str::<Command>(old).unwrap() {
+            Command::Heartbeat { held: Some(held), cluster_id, .. } => {
+                assert_eq!(held, vec![HeldChunk { data_id: 7, chunk_index: 3, generation: 0 }]);
+                assert!(cluster_id.is_empty());
+            }
             other => panic!("{other:?}"),
         }
-        apply(&mut state, 13, Command::DeleteVolume { id: v.id.clone() }).unwrap();
-        let beat = Command::Heartbeat {
-            server_id: holder,
-            used_bytes: 1,
-            capacity_bytes: 100 << 30,
-            held: Some(vec![(v.data_id, 0)]),
-        };
-        match apply(&mut state, 14, beat).unwrap() {
-            Outcome::Orphaned(list) => assert_eq!(list, vec![(v.data_id, 0)]),
+    }
+
+    #[test]
+    fn servers_of_another_cluster_are_refused() {
+        let mut state = with_servers(1);
+        let id = |outcome| match outcome {
+            Ok(Outcome::ClusterId(id)) => id,
             other => panic!("{other:?}"),
-        }
+        };
+        assert_eq!(id(apply(&mut state, 2, Command::SetClusterId { id: "a".into() })), "a");
+        assert_eq!(id(apply(&mut state, 3, Command::SetClusterId { id: "b".into() })), "a", "named once");
+        let register = |cluster_id: &str| Command::RegisterChunkServer {
+            id: "s0".into(),
+            address: "127.0.0.1:7400".into(),
+            capacity_bytes: 1 << 30,
+            labels: BTreeMap::new(),
+            cluster_id: cluster_id.into(),
+        };
+        assert!(apply(&mut state, 4, register("a")).is_ok());
+        assert!(apply(&mut state, 5, register("")).is_ok(), "a server's first registration");
+        assert!(
+            matches!(apply(&mut state, 6, register("b")), Err(MetaError::FailedPrecondition(m)) if m.contains("belongs to metadata cluster b"))
+        );
+        assert!(matches!(apply(&mut state, 7, beat("s0", &[(1, 0, 1)], "b")), Err(MetaError::FailedPrecondition(_))));
+        assert!(apply(&mut state, 8, beat("s0", &[], "a")).is_ok());
     }
 
     #[test]

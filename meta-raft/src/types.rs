@@ -6,7 +6,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
-use crate::state::{Attachment, ChunkServer, CsiNode, ReplicaSet, Snapshot, Volume};
+use crate::state::{Attachment, ChunkServer, CsiNode, HeldChunk, ReplicaSet, Snapshot, Volume};
 
 /// Identifies a member of the metadata cluster.
 pub type NodeId = u64;
@@ -74,18 +74,28 @@ pub enum Command {
     MarkVolumeReady {
         id: String,
     },
+    /// Names the cluster, once: a later id changes nothing (see
+    /// `MetaState::cluster_id`).
+    SetClusterId {
+        id: String,
+    },
     RegisterChunkServer {
         id: String,
         address: String,
         capacity_bytes: u64,
         labels: BTreeMap<String, String>,
+        /// The cluster the server's data belongs to ("" before it first registered).
+        #[serde(default)]
+        cluster_id: String,
     },
     Heartbeat {
         server_id: String,
         used_bytes: u64,
         capacity_bytes: u64,
-        /// Chunks the server reports holding, `(data_id, chunk_index)`.
-        held: Option<Vec<(u64, u64)>>,
+        /// Chunks the server reports holding.
+        held: Option<Vec<HeldChunk>>,
+        #[serde(default)]
+        cluster_id: String,
     },
     SetDraining {
         server_id: String,
@@ -142,7 +152,8 @@ pub enum Outcome {
     Attachment(Attachment),
     Node(CsiNode),
     Existed(bool),
-    Orphaned(Vec<(u64, u64)>),
+    Orphaned(Vec<HeldChunk>),
+    ClusterId(String),
     /// Entries that carry no command (blank and membership entries).
     Empty,
 }

@@ -4,10 +4,15 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ballast_telemetry::LogFormat;
 
 use crate::store::backend::BackendChoice;
+
+/// How long an orphaned chunk stays in the trash by default: a day to notice
+/// that metadata was lost or misconfigured before anything is deleted.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Everything a chunk server needs to start.
 #[derive(Clone, Debug)]
@@ -29,6 +34,8 @@ pub struct Config {
     pub scrub_rate: u64,
     /// Metadata service endpoints.
     pub meta: Vec<String>,
+    /// How long a chunk metadata no longer references waits in the trash.
+    pub orphan_grace: Duration,
 }
 
 impl Config {
@@ -46,6 +53,7 @@ impl Config {
             metrics_addr: None,
             scrub_rate: 0,
             meta: Vec::new(),
+            orphan_grace: DEFAULT_ORPHAN_GRACE,
         }
     }
 }
@@ -119,6 +127,10 @@ pub struct ServeArgs {
     /// Metadata service endpoints, comma-separated.
     #[arg(long, env = "BALLAST_STORAGE_META", value_delimiter = ',')]
     pub meta: Vec<String>,
+    /// Seconds a chunk metadata no longer references stays in DATA_DIR/trash
+    /// before it is deleted (`storage-server trash restore` brings it back).
+    #[arg(long, env = "BALLAST_STORAGE_ORPHAN_GRACE", default_value_t = DEFAULT_ORPHAN_GRACE.as_secs())]
+    pub orphan_grace: u64,
 }
 
 impl ServeArgs {
@@ -134,6 +146,7 @@ impl ServeArgs {
             metrics_addr: self.metrics_addr,
             scrub_rate: self.scrub_rate,
             meta: self.meta.into_iter().filter(|m| !m.trim().is_empty()).collect(),
+            orphan_grace: Duration::from_secs(self.orphan_grace),
         }
     }
 }

@@ -1,10 +1,12 @@
-//! The server's stable identity: given on the command line, or generated on
-//! first start and kept in the data directory.
+//! The server's stable identity: its id, given on the command line or
+//! generated on first start, and the metadata cluster its data belongs to,
+//! learnt at its first registration. Both are kept in the data directory.
 
 use std::io::{self, Write};
 use std::path::Path;
 
 const FILE: &str = "server-id";
+const CLUSTER_FILE: &str = "cluster-id";
 
 /// Returns `explicit` if given, else the id stored in `data_dir`, creating
 /// and durably storing a random one on first start.
@@ -24,15 +26,35 @@ pub fn load_or_create(data_dir: &Path, explicit: Option<&str>) -> io::Result<Str
         (None, Some(stored)) => Ok(stored),
         (None, None) => {
             let id = format!("ss-{:016x}", rand::random::<u64>());
-            let tmp = data_dir.join(format!("{FILE}.tmp"));
-            let mut file = std::fs::File::create(&tmp)?;
-            writeln!(file, "{id}")?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(data_dir)?.sync_all()?;
+            write_durably(data_dir, FILE, &id)?;
             Ok(id)
         }
     }
+}
+
+/// The metadata cluster this data directory belongs to, if it ever
+/// registered with one.
+pub fn cluster_id(data_dir: &Path) -> io::Result<Option<String>> {
+    match std::fs::read_to_string(data_dir.join(CLUSTER_FILE)) {
+        Ok(id) => Ok(Some(id.trim().to_string()).filter(|id| !id.is_empty())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Records the metadata cluster this data directory belongs to.
+pub fn set_cluster_id(data_dir: &Path, id: &str) -> io::Result<()> {
+    write_durably(data_dir, CLUSTER_FILE, id)
+}
+
+/// Writes `DATA_DIR/name` whole or not at all, and durably.
+fn write_durably(data_dir: &Path, name: &str, value: &str) -> io::Result<()> {
+    let tmp = data_dir.join(format!("{name}.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    writeln!(file, "{value}")?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, data_dir.join(name))?;
+    std::fs::File::open(data_dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -46,5 +68,13 @@ mod tests {
         assert!(id.starts_with("ss-"));
         assert_eq!(load_or_create(dir.path(), None).unwrap(), id);
         assert_eq!(load_or_create(dir.path(), Some("x")).unwrap(), "x");
+    }
+
+    #[test]
+    fn cluster_id_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(cluster_id(dir.path()).unwrap(), None);
+        set_cluster_id(dir.path(), "c1").unwrap();
+        assert_eq!(cluster_id(dir.path()).unwrap().as_deref(), Some("c1"));
     }
 }

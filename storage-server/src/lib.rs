@@ -10,6 +10,7 @@
 //! - [`activity_log`]: dirty regions to resync after a crash.
 //! - [`fencing`]: newest attachment epoch per volume.
 //! - [`scrub`]: background and on-demand verification of every block.
+//! - [`trash`]: orphaned chunks wait there before they are deleted.
 //! - [`metrics`], [`identity`], [`registration`].
 
 pub mod activity_log;
@@ -23,6 +24,7 @@ pub mod registration;
 pub mod scrub;
 pub mod server;
 pub mod store;
+pub mod trash;
 
 pub use config::Config;
 pub use error::StoreError;

@@ -228,6 +228,7 @@ impl Harness {
                     address: format!("127.0.0.1:{}", 7400 + i),
                     capacity_bytes: capacity,
                     labels: HashMap::new(),
+                    ..Default::default()
                 })
                 .await
                 .expect("registering a chunk server");

@@ -106,6 +106,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         unix_path: config.unix.clone(),
         labels: config.labels.clone(),
         capacity: store.capacity(),
+        data_dir: config.data_dir.clone(),
+        orphan_grace: config.orphan_grace,
     };
     tasks.push(tokio::spawn(register_and_heartbeat(config.meta.clone(), registration, store.clone(), stop_rx)));
     tracing::info!(tcp = ?tcp_addr, unix = ?config.unix, metrics = ?metrics_addr, "serving");

@@ -74,7 +74,7 @@ pub struct Store {
 }
 
 /// Locks `data_dir` against a second server using it at the same time.
-fn lock_data_dir(data_dir: &Path) -> io::Result<std::fs::File> {
+pub fn lock_data_dir(data_dir: &Path) -> io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(data_dir.join("lock"))?;
     // SAFETY: plain syscall on a descriptor we own.
@@ -98,6 +98,11 @@ fn free_space(path: &Path) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Where the store of `data_dir` keeps chunk `key`.
+pub fn chunk_file(data_dir: &Path, key: ChunkKey) -> PathBuf {
+    chunk_path(&data_dir.join("chunks"), key)
 }
 
 fn chunk_path(chunks_dir: &Path, key: ChunkKey) -> PathBuf {
@@ -380,17 +385,42 @@ impl Store {
 
     /// Deletes a chunk; `generation` 0 deletes any generation.
     pub async fn delete_chunk(&self, key: ChunkKey, generation: u64) -> Result<(), StoreError> {
+        self.remove_chunk(key, generation, None).await
+    }
+
+    /// Moves chunk `key` into the trash of the data directory (see
+    /// [`crate::trash`]) instead of deleting it.
+    pub async fn trash_chunk(&self, key: ChunkKey) -> Result<(), StoreError> {
+        let data_dir = self.chunks_dir.parent().expect("chunks directory has a parent");
+        self.remove_chunk(key, 0, Some(crate::trash::path_for(data_dir, key))).await
+    }
+
+    /// Takes chunk `key` out of the store: its file is deleted, or renamed
+    /// to `trash_path`.
+    async fn remove_chunk(
+        &self,
+        key: ChunkKey,
+        generation: u64,
+        trash_path: Option<PathBuf>,
+    ) -> Result<(), StoreError> {
         let _admin = self.admin.lock().await;
         let chunk = self.get(key)?;
         chunk.check_generation(generation, true)?;
         let path = chunk.path().to_owned();
         tokio::task::spawn_blocking(move || {
-            std::fs::remove_file(&path)?;
+            if let Some(to) = trash_path {
+                let trash = to.parent().expect("trash path has a parent");
+                std::fs::create_dir_all(trash)?;
+                std::fs::rename(&path, &to)?;
+                sync_dir(trash)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
             sync_dir(path.parent().expect("chunk path has a parent"))
         })
         .await
-        .map_err(|e| StoreError::io("deleting a chunk", io::Error::other(e)))?
-        .map_err(|e| StoreError::io(format!("deleting chunk {key}"), e))?;
+        .map_err(|e| StoreError::io("removing a chunk", io::Error::other(e)))?
+        .map_err(|e| StoreError::io(format!("removing chunk {key}"), e))?;
         let count = {
             let mut chunks = self.chunks.write().expect("chunk map poisoned");
             chunks.remove(&key);

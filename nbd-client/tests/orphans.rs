@@ -1,0 +1,153 @@
+//! Orphan deletion never destroys data. Losing the metadata service's data
+//! must not cost the chunk servers theirs: a metadata cluster whose data
+//! directories were emptied and that was bootstrapped again on the same
+//! addresses (what a StatefulSet re-created without its volumes does) knows
+//! no volume, and would once have had every chunk deleted as an orphan
+//! within a minute. And what metadata does call an orphan waits in the
+//! trash, from where an admin can restore it.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ballast_cli::dev::DevCluster;
+use ballast_proto::frame::DataClient;
+use ballast_proto::meta as pb;
+use bytes::Bytes;
+use nbd_client::engine::{EngineOptions, Volume};
+
+const MIB: u64 = 1 << 20;
+const VOLUME: u64 = 8 * MIB;
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u64).wrapping_mul(2654435761) as u8).collect()
+}
+
+fn storage_server_bin() -> std::path::PathBuf {
+    ballast_cli::dev::workspace_bin_dir().join("storage-server")
+}
+
+/// A 3-replica volume of 8 chunks, every byte written and flushed.
+async fn written_volume(cluster: &DevCluster, name: &str) -> (pb::Volume, Vec<u8>) {
+    let meta = cluster.meta();
+    let request = pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: VOLUME,
+        replicas: 3,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+    let attachment = meta
+        .publish_volume(pb::PublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into(), readonly: false })
+        .await
+        .unwrap();
+    let options = EngineOptions { epoch: attachment.epoch, ..Default::default() };
+    let volume = Volume::open(meta.clone(), &info.id, options).await.unwrap();
+    let written = pattern(VOLUME as usize);
+    volume.write_at(0, Bytes::from(written.clone()), true).await.unwrap();
+    volume.flush().await.unwrap();
+    (info, written)
+}
+
+/// How many chunks each storage server holds, by server address.
+async fn held(cluster: &DevCluster) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    for process in cluster.state.processes.iter().filter(|p| p.binary == "storage-server") {
+        let client = DataClient::connect(&process.address).await.unwrap();
+        out.push((process.address.clone(), client.list_chunks(None).await.unwrap().len()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_metadata_cluster_makes_no_chunk_server_delete_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = DevCluster::start(dir.path(), 3, 3).await.unwrap();
+    let (info, written) = written_volume(&cluster, "kept").await;
+    let before = held(&cluster).await;
+    assert!(before.iter().all(|(_, n)| *n == 8), "every server holds all 8 chunks: {before:?}");
+
+    // Metadata lost: every member killed, its data directory emptied, and
+    // started again with the same --bootstrap list.
+    for name in ["meta1", "meta2", "meta3"] {
+        cluster.kill(name);
+        std::fs::remove_dir_all(cluster.dir.join(name)).unwrap();
+    }
+    for name in ["meta1", "meta2", "meta3"] {
+        cluster.restart(name).unwrap();
+    }
+    let fresh = cluster.meta();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fresh.list_volumes(pb::ListVolumesRequest::default()).await.is_err() {
+        assert!(Instant::now() < deadline, "the new metadata cluster elected no leader");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Servers reconcile every 10 s and used to delete a chunk named orphaned
+    // by two reconciliations in a row: give them three.
+    let watch = Instant::now() + Duration::from_secs(35);
+    while Instant::now() < watch {
+        let now = held(&cluster).await;
+        assert_eq!(now, before, "a chunk server deleted chunks the lost metadata referenced");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    // The data is intact on every server.
+    for (address, _) in &before {
+        let client = DataClient::connect(address).await.unwrap();
+        let (data, _) = client.read(info.data_id, 3, 0, MIB as u32, 0).await.unwrap();
+        assert!(data[..] == written[3 * MIB as usize..4 * MIB as usize], "chunk 3 on {address}");
+    }
+    // The servers refused to join the other cluster, and say why.
+    let servers = fresh.list_chunk_servers(pb::ListChunkServersRequest {}).await.unwrap().servers;
+    assert!(servers.is_empty(), "chunk servers registered with a cluster that is not theirs: {servers:?}");
+    let log = std::fs::read_to_string(cluster.dir.join("logs/storage1.log")).unwrap();
+    assert!(log.contains("belongs to metadata cluster"), "storage1 says why it refuses the new cluster");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orphans_wait_in_the_trash_and_an_admin_restores_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = DevCluster::start(dir.path(), 1, 3).await.unwrap();
+    let meta = cluster.meta();
+    let (info, written) = written_volume(&cluster, "deleted").await;
+    meta.unpublish_volume(pb::UnpublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into() })
+        .await
+        .unwrap();
+    meta.delete_volume(pb::DeleteVolumeRequest { id: info.id.clone() }).await.unwrap();
+
+    // Two reconciliations (10 s apart) agree: the chunks leave the store...
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held(&cluster).await.iter().any(|(_, n)| *n > 0) {
+        assert!(Instant::now() < deadline, "the deleted volume's chunks are still served");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // ...for the trash, where `trash list` shows them.
+    let data_dir = cluster.dir.join("storage1");
+    let list =
+        Command::new(storage_server_bin()).args(["trash", "list", "--data-dir"]).arg(&data_dir).output().unwrap();
+    assert!(list.status.success(), "{list:?}");
+    let listed = String::from_utf8(list.stdout).unwrap();
+    assert_eq!(listed.lines().filter(|l| l.contains(&format!("volume={} ", info.data_id))).count(), 8, "{listed}");
+
+    // Restoring needs the server stopped: the data directory is locked.
+    let restore =
+        || Command::new(storage_server_bin()).args(["trash", "restore", "--data-dir"]).arg(&data_dir).output().unwrap();
+    let refused = restore();
+    assert!(!refused.status.success(), "restored under a running server: {refused:?}");
+    cluster.kill("storage1");
+    let restored = restore();
+    assert!(String::from_utf8_lossy(&restored.stdout).contains("restored 8 chunks"), "{restored:?}");
+    cluster.restart("storage1").unwrap();
+    let address = cluster.process("storage1").address.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = loop {
+        match DataClient::connect(&address).await {
+            Ok(client) => break client,
+            Err(e) => assert!(Instant::now() < deadline, "storage1 did not come back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (data, _) = client.read(info.data_id, 5, 0, MIB as u32, 0).await.unwrap();
+    assert!(data[..] == written[5 * MIB as usize..6 * MIB as usize], "the restored chunk holds what was written");
+}
