@@ -247,8 +247,15 @@ mod tests {
         assert!(matches!(prepare_socket(&path).await, Err(ServerError::SocketInUse(_))));
         assert!(path.exists());
         drop(live);
-        // The listener is gone, its file is not: stale.
-        prepare_socket(&path).await.unwrap();
+        // The listener is gone, its file is not: stale. (A test running
+        // in parallel may fork while the listener is open; the child holds
+        // it until it execs, so give it a moment.)
+        let mut attempts = 0;
+        while let Err(ServerError::SocketInUse(_)) = prepare_socket(&path).await {
+            attempts += 1;
+            assert!(attempts < 50, "the closed listener's socket is still taken for a live one");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(!path.exists());
 
         std::fs::write(&path, b"not a socket").unwrap();

@@ -3,7 +3,8 @@
 //! component uses.
 //!
 //! - [`state`]: the metadata and the rules that change it; [`placement`]
-//!   picks the servers of a chunk; [`repair`] rebuilds missing replicas.
+//!   picks the servers of a chunk; [`repair`] rebuilds missing replicas;
+//!   [`fence`] pushes a published volume's epoch to the chunk servers.
 //! - [`store`]: the sled-backed Raft log and state machine.
 //! - [`network`]: Raft RPCs between members.
 //! - [`service`] and [`cluster`]: the client and membership APIs.
@@ -13,6 +14,7 @@ pub mod client;
 pub mod cluster;
 mod convert;
 pub mod error;
+pub mod fence;
 pub mod metrics;
 pub mod network;
 pub mod node;

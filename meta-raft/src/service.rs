@@ -12,8 +12,9 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::error::{not_leader, MetaError};
+use crate::fence;
 use crate::metrics::REQUEST_LATENCY;
-use crate::state::{now_ms, page_size, paginate, HeldChunk, MetaState};
+use crate::state::{now_ms, page_size, paginate, HeldChunk, MetaState, ReplicaSet};
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft};
 
@@ -65,6 +66,97 @@ impl MetaService {
     fn read_local<T>(&self, f: impl FnOnce(&MetaState) -> Result<T, MetaError>) -> Result<T, Status> {
         let applied = self.state.read().expect("state lock poisoned");
         f(&applied.state).map_err(Status::from)
+    }
+
+    /// Pushes `epoch` of `volume_id` to every chunk server (see
+    /// [`crate::fence`]). A server that does not confirm it leaves the
+    /// replica set of every chunk of the volume it holds, so that what it
+    /// might still accept from the old writer is never read; if it holds
+    /// the last replica of a chunk, the publish fails (UNAVAILABLE) and can
+    /// be retried once the server is back. Then the members of each chunk
+    /// are brought to agree on what the old writer left unflushed.
+    async fn fence(&self, volume_id: &str, epoch: u64) -> Result<(), Status> {
+        let data_id = self.fence_servers(volume_id, epoch).await?;
+        let chunks = self.read_local(|state| {
+            let address = |id: &String| state.servers.get(id).map(|s| (id.clone(), s.address.clone()));
+            Ok(state
+                .chunk_map(volume_id)
+                .map(|map| {
+                    map.iter()
+                        .map(|(&chunk_index, set)| fence::ChunkMembers {
+                            chunk_index,
+                            generation: set.generation,
+                            members: set.servers.iter().filter_map(address).collect(),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default())
+        })?;
+        let (copied, diverged) = fence::resync_unflushed(&chunks, data_id, epoch).await;
+        if copied > 0 {
+            tracing::info!(
+                volume = volume_id,
+                epoch,
+                copied,
+                "members agree again on what the old writer left unflushed"
+            );
+        }
+        for d in diverged {
+            tracing::warn!(volume = volume_id, chunk = d.chunk_index, server = %d.server_id, error = %d.error,
+                "a member could not be resynced after the fence: it leaves the set");
+            let command = Command::ReportFailedReplica {
+                volume_id: volume_id.to_string(),
+                chunk_index: d.chunk_index,
+                server_id: d.server_id.clone(),
+                generation: d.generation,
+            };
+            self.propose(command).await?;
+        }
+        Ok(())
+    }
+
+    /// The fence itself; returns the volume's data id.
+    async fn fence_servers(&self, volume_id: &str, epoch: u64) -> Result<u64, Status> {
+        let (data_id, servers, held) = self.read_local(|state| {
+            let volume =
+                state.volumes.get(volume_id).ok_or_else(|| MetaError::not_found(format!("volume {volume_id}")))?;
+            let servers: Vec<(String, String)> =
+                state.servers.values().map(|s| (s.id.clone(), s.address.clone())).collect();
+            let held: Vec<(u64, ReplicaSet)> = state
+                .chunk_map(volume_id)
+                .map(|m| m.iter().map(|(i, set)| (*i, set.clone())).collect())
+                .unwrap_or_default();
+            Ok((volume.data_id, servers, held))
+        })?;
+        for unfenced in fence::push_epoch(servers, data_id, epoch).await {
+            let chunks: Vec<&(u64, ReplicaSet)> =
+                held.iter().filter(|(_, set)| set.servers.contains(&unfenced.server_id)).collect();
+            if chunks.is_empty() {
+                tracing::warn!(volume = volume_id, server = %unfenced.server_id, error = %unfenced.error,
+                    "could not fence a chunk server that holds none of the volume's chunks");
+                continue;
+            }
+            tracing::warn!(volume = volume_id, server = %unfenced.server_id, error = %unfenced.error, chunks = chunks.len(),
+                "could not fence a chunk server: it leaves the volume's replica sets");
+            for (chunk_index, set) in chunks {
+                let command = Command::ReportFailedReplica {
+                    volume_id: volume_id.to_string(),
+                    chunk_index: *chunk_index,
+                    server_id: unfenced.server_id.clone(),
+                    generation: set.generation,
+                };
+                self.propose(command).await.map_err(|status| {
+                    Status::unavailable(format!(
+                        "volume {volume_id} cannot be fenced: chunk server {} ({}) did not confirm epoch {epoch} and \
+                         cannot leave the set of chunk {chunk_index}: {}; publish again when it is back",
+                        unfenced.server_id,
+                        unfenced.error,
+                        status.message()
+                    ))
+                })?;
+            }
+        }
+        Ok(data_id)
     }
 
     fn replica_reply(&self, outcome: Outcome) -> Reply<pb::ChunkReplicaSet> {
@@ -398,7 +490,12 @@ impl Meta for MetaService {
             let r = request.into_inner();
             let command = Command::Publish { volume_id: r.volume_id, node_id: r.node_id, readonly: r.readonly };
             match self.propose(command).await? {
-                Outcome::Attachment(a) => Ok(Response::new(convert::attachment(&a))),
+                Outcome::Attachment(a) => {
+                    // Repeated publishes (the same epoch) fence again: the
+                    // first may have failed halfway.
+                    self.fence(&a.volume_id, a.epoch).await?;
+                    Ok(Response::new(convert::attachment(&a)))
+                }
                 other => Err(unexpected(other)),
             }
         })

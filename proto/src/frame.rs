@@ -51,7 +51,7 @@
 //! | opcode                  | request                                  | reply payload / `aux`                           |
 //! |-------------------------|------------------------------------------|-------------------------------------------------|
 //! | `PING`                  | -                                        | -                                               |
-//! | `WRITE`                 | data payload; `FLAG_FUA`                 | -                                               |
+//! | `WRITE`                 | data payload; `FLAG_FUA`, `FLAG_PAUSE_HOLDER` | -                                          |
 //! | `READ`                  | `offset`, `length`                       | data payload                                    |
 //! | `FLUSH`                 | `volume` or `FLAG_ALL_VOLUMES`           | -                                               |
 //! | `TRIM`                  | range; data reads as zeros afterwards    | -                                               |
@@ -67,10 +67,15 @@
 //! | `VOLUME_PAUSE`          | `volume`; `length` = auto-resume timeout, ms (0 = 10 s, at most 60 s) | `aux` = timeout granted, ms |
 //! | `VOLUME_RESUME`         | `volume`                                 | -                                               |
 //! | `CHUNK_CLONE`           | source `volume`, `chunk`, `generation` (0 = any); payload: [`CloneTarget`] | -          |
+//! | `VOLUME_FENCE`          | `volume`, `epoch`                        | `aux` = the volume's epoch here afterwards      |
 //!
 //! `WRITE`, `TRIM` and `WRITE_ZEROES` carry the attachment `epoch` and the
 //! chunk's `generation`, both checked. `FLAG_FUA` on them makes the change
-//! durable before the reply. `DIRTY_REGIONS` with `FLAG_CLEAR` forgets the
+//! durable before the reply. `VOLUME_FENCE` raises the volume's epoch to `epoch` (persisted;
+//! an older one changes nothing) and answers once every change admitted
+//! under an older epoch has finished: afterwards no change of an older epoch
+//! lands on this server. The metadata service sends it to every chunk
+//! server when a volume is published. `DIRTY_REGIONS` with `FLAG_CLEAR` forgets the
 //! regions of one chunk (`volume`, `chunk`, range `offset`/`length`, length 0 =
 //! whole chunk) that were recovered after a restart, once they are resynced.
 //!
@@ -109,7 +114,8 @@
 //!   without them. Errors: `NoSuchChunk`, `ChunkExists` (the target),
 //!   `StaleGeneration` (the source), `NoSpace`.
 //!
-//! All three address one volume: `FLAG_ALL_VOLUMES` is refused (`BadFrame`).
+//! These three and `VOLUME_FENCE` address one volume: `FLAG_ALL_VOLUMES` is
+//! refused (`BadFrame`).
 //!
 //! # Framing errors
 //!
@@ -172,7 +178,10 @@ pub const FLAG_ALL_VOLUMES: u16 = 1 << 1;
 pub const FLAG_NO_HOLE: u16 = 1 << 2;
 /// Request flag on `DIRTY_REGIONS`: forget the chunk's recovered regions.
 pub const FLAG_CLEAR: u16 = 1 << 3;
-const KNOWN_REQUEST_FLAGS: u16 = FLAG_FUA | FLAG_ALL_VOLUMES | FLAG_NO_HOLE | FLAG_CLEAR;
+/// `WRITE` by the holder of the volume's pause (a resync after a fence):
+/// it passes the pause that holds every other change back.
+pub const FLAG_PAUSE_HOLDER: u16 = 1 << 4;
+const KNOWN_REQUEST_FLAGS: u16 = FLAG_FUA | FLAG_ALL_VOLUMES | FLAG_NO_HOLE | FLAG_CLEAR | FLAG_PAUSE_HOLDER;
 
 /// Reply flag: the last frame for this request.
 pub const REPLY_END: u16 = 1 << 0;
@@ -198,10 +207,11 @@ pub enum Opcode {
     VolumePause = 15,
     VolumeResume = 16,
     ChunkClone = 17,
+    VolumeFence = 18,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 17] = [
+    pub const ALL: [Opcode; 18] = [
         Opcode::Ping,
         Opcode::Write,
         Opcode::Read,
@@ -219,6 +229,7 @@ impl Opcode {
         Opcode::VolumePause,
         Opcode::VolumeResume,
         Opcode::ChunkClone,
+        Opcode::VolumeFence,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -245,6 +256,7 @@ impl Opcode {
             Opcode::VolumePause => "volume_pause",
             Opcode::VolumeResume => "volume_resume",
             Opcode::ChunkClone => "chunk_clone",
+            Opcode::VolumeFence => "volume_fence",
         }
     }
 }
@@ -601,7 +613,8 @@ fn validate_request(h: &RequestHeader, payload_len: usize) -> Result<(), DecodeE
     if h.flags & !KNOWN_REQUEST_FLAGS != 0 {
         return bad(ErrorCode::BadFrame, "unknown flag bits");
     }
-    let single_volume = matches!(h.opcode, Opcode::VolumePause | Opcode::VolumeResume | Opcode::ChunkClone);
+    let single_volume =
+        matches!(h.opcode, Opcode::VolumePause | Opcode::VolumeResume | Opcode::ChunkClone | Opcode::VolumeFence);
     if single_volume && h.has_flag(FLAG_ALL_VOLUMES) {
         return bad(ErrorCode::BadFrame, "FLAG_ALL_VOLUMES is not accepted by this opcode");
     }

@@ -24,7 +24,7 @@ use super::payload::{
 };
 use super::{
     decode_reply, first_bad_block, write_loop, Checksums, ErrorCode, Opcode, Reply, RequestHeader, WireFrame,
-    FLAG_ALL_VOLUMES, FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE,
+    FLAG_ALL_VOLUMES, FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE, FLAG_PAUSE_HOLDER,
 };
 
 /// Frames queued for the writer task before callers wait.
@@ -348,9 +348,41 @@ impl DataClient {
         generation: u64,
         fua: bool,
     ) -> Result<(), ClientError> {
+        self.write_with_flags(volume, chunk, offset, data, checksums, epoch, generation, if fua { FLAG_FUA } else { 0 })
+            .await
+    }
+
+    /// [`DataClient::write`] by the holder of the volume's pause: it passes
+    /// the pause (a resync that must land while the writers wait).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write_holding_pause(
+        &self,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        data: Bytes,
+        checksums: &[u32],
+        epoch: u64,
+        generation: u64,
+    ) -> Result<(), ClientError> {
+        self.write_with_flags(volume, chunk, offset, data, checksums, epoch, generation, FLAG_PAUSE_HOLDER).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_with_flags(
+        &self,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        data: Bytes,
+        checksums: &[u32],
+        epoch: u64,
+        generation: u64,
+        flags: u16,
+    ) -> Result<(), ClientError> {
         let length = u32::try_from(data.len()).map_err(|_| ClientError::Protocol("write too large".into()))?;
         let header = RequestHeader {
-            flags: if fua { FLAG_FUA } else { 0 },
+            flags,
             volume,
             chunk,
             offset,
@@ -534,6 +566,14 @@ impl DataClient {
             ..RequestHeader::new(Opcode::VolumePause, 0)
         };
         self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
+    }
+
+    /// Raises `volume`'s epoch on the server to `epoch` and waits until no
+    /// change of an older epoch is in flight there. Returns the volume's
+    /// epoch on the server afterwards (newer, if it had seen a newer one).
+    pub async fn fence_volume(&self, volume: u64, epoch: u64) -> Result<u64, ClientError> {
+        let header = RequestHeader { volume, epoch, ..RequestHeader::new(Opcode::VolumeFence, 0) };
+        self.call(header, Bytes::new(), Bytes::new()).await.map(|reply| reply.header.aux)
     }
 
     /// Ends a pause of `volume`; its waiting changes proceed. Succeeds when

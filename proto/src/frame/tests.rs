@@ -98,7 +98,7 @@ fn clone_requests_carry_one_target() {
 
 #[test]
 fn pause_resume_and_clone_address_one_volume() {
-    for opcode in [Opcode::VolumePause, Opcode::VolumeResume, Opcode::ChunkClone] {
+    for opcode in [Opcode::VolumePause, Opcode::VolumeResume, Opcode::ChunkClone, Opcode::VolumeFence] {
         let mut req = request_for(opcode);
         req.header.flags = FLAG_ALL_VOLUMES;
         let mut buf = BytesMut::new();
@@ -115,7 +115,8 @@ fn pause_resume_and_clone_address_one_volume() {
     assert_eq!(Opcode::from_u8(15), Some(Opcode::VolumePause));
     assert_eq!(Opcode::from_u8(16), Some(Opcode::VolumeResume));
     assert_eq!(Opcode::from_u8(17), Some(Opcode::ChunkClone));
-    assert_eq!(Opcode::from_u8(18), None);
+    assert_eq!(Opcode::from_u8(18), Some(Opcode::VolumeFence));
+    assert_eq!(Opcode::from_u8(19), None);
     assert_eq!(ErrorCode::from_u16(15), Some(ErrorCode::Interrupted));
 }
 

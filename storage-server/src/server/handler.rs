@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{
     encode_entries, DecodeError, Entry, ErrorCode, Opcode, ReplyHeader, Request, WireFrame, FLAG_ALL_VOLUMES,
-    FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE, MAX_DATA, MAX_PAYLOAD, REPLY_END,
+    FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE, FLAG_PAUSE_HOLDER, MAX_DATA, MAX_PAYLOAD, REPLY_END,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -95,7 +95,7 @@ impl Handler {
         let h = req.header;
         let key = ChunkKey { volume: h.volume, chunk: h.chunk };
         let scope = (!h.has_flag(FLAG_ALL_VOLUMES)).then_some(h.volume);
-        let fence = Fence { epoch: h.epoch, generation: h.generation };
+        let fence = Fence { epoch: h.epoch, generation: h.generation, holds_pause: h.has_flag(FLAG_PAUSE_HOLDER) };
         let fua = h.has_flag(FLAG_FUA);
         let reply = |data: Bytes, tail: Bytes| {
             let header = ReplyHeader::new(h.opcode, h.request_id, Ok(()));
@@ -149,6 +149,11 @@ impl Handler {
                 let granted = self.store.pause_volume(h.volume, h.offset, timeout).await?;
                 let header =
                     ReplyHeader { aux: granted.as_millis() as u64, ..ReplyHeader::new(h.opcode, h.request_id, Ok(())) };
+                WireFrame::reply(&header, Bytes::new(), Bytes::new())
+            }
+            Opcode::VolumeFence => {
+                let epoch = self.store.fence_volume(h.volume, h.epoch).await?;
+                let header = ReplyHeader { aux: epoch, ..ReplyHeader::new(h.opcode, h.request_id, Ok(())) };
                 WireFrame::reply(&header, Bytes::new(), Bytes::new())
             }
             Opcode::VolumeResume => {

@@ -40,11 +40,20 @@ use buf::BufPool;
 use chunk::{sync_dir, Chunk, ChunkKey, MAX_CHUNK_SIZE, REGION_SIZE};
 use pause::Pauses;
 
+/// The pause holder a fence drains with (holders of snapshots and rebuilds
+/// are chosen by their coordinators and are never this).
+const FENCE_HOLDER: u64 = u64::MAX;
+/// How long a fence waits for the changes in flight to finish.
+const FENCE_DRAIN: Duration = Duration::from_secs(30);
+
 /// What a change must prove: the attachment epoch and the chunk generation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Fence {
     pub epoch: u64,
     pub generation: u64,
+    /// Sent by the holder of the volume's pause (`FLAG_PAUSE_HOLDER`): the
+    /// change passes the pause.
+    pub holds_pause: bool,
 }
 
 /// How a range is zeroed.
@@ -294,7 +303,7 @@ impl Store {
         F: FnOnce(RangeGuard<'c>) -> Fut,
         Fut: std::future::Future<Output = Result<(), StoreError>>,
     {
-        let _admitted = self.pauses.admit(chunk.key.volume).await?;
+        let _admitted = if fence.holds_pause { None } else { Some(self.pauses.admit(chunk.key.volume).await?) };
         chunk.check_generation(fence.generation, false)?;
         self.fencing.admit(chunk.key.volume, fence.epoch).await?;
         let _busy = self.log.begin_write(chunk.key, offset, len).await?;
@@ -491,6 +500,21 @@ impl Store {
     /// flight; returns the timeout granted.
     pub async fn pause_volume(&self, volume: u64, holder: u64, timeout: Duration) -> Result<Duration, StoreError> {
         self.pauses.pause(volume, holder, timeout).await
+    }
+
+    /// Raises `volume`'s epoch to `epoch` (persisted first; an older one
+    /// changes nothing) and returns once every change admitted under an
+    /// older epoch has finished, so none lands afterwards. Returns the
+    /// volume's epoch here.
+    pub async fn fence_volume(&self, volume: u64, epoch: u64) -> Result<u64, StoreError> {
+        if epoch > self.fencing.current(volume) {
+            self.fencing.admit(volume, epoch).await?;
+        }
+        // Changes past the pause gate are drained by a pause; those still
+        // before it (or waiting at it) check their epoch after it.
+        self.pauses.pause(volume, FENCE_HOLDER, FENCE_DRAIN).await?;
+        self.pauses.resume(volume, FENCE_HOLDER);
+        Ok(self.fencing.current(volume))
     }
 
     /// Ends `holder`'s hold on `volume`; true if the volume is no longer paused.

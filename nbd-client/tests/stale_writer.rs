@@ -1,0 +1,139 @@
+//! A node cut off from metadata keeps its serving process running after
+//! the volume was unpublished from it and published to another node. Once
+//! that publish returned, nothing the old writer sends may land on any
+//! replica: with 6 chunk servers a volume's chunks are spread over more
+//! servers than the new owner touches at first, and every one of them must
+//! refuse the old epoch, not just those the new owner already wrote to.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ballast_cli::dev::DevCluster;
+use ballast_proto::frame::DataClient;
+use ballast_proto::meta as pb;
+use bytes::Bytes;
+use meta_raft::MetaClient;
+use nbd_client::engine::{EngineOptions, Volume};
+
+const MIB: u64 = 1 << 20;
+const CHUNKS: u64 = 16;
+const VOLUME: u64 = CHUNKS * MIB;
+const BLOCK: usize = 4096;
+
+/// A block that names its writer and a sequence number.
+fn tagged_block(writer: u8, seq: u64) -> Vec<u8> {
+    let mut block = vec![writer; BLOCK];
+    block[..8].copy_from_slice(&seq.to_le_bytes());
+    block
+}
+
+async fn open(meta: &MetaClient, volume_id: &str, node: &str) -> Volume {
+    let attachment = meta
+        .publish_volume(pb::PublishVolumeRequest { volume_id: volume_id.into(), node_id: node.into(), readonly: false })
+        .await
+        .unwrap();
+    let options = EngineOptions { epoch: attachment.epoch, ..Default::default() };
+    Volume::open(meta.clone(), volume_id, options).await.unwrap()
+}
+
+async fn unpublish(meta: &MetaClient, volume_id: &str, node: &str) {
+    meta.unpublish_volume(pb::UnpublishVolumeRequest { volume_id: volume_id.into(), node_id: node.into() })
+        .await
+        .unwrap();
+}
+
+/// Every replica of every chunk, read from its server: (chunk, server, data).
+async fn replicas(meta: &MetaClient, volume: &pb::Volume) -> Vec<(u64, String, Bytes)> {
+    let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: volume.id.clone() }).await.unwrap();
+    let mut out = Vec::new();
+    for set in map.chunks {
+        for replica in set.replicas {
+            let client = DataClient::connect(&replica.address).await.unwrap();
+            let (data, _) = client.read(volume.data_id, set.chunk_index, 0, MIB as u32, 0).await.unwrap();
+            out.push((set.chunk_index, replica.server_id, data));
+        }
+    }
+    out
+}
+
+fn assert_replicas_identical(replicas: &[(u64, String, Bytes)]) {
+    for chunk in 0..CHUNKS {
+        let copies: Vec<&(u64, String, Bytes)> = replicas.iter().filter(|(c, _, _)| *c == chunk).collect();
+        for (_, server, data) in &copies[1..] {
+            assert!(*data == copies[0].2, "chunk {chunk}: {server} differs from {}", copies[0].1);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_writer_lands_nothing_once_the_volume_is_published_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(dir.path(), 1, 6).await.unwrap();
+    let meta = cluster.meta();
+    let request = pb::CreateVolumeRequest {
+        name: "moved".into(),
+        size_bytes: VOLUME,
+        replicas: 3,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+
+    // Node A writes every chunk, so its engine knows every replica set.
+    let a = Arc::new(open(&meta, &info.id, "node-a").await);
+    a.write_at(0, Bytes::from(vec![0u8; VOLUME as usize]), false).await.unwrap();
+    a.flush().await.unwrap();
+    let servers: std::collections::BTreeSet<String> =
+        replicas(&meta, &info).await.into_iter().map(|(_, server, _)| server).collect();
+    assert!(servers.len() > 3, "the chunks are spread over more than one replica set: {servers:?}");
+
+    // A keeps writing, one tagged block per chunk in turn, while the volume
+    // is unpublished from A (A does not hear of it) and published to B.
+    let stop = Arc::new(AtomicBool::new(false));
+    let published_at_seq = Arc::new(AtomicU64::new(u64::MAX));
+    let seq = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (a, stop, seq, published_at_seq) = (a.clone(), stop.clone(), seq.clone(), published_at_seq.clone());
+        tokio::spawn(async move {
+            let mut landed_after_publish = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let n = seq.fetch_add(1, Ordering::SeqCst);
+                let offset = (n % CHUNKS) * MIB + (n / CHUNKS % 16) * BLOCK as u64;
+                let issued_after_publish = n >= published_at_seq.load(Ordering::SeqCst);
+                let result = a.write_at(offset, Bytes::from(tagged_block(0xAA, n)), false).await;
+                if result.is_ok() && issued_after_publish {
+                    landed_after_publish.push(n);
+                }
+            }
+            landed_after_publish
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    unpublish(&meta, &info.id, "node-a").await;
+    let b = open(&meta, &info.id, "node-b").await;
+    published_at_seq.store(seq.load(Ordering::SeqCst), Ordering::SeqCst);
+    let first_after_publish = published_at_seq.load(Ordering::SeqCst);
+    // B writes its first chunk; A goes on for a while.
+    b.write_at(0, Bytes::from(vec![0xBB; MIB as usize]), false).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let landed = writer.await.unwrap();
+    assert!(landed.is_empty(), "writes of the old owner acknowledged after the publish returned: {landed:?}");
+    b.flush().await.unwrap();
+
+    // No replica holds a block A wrote after the publish, and every replica
+    // of a chunk is the same.
+    let copies = replicas(&meta, &info).await;
+    for (chunk, server, data) in &copies {
+        for block in data.chunks(BLOCK) {
+            if block[BLOCK - 1] == 0xAA {
+                let n = u64::from_le_bytes(block[..8].try_into().unwrap());
+                assert!(
+                    n < first_after_publish,
+                    "chunk {chunk} on {server} holds A's write #{n}, issued after the publish"
+                );
+            }
+        }
+    }
+    assert_replicas_identical(&copies);
+}
