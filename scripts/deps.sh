@@ -22,6 +22,7 @@ PACKAGES=(
   xfsprogs     # mkfs.xfs, xfs_growfs
   fuse3        # the FUSE + loop attach path (fusermount3)
   util-linux   # losetup, blkid, mount
+  libfaketime  # steps the daemons' wall clock in the clock-jump test
   python3-venv # the virtualenv below
 )
 # Pinned: deploy/check.py validates the manifests against this schema release.

@@ -4,7 +4,8 @@
 //!
 //! - [`state`]: the metadata and the rules that change it; [`placement`]
 //!   picks the servers of a chunk; [`repair`] rebuilds missing replicas;
-//!   [`fence`] pushes a published volume's epoch to the chunk servers.
+//!   [`liveness`] says which servers it may give up; [`fence`] pushes a
+//!   published volume's epoch to the chunk servers.
 //! - [`store`]: the sled-backed Raft log and state machine.
 //! - [`network`]: Raft RPCs between members.
 //! - [`service`] and [`cluster`]: the client and membership APIs.
@@ -15,6 +16,7 @@ pub mod cluster;
 mod convert;
 pub mod error;
 pub mod fence;
+pub mod liveness;
 pub mod metrics;
 pub mod network;
 pub mod node;

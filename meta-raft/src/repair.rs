@@ -18,12 +18,14 @@
 //!    pause are refused under the old generation; their writers re-read the
 //!    set and write to the new replica too, so the copy misses nothing.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, DirtyRegion, ErrorCode, HeldPause};
 use futures::future::join_all;
 
 use crate::error::MetaError;
+use crate::liveness::Liveness;
 use crate::placement;
 use crate::state::{now_ms, volume_id, MetaState, ReplicaSet};
 use crate::store::SharedState;
@@ -72,17 +74,24 @@ impl ChunkRepair {
     }
 }
 
-/// The chunks of volumes with dead members or fewer members than wanted.
-/// Snapshots keep the copies they were taken with.
-pub fn plan(state: &MetaState, now_ms: u64, dead_after: Duration) -> Vec<ChunkRepair> {
-    let dead_after_ms = dead_after.as_millis() as u64;
-    let is_dead =
-        |id: &String| state.servers.get(id).is_none_or(|s| now_ms.saturating_sub(s.last_heartbeat_ms) > dead_after_ms);
+/// The chunks of volumes with members on `silent` servers or fewer members
+/// than wanted. Silence alone never takes a set below the volume's write
+/// quorum (a majority of its replicas): writers report real failures on
+/// their own, and a rebuild needs survivors to copy from. Snapshots keep
+/// the copies they were taken with.
+pub fn plan(state: &MetaState, silent: &BTreeSet<String>) -> Vec<ChunkRepair> {
     let mut work = Vec::new();
     for (volume_id, chunks) in &state.chunk_maps {
         let Some(volume) = state.volumes.get(volume_id) else { continue };
+        let quorum = volume.replicas as usize / 2 + 1;
         for (&chunk_index, set) in chunks {
-            let dead: Vec<String> = set.servers.iter().filter(|s| is_dead(s)).cloned().collect();
+            let mut dead: Vec<String> = set
+                .servers
+                .iter()
+                .filter(|s| silent.contains(*s) || !state.servers.contains_key(*s))
+                .cloned()
+                .collect();
+            dead.truncate(set.servers.len().saturating_sub(quorum));
             if dead.is_empty() && set.servers.len() >= volume.replicas as usize {
                 continue;
             }
@@ -145,20 +154,24 @@ impl Repairer {
     pub async fn run(self) {
         let mut ticks = tokio::time::interval(self.config.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut liveness = Liveness::new(self.config.dead_after, self.config.interval);
         loop {
             ticks.tick().await;
             if self.raft.metrics().borrow().current_leader != Some(self.id) {
+                liveness.forget();
                 continue;
             }
-            self.pass().await;
+            self.pass(&mut liveness).await;
+            liveness.pass_done(std::time::Instant::now());
         }
     }
 
-    async fn pass(&self) {
+    async fn pass(&self, liveness: &mut Liveness) {
         self.resync_dirty_regions().await;
         let work = {
             let applied = self.state.read().expect("state lock poisoned");
-            plan(&applied.state, now_ms(), self.config.dead_after)
+            let silent = liveness.silent(std::time::Instant::now(), &applied.state.servers);
+            plan(&applied.state, &silent)
         };
         let mut rebuilds = 0;
         for mut chunk in work {
@@ -514,26 +527,28 @@ mod tests {
     }
 
     #[test]
-    fn plans_dead_members_and_missing_replicas_only() {
+    fn plans_silent_members_and_missing_replicas_but_keeps_a_write_quorum() {
         let mut state = state();
-        let dead_after = Duration::from_secs(60);
-        assert!(plan(&state, NOW + 1_000, dead_after).is_empty(), "healthy chunks need nothing");
+        assert!(plan(&state, &BTreeSet::new()).is_empty(), "healthy chunks need nothing");
 
         let volume_id = state.volumes.keys().next().unwrap().clone();
         let chunks = state.chunk_maps.get_mut(&volume_id).unwrap();
         let lost = chunks[&0].servers[0].clone();
         chunks.get_mut(&1).unwrap().servers.pop();
-        // Silent, but not for long enough: chunk 0 is left alone.
-        state.servers.get_mut(&lost).unwrap().last_heartbeat_ms = NOW - 30_000;
-        let work = plan(&state, NOW, dead_after);
+        let work = plan(&state, &BTreeSet::new());
         assert_eq!(work.iter().map(|w| w.chunk_index).collect::<Vec<_>>(), vec![1]);
         assert!(work[0].dead.is_empty());
         assert_eq!(work[0].wanted, 3);
 
-        state.servers.get_mut(&lost).unwrap().last_heartbeat_ms = NOW - 61_000;
-        let work = plan(&state, NOW, dead_after);
-        let zero = work.iter().find(|w| w.chunk_index == 0).expect("chunk 0 has a dead member");
+        let work = plan(&state, &BTreeSet::from([lost.clone()]));
+        let zero = work.iter().find(|w| w.chunk_index == 0).expect("chunk 0 has a silent member");
         assert_eq!(zero.dead, vec![lost.clone()]);
         assert!(!zero.live_members().contains(&lost));
+
+        // Two of three members silent: only one leaves, two (a majority) stay.
+        let members = state.chunk_maps[&volume_id][&2].servers.clone();
+        let work = plan(&state, &members[..2].iter().cloned().collect());
+        let two = work.iter().find(|w| w.chunk_index == 2).expect("chunk 2 has silent members");
+        assert_eq!(two.dead.len(), 1);
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod mem_export;
+pub mod writes;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

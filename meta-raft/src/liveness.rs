@@ -1,0 +1,146 @@
+//! Which chunk servers the repair loop may give up for silence.
+//!
+//! Silence is judged on this member's monotonic clock, from when it saw
+//! each server's heartbeat stamp change, never by comparing wall-clock
+//! stamps (another member's clock, or this one's before a jump). A member
+//! that just became leader, or that was frozen, has heard nothing yet: it
+//! waits a full repair delay before anything counts as silent. And when
+//! half the servers or more are silent at once, the metadata side is the
+//! one cut off (a partition, a stalled disk): nobody is given up. Ceph's
+//! monitors hold back in the same way (`mon_osd_min_in_ratio`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use crate::state::ChunkServer;
+
+pub struct Liveness {
+    dead_after: Duration,
+    /// A gap between passes longer than this means this member was frozen.
+    max_gap: Duration,
+    /// Since when this member has been listening as leader.
+    listening_since: Option<Instant>,
+    last_pass: Option<Instant>,
+    /// Per server: the newest heartbeat stamp seen, and when it was seen first.
+    heard: HashMap<String, (u64, Instant)>,
+    holding_back: bool,
+}
+
+impl Liveness {
+    pub fn new(dead_after: Duration, interval: Duration) -> Self {
+        Liveness {
+            dead_after,
+            max_gap: interval + interval.max(Duration::from_secs(1)),
+            listening_since: None,
+            last_pass: None,
+            heard: HashMap::new(),
+            holding_back: false,
+        }
+    }
+
+    /// This member does not lead: what it heard is stale when it leads again.
+    pub fn forget(&mut self) {
+        self.listening_since = None;
+        self.last_pass = None;
+        self.heard.clear();
+    }
+
+    /// Takes in the heartbeat stamps of the applied state at the start of
+    /// a pass; returns the servers silent for longer than the repair delay
+    /// (none when half of them or more are).
+    pub fn silent(&mut self, now: Instant, servers: &BTreeMap<String, ChunkServer>) -> BTreeSet<String> {
+        if self.last_pass.is_none_or(|last| now.saturating_duration_since(last) > self.max_gap) {
+            // New leader, or thawed: start listening afresh.
+            self.listening_since = Some(now);
+            self.heard.clear();
+        }
+        self.last_pass = Some(now);
+        let since = self.listening_since.unwrap_or(now);
+        for server in servers.values() {
+            let stamp = server.last_heartbeat_ms;
+            match self.heard.get(&server.id) {
+                Some((seen, _)) if *seen == stamp => {}
+                _ => {
+                    self.heard.insert(server.id.clone(), (stamp, now));
+                }
+            }
+        }
+        let silent: BTreeSet<String> = servers
+            .keys()
+            .filter(|id| {
+                let heard_at = self.heard.get(*id).map_or(since, |(_, at)| (*at).max(since));
+                now.saturating_duration_since(heard_at) > self.dead_after
+            })
+            .cloned()
+            .collect();
+        if !silent.is_empty() && silent.len() * 2 >= servers.len() {
+            if !self.holding_back {
+                tracing::error!(
+                    silent = silent.len(),
+                    servers = servers.len(),
+                    "most chunk servers are silent: this side is likely cut off; giving none of them up"
+                );
+                self.holding_back = true;
+            }
+            return BTreeSet::new();
+        }
+        self.holding_back = false;
+        silent
+    }
+
+    /// Marks the end of a pass (a long pass is not a freeze).
+    pub fn pass_done(&mut self, now: Instant) {
+        self.last_pass = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers(stamps: &[u64]) -> BTreeMap<String, ChunkServer> {
+        stamps
+            .iter()
+            .enumerate()
+            .map(|(i, &stamp)| {
+                let server = ChunkServer {
+                    id: format!("s{i}"),
+                    address: String::new(),
+                    capacity_bytes: 0,
+                    used_bytes: 0,
+                    allocated_bytes: 0,
+                    labels: BTreeMap::new(),
+                    draining: false,
+                    last_heartbeat_ms: stamp,
+                };
+                (server.id.clone(), server)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn silence_counts_from_when_this_leader_listens_and_never_for_most_servers() {
+        let (dead_after, interval) = (Duration::from_secs(10), Duration::from_secs(1));
+        let mut liveness = Liveness::new(dead_after, interval);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        // Stamps from long ago (another member's clock): nothing is silent yet.
+        assert!(liveness.silent(at(0), &servers(&[1, 1, 1, 1])).is_empty());
+        // s0 stops; the others heartbeat on every pass.
+        let mut silent = BTreeSet::new();
+        for t in 1..=11 {
+            silent = liveness.silent(at(t), &servers(&[1, t, t, t]));
+        }
+        assert_eq!(silent, BTreeSet::from(["s0".to_string()]));
+        // A freeze: the first pass after it starts listening afresh.
+        assert!(liveness.silent(at(40), &servers(&[1, 11, 11, 11])).is_empty());
+        // Half of the servers silent: this side is cut off, nobody goes.
+        for t in 41..=52 {
+            silent = liveness.silent(at(t), &servers(&[1, 11, t, t]));
+        }
+        assert!(silent.is_empty(), "{silent:?}");
+        // A leader change: whatever the old one heard is forgotten.
+        liveness.forget();
+        assert!(liveness.silent(at(53), &servers(&[1, 53, 53, 53])).is_empty());
+    }
+}

@@ -1,0 +1,63 @@
+//! A volume under a steady writer, and checks on its replica sets: for the
+//! tests that disturb the cluster while data keeps flowing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_proto::meta as pb;
+use bytes::Bytes;
+use meta_raft::MetaClient;
+use nbd_client::engine::{EngineOptions, Volume};
+
+use super::MIB;
+
+pub const VOLUME: u64 = 8 * MIB;
+
+/// A 3-replica volume of 8 one-MiB chunks, written once, and a writer that
+/// keeps writing 4 KiB blocks until `stop`. The writer fails the test on
+/// the first failed write and returns how many it made.
+pub async fn volume_under_writes(
+    meta: &MetaClient,
+    name: &str,
+    stop: Arc<AtomicBool>,
+) -> (pb::Volume, tokio::task::JoinHandle<u64>) {
+    let request = pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: VOLUME,
+        replicas: 3,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+    let attachment = meta
+        .publish_volume(pb::PublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into(), readonly: false })
+        .await
+        .unwrap();
+    let options = EngineOptions { epoch: attachment.epoch, ..Default::default() };
+    let volume = Volume::open(meta.clone(), &info.id, options).await.unwrap();
+    volume.write_at(0, Bytes::from(vec![7u8; VOLUME as usize]), false).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            let offset = (n * 13 % (VOLUME / 4096)) * 4096;
+            volume.write_at(offset, Bytes::from(vec![n as u8; 4096]), false).await.expect("write");
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n
+    });
+    (info, writer)
+}
+
+/// Fails the test if a chunk of the volume has fewer than 3 replicas (a
+/// metadata call that does not answer in 2 s checks nothing).
+pub async fn assert_three_replicas(meta: &MetaClient, volume_id: &str, when: &str) {
+    let request = pb::GetChunkMapRequest { volume_id: volume_id.into() };
+    let Ok(Ok(map)) = tokio::time::timeout(Duration::from_secs(2), meta.get_chunk_map(request)).await else {
+        return;
+    };
+    for set in map.chunks {
+        assert_eq!(set.replicas.len(), 3, "{when}: chunk {} lost a replica to silence: {set:?}", set.chunk_index);
+    }
+}
