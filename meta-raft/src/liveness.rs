@@ -103,16 +103,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &stamp)| {
-                let server = ChunkServer {
-                    id: format!("s{i}"),
-                    address: String::new(),
-                    capacity_bytes: 0,
-                    used_bytes: 0,
-                    allocated_bytes: 0,
-                    labels: BTreeMap::new(),
-                    draining: false,
-                    last_heartbeat_ms: stamp,
-                };
+                let server = ChunkServer { last_heartbeat_ms: stamp, ..ChunkServer::new(format!("s{i}")) };
                 (server.id.clone(), server)
             })
             .collect()

@@ -79,6 +79,20 @@ pub struct ChunkServer {
 }
 
 impl ChunkServer {
+    /// A server known by its id only, before its first registration applies.
+    pub fn new(id: String) -> Self {
+        ChunkServer {
+            id,
+            address: String::new(),
+            capacity_bytes: 0,
+            used_bytes: 0,
+            allocated_bytes: 0,
+            labels: BTreeMap::new(),
+            draining: false,
+            last_heartbeat_ms: 0,
+        }
+    }
+
     /// Space not yet promised to replicas nor used on disk.
     pub fn free_bytes(&self) -> u64 {
         self.capacity_bytes.saturating_sub(self.used_bytes.max(self.allocated_bytes))
@@ -491,16 +505,7 @@ impl MetaState {
         if id.is_empty() || address.is_empty() {
             return Err(MetaError::invalid("chunk server id and address are required"));
         }
-        let server = self.servers.entry(id.clone()).or_insert_with(|| ChunkServer {
-            id,
-            address: String::new(),
-            capacity_bytes: 0,
-            used_bytes: 0,
-            allocated_bytes: 0,
-            labels: BTreeMap::new(),
-            draining: false,
-            last_heartbeat_ms: 0,
-        });
+        let server = self.servers.entry(id.clone()).or_insert_with(|| ChunkServer::new(id));
         server.address = address;
         server.capacity_bytes = capacity_bytes;
         server.labels = labels;

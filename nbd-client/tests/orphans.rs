@@ -9,13 +9,15 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use ballast_cli::dev::DevCluster;
 use ballast_proto::frame::DataClient;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
-use nbd_client::engine::{EngineOptions, Volume};
 
-const MIB: u64 = 1 << 20;
+use common::MIB;
+
 const VOLUME: u64 = 8 * MIB;
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -28,21 +30,7 @@ fn storage_server_bin() -> std::path::PathBuf {
 
 /// A 3-replica volume of 8 chunks, every byte written and flushed.
 async fn written_volume(cluster: &DevCluster, name: &str) -> (pb::Volume, Vec<u8>) {
-    let meta = cluster.meta();
-    let request = pb::CreateVolumeRequest {
-        name: name.into(),
-        size_bytes: VOLUME,
-        replicas: 3,
-        chunk_size_bytes: MIB,
-        ..Default::default()
-    };
-    let info = meta.create_volume(request).await.unwrap();
-    let attachment = meta
-        .publish_volume(pb::PublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into(), readonly: false })
-        .await
-        .unwrap();
-    let options = EngineOptions { epoch: attachment.epoch, ..Default::default() };
-    let volume = Volume::open(meta.clone(), &info.id, options).await.unwrap();
+    let (info, volume) = common::published_volume(&cluster.meta(), name, VOLUME).await;
     let written = pattern(VOLUME as usize);
     volume.write_at(0, Bytes::from(written.clone()), true).await.unwrap();
     volume.flush().await.unwrap();

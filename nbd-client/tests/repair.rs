@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use ballast_cli::dev::DevCluster;
 use ballast_proto::frame::DataClient;
 use ballast_proto::meta as pb;
@@ -15,7 +17,7 @@ use bytes::Bytes;
 use meta_raft::MetaClient;
 use nbd_client::engine::{EngineOptions, Volume};
 
-const MIB: u64 = 1 << 20;
+use common::MIB;
 const VOLUME: u64 = 8 * MIB;
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -34,20 +36,8 @@ async fn lost_replicas_are_rebuilt_on_a_spare_server_while_writes_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = DevCluster::start(dir.path(), 3, 4).await.unwrap();
     let meta = cluster.meta();
-    let request = pb::CreateVolumeRequest {
-        name: "repaired".into(),
-        size_bytes: VOLUME,
-        replicas: 3,
-        chunk_size_bytes: MIB,
-        ..Default::default()
-    };
-    let info = meta.create_volume(request).await.unwrap();
-    let attachment = meta
-        .publish_volume(pb::PublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into(), readonly: false })
-        .await
-        .unwrap();
-    let options = EngineOptions { epoch: attachment.epoch, ..Default::default() };
-    let volume = Arc::new(Volume::open(meta.clone(), &info.id, options).await.unwrap());
+    let (info, volume) = common::published_volume(&meta, "repaired", VOLUME).await;
+    let volume = Arc::new(volume);
 
     // Every chunk written; what the volume must hold is kept alongside.
     let initial = pattern(1, VOLUME as usize);
@@ -184,4 +174,53 @@ async fn a_restarted_servers_dirty_chunks_are_rebuilt_from_a_peer() {
     let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, 0).await.expect("every block verifies");
     assert!(data[..] == unflushed[..], "the restarted replica holds what its peers hold");
     assert_eq!(volume.read_at(0, MIB).await.unwrap(), Bytes::from(unflushed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bit_flip_found_by_scrub_is_rewritten_from_a_good_replica() {
+    std::env::set_var("BALLAST_META_REPAIR_INTERVAL", "1");
+    std::env::set_var("BALLAST_META_REPAIR_AFTER", "600");
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(dir.path(), 1, 3).await.unwrap();
+    let meta = cluster.meta();
+    let (info, volume) = common::published_volume(&meta, "scrubbed", 2 * MIB).await;
+    let written = pattern(3, 2 * MIB as usize);
+    volume.write_at(0, Bytes::from(written.clone()), false).await.unwrap();
+    volume.flush().await.unwrap();
+    let before = chunk_map(&meta, &info.id).await[0].clone();
+
+    // Bit rot: one bit of block 5 of chunk 0 flips on one replica's disk
+    // (past the chunk file's 4 KiB header).
+    let victim = &before.replicas[0];
+    let name = cluster.state.processes.iter().find(|p| p.address == victim.address).unwrap().name.clone();
+    let path =
+        cluster.dir.join(&name).join("chunks").join(format!("{:016x}", info.data_id)).join(format!("{:016x}.chunk", 0));
+    let at = 4096 + 5 * 4096 + 100;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 0x01], at).unwrap();
+    file.sync_all().unwrap();
+
+    let client = DataClient::connect(&victim.address).await.unwrap();
+    let found = client.scrub(Some(info.data_id)).await.unwrap();
+    assert_eq!(found.bad.len(), 1, "scrub finds the flipped block: {:?}", found.bad);
+
+    // The repair loop rebuilds the chunk there from a good replica.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = client.scrub(Some(info.data_id)).await.unwrap();
+        let map = chunk_map(&meta, &info.id).await;
+        let healed = report.bad.is_empty()
+            && map[0].replicas.len() == 3
+            && map[0].replicas.iter().any(|r| r.address == victim.address);
+        if healed {
+            assert!(map[0].generation > before.generation, "the replica was rebuilt: {before:?} -> {:?}", map[0]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the flipped block was not repaired within 30 s: {report:?} {map:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, 0).await.unwrap();
+    assert!(data[..] == written[..MIB as usize], "the repaired replica holds what was written");
 }

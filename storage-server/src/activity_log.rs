@@ -307,6 +307,24 @@ impl ActivityLog {
         self.inner.lock().regions.keys().filter(|k| k.chunk == chunk).count()
     }
 
+    /// Marks the region holding `offset` of `chunk` as recovered: its copy
+    /// here is suspect (a block failed its checksum) and is rebuilt from a
+    /// peer by the repair loop, as after a crash. Kept in memory only: a
+    /// restarted server finds the bad block again on its next read or scrub.
+    pub fn mark_suspect(&self, chunk: ChunkKey, offset: u64) {
+        let key = RegionKey { chunk, region: (offset / REGION_SIZE) as u32 };
+        let mut state = self.inner.lock();
+        let batch = state.batch;
+        let region = state.regions.entry(key).or_insert_with(|| Region {
+            durable_batch: batch,
+            inflight: 0,
+            last_write: 0,
+            unflushed: false,
+            recovered: true,
+        });
+        region.recovered = true;
+    }
+
     /// Forgets that the chunk's recovered regions in `offset..offset + len`
     /// need a resync (they have been rewritten from a peer and flushed).
     pub fn clear_recovered(&self, chunk: ChunkKey, offset: u64, len: u64) {

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub bytes_written: IntCounter,
     /// Checksum failures by kind: `payload` (refused write) or `stored` (corrupt block).
     pub checksum_errors: IntCounterVec,
+    /// Bad blocks handed to the repair loop (their chunk is rebuilt here).
+    pub suspect_blocks: IntCounter,
     /// 1 for the I/O backend in use, labelled by name.
     pub io_backend: IntGaugeVec,
     /// Frames that could not be decoded.
@@ -65,6 +67,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "ballast_storage_checksum_errors_total",
             "Blocks failing their checksum: payload (write refused) or stored (corrupt on disk)",
             &["kind"]
+        )
+        .expect("register metric"),
+        suspect_blocks: register_int_counter!(
+            "ballast_storage_suspect_blocks_total",
+            "Bad blocks found by reads or scrub whose chunk is listed for a rebuild from a peer"
         )
         .expect("register metric"),
         io_backend: register_int_gauge_vec!(

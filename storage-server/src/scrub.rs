@@ -78,7 +78,9 @@ pub async fn scrub(
         }
         if !bad.is_empty() {
             metrics().checksum_errors.with_label_values(&["stored"]).inc_by(bad.len() as u64);
-            tracing::warn!(key = %chunk.key, blocks = bad.len(), "scrub found blocks failing their checksum");
+            tracing::warn!(key = %chunk.key, blocks = bad.len(),
+                "scrub found blocks failing their checksum; the chunk is rebuilt here from a peer");
+            store.suspect(chunk.key, bad.iter().map(|&b| (b * BLOCK_SIZE) as u64));
         }
         outcome.bad.extend(runs(&bad).map(|(first, count)| BadBlocks {
             volume: chunk.key.volume,

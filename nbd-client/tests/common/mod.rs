@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
+use meta_raft::MetaClient;
+use nbd_client::engine::{EngineOptions, Volume};
 
 pub const NBD_CLIENT: &str = env!("CARGO_BIN_EXE_nbd-client");
 pub const MIB: u64 = 1 << 20;
@@ -24,6 +26,26 @@ pub fn ok(output: Output, what: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A 3-replica volume of `size` bytes in 1 MiB chunks, published to node
+/// `n1`, and its engine opened with that attachment's epoch.
+pub async fn published_volume(meta: &MetaClient, name: &str, size: u64) -> (pb::Volume, Volume) {
+    let request = pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: size,
+        replicas: 3,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+    let attachment = meta
+        .publish_volume(pb::PublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into(), readonly: false })
+        .await
+        .unwrap();
+    let options = EngineOptions { epoch: attachment.epoch, ..Default::default() };
+    let volume = Volume::open(meta.clone(), &info.id, options).await.unwrap();
+    (info, volume)
 }
 
 pub async fn create_volume(cluster: &DevCluster, name: &str, size: u64, replicas: u32) -> pb::Volume {

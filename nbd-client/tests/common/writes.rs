@@ -8,7 +8,6 @@ use std::time::Duration;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_raft::MetaClient;
-use nbd_client::engine::{EngineOptions, Volume};
 
 use super::MIB;
 
@@ -22,20 +21,7 @@ pub async fn volume_under_writes(
     name: &str,
     stop: Arc<AtomicBool>,
 ) -> (pb::Volume, tokio::task::JoinHandle<u64>) {
-    let request = pb::CreateVolumeRequest {
-        name: name.into(),
-        size_bytes: VOLUME,
-        replicas: 3,
-        chunk_size_bytes: MIB,
-        ..Default::default()
-    };
-    let info = meta.create_volume(request).await.unwrap();
-    let attachment = meta
-        .publish_volume(pb::PublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into(), readonly: false })
-        .await
-        .unwrap();
-    let options = EngineOptions { epoch: attachment.epoch, ..Default::default() };
-    let volume = Volume::open(meta.clone(), &info.id, options).await.unwrap();
+    let (info, volume) = super::published_volume(meta, name, VOLUME).await;
     volume.write_at(0, Bytes::from(vec![7u8; VOLUME as usize]), false).await.unwrap();
     let writer = tokio::spawn(async move {
         let mut n = 0u64;

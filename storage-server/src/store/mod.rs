@@ -333,6 +333,7 @@ impl Store {
         if let Some(&block) = out.bad.first() {
             metrics().checksum_errors.with_label_values(&["stored"]).inc_by(out.bad.len() as u64);
             tracing::warn!(%key, block, bad = out.bad.len(), "read found blocks failing their checksum");
+            self.suspect(key, out.bad.iter().map(|&b| (b * BLOCK_SIZE) as u64));
             return Err(StoreError::CorruptBlock { offset: (block * BLOCK_SIZE) as u64 });
         }
         metrics().bytes_read.inc_by(len);
@@ -500,6 +501,20 @@ impl Store {
     /// flight; returns the timeout granted.
     pub async fn pause_volume(&self, volume: u64, holder: u64, timeout: Duration) -> Result<Duration, StoreError> {
         self.pauses.pause(volume, holder, timeout).await
+    }
+
+    /// This server's copy of `key` holds bad blocks at `offsets`: their
+    /// regions are listed as recovered (`DIRTY_REGIONS`), so the metadata
+    /// leader's repair loop rebuilds the chunk here from a good peer.
+    pub fn suspect(&self, key: ChunkKey, offsets: impl Iterator<Item = u64>) {
+        let mut regions = 0;
+        for offset in offsets {
+            self.log.mark_suspect(key, offset);
+            regions += 1;
+        }
+        if regions > 0 {
+            metrics().suspect_blocks.inc_by(regions);
+        }
     }
 
     /// Raises `volume`'s epoch to `epoch` (persisted first; an older one
