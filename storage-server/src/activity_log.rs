@@ -314,9 +314,9 @@ impl ActivityLog {
     pub fn mark_suspect(&self, chunk: ChunkKey, offset: u64) {
         let key = RegionKey { chunk, region: (offset / REGION_SIZE) as u32 };
         let mut state = self.inner.lock();
-        let batch = state.batch;
+        // As a region replayed at startup: nothing of it waits for a sync.
         let region = state.regions.entry(key).or_insert_with(|| Region {
-            durable_batch: batch,
+            durable_batch: 0,
             inflight: 0,
             last_write: 0,
             unflushed: false,
