@@ -545,7 +545,7 @@ async fn controller_get_volume_reports_degraded_chunks() {
     // A chunk written on three servers, then one replica reported failed.
     let set = h
         .meta
-        .allocate_chunk(pb::AllocateChunkRequest { volume_id: vol.volume_id.clone(), chunk_index: 2 })
+        .allocate_chunk(pb::AllocateChunkRequest { volume_id: vol.volume_id.clone(), chunk_index: 2, epoch: 0 })
         .await
         .unwrap();
     assert_eq!(set.replicas.len(), 3);
@@ -558,6 +558,7 @@ async fn controller_get_volume_reports_degraded_chunks() {
             chunk_index: 2,
             server_id: set.replicas[0].server_id.clone(),
             generation: set.generation,
+            epoch: 0,
         })
         .await
         .unwrap();

@@ -19,6 +19,9 @@ pub enum MetaError {
     FailedPrecondition(String),
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
+    /// A writer whose attachment epoch is behind the volume's.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl MetaError {
@@ -39,6 +42,7 @@ impl From<MetaError> for Status {
             MetaError::OutOfRange(_) => Code::OutOfRange,
             MetaError::FailedPrecondition(_) => Code::FailedPrecondition,
             MetaError::ResourceExhausted(_) => Code::ResourceExhausted,
+            MetaError::Fenced(_) => Code::Aborted,
         };
         Status::new(code, err.to_string())
     }

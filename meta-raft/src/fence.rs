@@ -81,12 +81,22 @@ pub async fn resync_unflushed(chunks: &[ChunkMembers], data_id: u64, epoch: u64)
 
     let mut paused = Vec::new();
     let mut dirty: Vec<(String, DirtyRegion)> = Vec::new();
+    // Members whose copy of a chunk a crash left suspect: never a source.
+    let mut recovered: Vec<(String, u64)> = Vec::new();
     for (id, c) in clients.iter().filter_map(|(id, c)| c.as_ref().map(|c| (id, c))) {
         if c.pause_volume_for(data_id, RESYNC_HOLDER, RESYNC_PAUSE).await.is_ok() {
             paused.push(c);
         }
         match c.dirty_regions(Some(data_id)).await {
-            Ok(regions) => dirty.extend(regions.into_iter().filter(|r| !r.is_recovered()).map(|r| (id.clone(), r))),
+            Ok(regions) => {
+                for region in regions {
+                    if region.is_recovered() {
+                        recovered.push((id.clone(), region.chunk));
+                    } else {
+                        dirty.push((id.clone(), region));
+                    }
+                }
+            }
             Err(e) => tracing::warn!(server = %id, error = %e, "listing unflushed regions after a fence"),
         }
     }
@@ -100,7 +110,8 @@ pub async fn resync_unflushed(chunks: &[ChunkMembers], data_id: u64, epoch: u64)
         regions.dedup();
         for (offset, length) in regions {
             let mut source = None;
-            for (id, _) in &chunk.members {
+            let clean = |id: &String| !recovered.contains(&(id.clone(), chunk.chunk_index));
+            for (id, _) in chunk.members.iter().filter(|(id, _)| clean(id)) {
                 if let Some(c) = client(id) {
                     if let Ok(read) = c.read(data_id, chunk.chunk_index, offset, length, 0).await {
                         source = Some((id.clone(), read));

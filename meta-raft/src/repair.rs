@@ -5,14 +5,16 @@
 //! 0. A chunk with a region its server found dirty when it restarted
 //!    (written since its last flush when it crashed: torn, or with stale
 //!    checksums) is suspect on that server: the server leaves the chunk's
-//!    set, and step 2 copies the chunk back from a peer.
+//!    set once a peer with a clean copy is reachable, and step 2 copies the
+//!    chunk back from such a peer. If every member crashed, the first one's
+//!    copy is kept as it is on disk and becomes that clean copy.
 //! 1. Replicas on servers that missed heartbeats for longer than the repair
 //!    delay leave their set (as a writer's failure report would), and the
 //!    remaining members move to the new generation.
 //! 2. One missing replica of each under-replicated chunk is rebuilt on a
 //!    server placement picks: the volume is paused on the set's servers
 //!    (changes wait; those in flight finish), the chunk is copied from a
-//!    live member, the copy joins the set at the generation it was copied
+//!    live member with a clean copy, the copy joins the set at the generation it was copied
 //!    from (refused if the set changed meanwhile), the members move to the
 //!    new generation, and the volume resumes. Writes that waited in the
 //!    pause are refused under the old generation; their writers re-read the
@@ -21,7 +23,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, DirtyRegion, ErrorCode, HeldPause};
+use ballast_proto::frame::{
+    copy_chunk, holds_clean_copy, ClientError, CopyTarget, DataClient, DirtyRegion, ErrorCode, HeldPause,
+};
 use futures::future::join_all;
 
 use crate::error::MetaError;
@@ -108,6 +112,28 @@ pub fn plan(state: &MetaState, silent: &BTreeSet<String>) -> Vec<ChunkRepair> {
         }
     }
     work
+}
+
+/// The members of a chunk's set, by the state of their copy.
+#[derive(Default)]
+struct Copies {
+    clean: Vec<(String, DataClient)>,
+    /// Left with regions recovered after a crash (see [`holds_clean_copy`]).
+    dirty: Vec<(String, DataClient)>,
+    unreachable: usize,
+}
+
+/// Brings a source behind the set's generation up to it before it is read
+/// at that generation: it refused every change sent under the newer one,
+/// so it missed none that was acknowledged.
+async fn catch_up(source: &DataClient, chunk: &ChunkRepair) -> Result<(), ClientError> {
+    match source.chunk_info(chunk.data_id, chunk.chunk_index).await {
+        Ok(info) if info.generation < chunk.set.generation => {
+            source.set_generation(chunk.data_id, chunk.chunk_index, chunk.set.generation).await
+        }
+        Err(e) if e.code() != Some(ErrorCode::NoSuchChunk) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn copy_error(source: &str, target: &str, e: ClientError) -> RepairError {
@@ -227,28 +253,40 @@ impl Repairer {
     /// generation) and the rebuild that follows copies the whole chunk from
     /// a peer, onto it or another server. Copying only the region would race
     /// writers, who keep writing to a member while its peers are paused.
+    /// It leaves only for a peer that holds a clean copy. When every member
+    /// is reachable and each was left dirty, the whole set went down
+    /// together and none knows more than another: the first member keeps
+    /// its copy as it is on disk (unflushed writes are kept or lost, the
+    /// same way everywhere afterwards), and the others are rebuilt from it.
     async fn resync(&self, server: &str, client: &DataClient, region: &DirtyRegion) -> Result<(), RepairError> {
         let volume_id = volume_id(region.volume);
-        let (set, peer_alive) = {
+        let set = {
             let applied = self.state.read().expect("state lock poisoned");
             let state = &applied.state;
             if !state.volumes.contains_key(&volume_id) {
                 // Not a volume's (a snapshot's copy is redone by whoever takes it).
                 return Ok(());
             }
-            let set = state.chunk_maps.get(&volume_id).and_then(|m| m.get(&region.chunk)).cloned();
-            let now = now_ms();
-            let peer_alive = set.as_ref().is_some_and(|set| {
-                set.servers.iter().any(|s| s != server && state.servers.get(s).is_some_and(|p| p.is_alive(now)))
-            });
-            (set, peer_alive)
+            state.chunk_maps.get(&volume_id).and_then(|m| m.get(&region.chunk)).cloned()
         };
         if let Some(set) = set.filter(|set| set.servers.iter().any(|s| s == server)) {
-            if !peer_alive {
-                // Its copy may be the only good one: keep it until a peer is
-                // back; its blocks are checked on every read meanwhile.
-                tracing::warn!(%server, volume = %volume_id, chunk = region.chunk,
-                    "a dirty chunk has no live peer to be rebuilt from; keeping it for now");
+            let copies = self.survey(&set.servers, region.volume, region.chunk).await;
+            if copies.clean.is_empty() {
+                if copies.unreachable > 0 {
+                    // A member out of reach may hold the only good copy:
+                    // keep this one until it is back; reads fail over past
+                    // its bad blocks meanwhile.
+                    tracing::warn!(%server, volume = %volume_id, chunk = region.chunk,
+                        unreachable = copies.unreachable,
+                        "a dirty chunk has no reachable clean peer to be rebuilt from; keeping it for now");
+                } else if set.servers.first().is_some_and(|first| first == server) {
+                    tracing::warn!(%server, volume = %volume_id, chunk = region.chunk,
+                        members = set.servers.len(),
+                        "every replica of the chunk crashed with unflushed writes: keeping this one's copy");
+                    client.accept_dirty_regions(region.volume, region.chunk).await.map_err(|e| {
+                        RepairError::Server { server: server.to_string(), message: format!("accepting: {e}") }
+                    })?;
+                }
                 return Ok(());
             }
             let command = Command::ReportFailedReplica {
@@ -256,6 +294,7 @@ impl Repairer {
                 chunk_index: region.chunk,
                 server_id: server.to_string(),
                 generation: set.generation,
+                writer_epoch: None,
             };
             match self.propose(command).await? {
                 Outcome::ReplicaSet { set: current, .. } if !current.servers.iter().any(|s| s == server) => {
@@ -279,6 +318,24 @@ impl Repairer {
         Ok(())
     }
 
+    /// Which members of a chunk's set hold a clean copy of it, which a copy
+    /// left dirty by a crash, and how many could not be asked.
+    async fn survey(&self, servers: &[String], data_id: u64, chunk: u64) -> Copies {
+        let members = self.connect(servers).await;
+        let mut copies = Copies { unreachable: servers.len() - members.len(), ..Copies::default() };
+        for (server, client) in members {
+            match holds_clean_copy(&client, data_id, chunk).await {
+                Ok(true) => copies.clean.push((server, client)),
+                Ok(false) => copies.dirty.push((server, client)),
+                Err(e) => {
+                    tracing::debug!(%server, error = %e, "listing dirty regions");
+                    copies.unreachable += 1;
+                }
+            }
+        }
+        copies
+    }
+
     async fn propose(&self, command: Command) -> Result<Outcome, RepairError> {
         let request = Request { at_ms: now_ms(), command };
         let written = self.raft.client_write(request).await.map_err(|e| RepairError::Raft(e.to_string()))?;
@@ -297,6 +354,7 @@ impl Repairer {
                 chunk_index: chunk.chunk_index,
                 server_id: server.clone(),
                 generation: set.generation,
+                writer_epoch: None,
             };
             match self.propose(command).await {
                 Ok(Outcome::ReplicaSet { set: current, .. }) => set = current,
@@ -343,7 +401,8 @@ impl Repairer {
             tracing::debug!(volume = %chunk.volume_id, chunk = chunk.chunk_index, "no server can take a new replica");
             return Ok(());
         };
-        let members = self.connect(&chunk.live_members()).await;
+        let copies = self.survey(&chunk.live_members(), chunk.data_id, chunk.chunk_index).await;
+        let members: Vec<(String, DataClient)> = copies.clean.iter().chain(&copies.dirty).cloned().collect();
         if members.is_empty() {
             return Err(RepairError::Server { server: "every member".into(), message: "unreachable".into() });
         }
@@ -363,7 +422,7 @@ impl Repairer {
         let pause = HeldPause::acquire(servers, chunk.data_id, PAUSE).await.map_err(|(index, e)| {
             RepairError::Server { server: members[index].0.clone(), message: format!("pausing the volume: {e}") }
         })?;
-        let result = self.copy_and_commit(chunk, &target, &target_client, &members, &pause).await;
+        let result = self.copy_and_commit(chunk, &target, &target_client, &copies, &members, &pause).await;
         pause.release().await;
         match &result {
             Ok(()) => tracing::info!(volume = %chunk.volume_id, chunk = chunk.chunk_index, server = %target,
@@ -383,6 +442,7 @@ impl Repairer {
         chunk: &ChunkRepair,
         target: &str,
         target_client: &DataClient,
+        copies: &Copies,
         members: &[(String, DataClient)],
         pause: &HeldPause,
     ) -> Result<(), RebuildError> {
@@ -394,13 +454,26 @@ impl Repairer {
             generation: next,
             epoch: chunk.epoch,
         };
-        // Any member holds every acknowledged write; the first that can be
-        // read is the source.
+        // Any member holds every acknowledged write, unless a crash left it
+        // regions that may be torn or behind its peers: the source is a
+        // clean member (a set whose members all crashed gets one first; see
+        // `resync`).
+        let sources = &copies.clean;
+        if sources.is_empty() {
+            return Err(RebuildError::NotCommitted(RepairError::Server {
+                server: format!("{} member(s)", copies.dirty.len() + copies.unreachable),
+                message: "no reachable member holds a clean copy to rebuild from".into(),
+            }));
+        }
         let mut copied = false;
         let mut failure = None;
         let mut absent = 0;
-        for (server, source) in members {
-            match copy_chunk(source, target_client, copy).await {
+        for (server, source) in sources {
+            if let Err(e) = catch_up(source, chunk).await {
+                failure = Some(copy_error(server, target, e));
+                continue;
+            }
+            match copy_chunk(source, chunk.set.generation, target_client, copy).await {
                 Ok(()) => {
                     copied = true;
                     break;
@@ -520,7 +593,7 @@ mod tests {
         };
         let Outcome::Volume(volume) = state.apply(10, NOW, create).unwrap() else { panic!("a volume") };
         for chunk_index in 0..3 {
-            let allocate = Command::AllocateChunk { volume_id: volume.id.clone(), chunk_index };
+            let allocate = Command::AllocateChunk { volume_id: volume.id.clone(), chunk_index, writer_epoch: None };
             state.apply(11 + chunk_index, NOW, allocate).unwrap();
         }
         state

@@ -109,6 +109,7 @@ impl MetaService {
                 chunk_index: d.chunk_index,
                 server_id: d.server_id.clone(),
                 generation: d.generation,
+                writer_epoch: None,
             };
             self.propose(command).await?;
         }
@@ -144,6 +145,7 @@ impl MetaService {
                     chunk_index: *chunk_index,
                     server_id: unfenced.server_id.clone(),
                     generation: set.generation,
+                    writer_epoch: None,
                 };
                 self.propose(command).await.map_err(|status| {
                     Status::unavailable(format!(
@@ -436,8 +438,13 @@ impl Meta for MetaService {
         timed("AllocateChunk", async {
             let r = request.into_inner();
             required("volume id", &r.volume_id)?;
-            let outcome =
-                self.propose(Command::AllocateChunk { volume_id: r.volume_id, chunk_index: r.chunk_index }).await?;
+            let outcome = self
+                .propose(Command::AllocateChunk {
+                    volume_id: r.volume_id,
+                    chunk_index: r.chunk_index,
+                    writer_epoch: Some(r.epoch),
+                })
+                .await?;
             self.replica_reply(outcome)
         })
         .await
@@ -478,6 +485,7 @@ impl Meta for MetaService {
                     chunk_index: r.chunk_index,
                     server_id: r.server_id,
                     generation: r.generation,
+                    writer_epoch: Some(r.epoch),
                 })
                 .await?;
             self.replica_reply(outcome)

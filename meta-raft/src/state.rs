@@ -279,7 +279,10 @@ impl MetaState {
                 server.draining = draining;
                 Ok(Outcome::ChunkServer(server.clone()))
             }
-            Command::AllocateChunk { volume_id, chunk_index } => self.allocate_chunk(at_ms, &volume_id, chunk_index),
+            Command::AllocateChunk { volume_id, chunk_index, writer_epoch } => {
+                self.check_writer_epoch(&volume_id, writer_epoch)?;
+                self.allocate_chunk(at_ms, &volume_id, chunk_index)
+            }
             Command::RegisterNode { node_id, max_volumes, topology } => {
                 if node_id.is_empty() {
                     return Err(MetaError::invalid("node id is required"));
@@ -288,7 +291,8 @@ impl MetaState {
                 self.nodes.insert(node_id, node.clone());
                 Ok(Outcome::Node(node))
             }
-            Command::ReportFailedReplica { volume_id, chunk_index, server_id, generation } => {
+            Command::ReportFailedReplica { volume_id, chunk_index, server_id, generation, writer_epoch } => {
+                self.check_writer_epoch(&volume_id, writer_epoch)?;
                 self.report_failed_replica(&volume_id, chunk_index, &server_id, generation)
             }
             Command::AddReplica { volume_id, chunk_index, server_id, generation } => {
@@ -615,6 +619,19 @@ impl MetaState {
         Outcome::ReplicaSet { volume_id: volume_id.to_string(), chunk_index, set }
     }
 
+    /// A writer whose attachment epoch is behind the volume's was fenced by
+    /// a newer publish: it may no longer change the volume's chunk map.
+    fn check_writer_epoch(&self, volume_id: &str, writer_epoch: Option<u64>) -> Result<(), MetaError> {
+        let (Some(writer), Some(volume)) = (writer_epoch, self.volumes.get(volume_id)) else { return Ok(()) };
+        if writer < volume.epoch {
+            return Err(MetaError::Fenced(format!(
+                "volume {volume_id} was published again (epoch {}); this writer's epoch {writer} is fenced",
+                volume.epoch
+            )));
+        }
+        Ok(())
+    }
+
     fn report_failed_replica(
         &mut self,
         volume_id: &str,
@@ -859,7 +876,7 @@ mod tests {
     fn chunk_allocation_is_idempotent_and_failure_reports_bump_the_generation() {
         let mut state = with_servers(4);
         let v = volume(&mut state, 10, "v", 256 << 20);
-        let alloc = Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 2 };
+        let alloc = Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 2, writer_epoch: None };
         let first = replica_set(apply(&mut state, 11, alloc.clone()).unwrap());
         assert_eq!(first.servers.len(), 3);
         assert_eq!(replica_set(apply(&mut state, 12, alloc).unwrap()), first);
@@ -870,6 +887,7 @@ mod tests {
             chunk_index: 2,
             server_id: failed.clone(),
             generation: first.generation,
+            writer_epoch: None,
         };
         let second = replica_set(apply(&mut state, 13, report.clone()).unwrap());
         assert_eq!(second.generation, first.generation + 1);
@@ -886,13 +904,19 @@ mod tests {
         v.replicas = 1;
         state.volumes.insert(v.id.clone(), v.clone());
         let set = replica_set(
-            apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0 }).unwrap(),
+            apply(
+                &mut state,
+                11,
+                Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0, writer_epoch: None },
+            )
+            .unwrap(),
         );
         let report = Command::ReportFailedReplica {
             volume_id: v.id,
             chunk_index: 0,
             server_id: set.servers[0].clone(),
             generation: set.generation,
+            writer_epoch: None,
         };
         assert!(matches!(apply(&mut state, 12, report), Err(MetaError::FailedPrecondition(_))));
     }
@@ -901,7 +925,8 @@ mod tests {
     fn allocation_needs_a_majority_of_live_servers() {
         let mut state = with_servers(1);
         let v = volume(&mut state, 10, "v", 64 << 20);
-        let result = apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id, chunk_index: 0 });
+        let result =
+            apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id, chunk_index: 0, writer_epoch: None });
         assert!(matches!(result, Err(MetaError::ResourceExhausted(_))), "{result:?}");
     }
 
@@ -931,7 +956,12 @@ mod tests {
         let mut state = with_servers(4);
         let v = volume(&mut state, 10, "v", 128 << 20);
         let set = replica_set(
-            apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0 }).unwrap(),
+            apply(
+                &mut state,
+                11,
+                Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0, writer_epoch: None },
+            )
+            .unwrap(),
         );
         let holder = set.servers[0].clone();
         // Referenced; an unallocated chunk of a live volume; a deleted
@@ -1066,9 +1096,12 @@ mod tests {
     fn a_rebuilt_replica_joins_only_the_generation_it_was_copied_from() {
         let mut state = with_servers(4);
         let v = volume(&mut state, 10, "v", 4 << 20);
-        let Outcome::ReplicaSet { set, .. } =
-            apply(&mut state, 11, Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0 }).unwrap()
-        else {
+        let Outcome::ReplicaSet { set, .. } = apply(
+            &mut state,
+            11,
+            Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0, writer_epoch: None },
+        )
+        .unwrap() else {
             panic!("a replica set")
         };
         let (lost, spare) =
@@ -1078,6 +1111,7 @@ mod tests {
             chunk_index: 0,
             server_id: lost.clone(),
             generation: set.generation,
+            writer_epoch: None,
         };
         apply(&mut state, 12, report).unwrap();
         let add = |server: &str, generation| Command::AddReplica {

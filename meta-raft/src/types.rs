@@ -104,12 +104,19 @@ pub enum Command {
     AllocateChunk {
         volume_id: String,
         chunk_index: u64,
+        /// The asking writer's attachment epoch (None: the metadata
+        /// service's own request).
+        #[serde(default)]
+        writer_epoch: Option<u64>,
     },
     ReportFailedReplica {
         volume_id: String,
         chunk_index: u64,
         server_id: String,
         generation: u64,
+        /// As for `AllocateChunk`.
+        #[serde(default)]
+        writer_epoch: Option<u64>,
     },
     /// The repair loop rebuilt a replica of the chunk on `server_id` while
     /// the set was at `generation`: the server joins the set.

@@ -278,7 +278,7 @@ async fn malformed_requests_get_clear_errors() {
         (
             "chunk of unknown volume",
             client
-                .allocate_chunk(pb::AllocateChunkRequest { volume_id: "vol-nope".into(), chunk_index: 0 })
+                .allocate_chunk(pb::AllocateChunkRequest { volume_id: "vol-nope".into(), chunk_index: 0, epoch: 0 })
                 .await
                 .map(drop),
             Code::NotFound,
@@ -311,7 +311,7 @@ async fn malformed_requests_get_clear_errors() {
         client.expand_volume(pb::ExpandVolumeRequest { id: volume.id.clone(), size_bytes: 4096 }).await.unwrap_err();
     assert_eq!(shrink.code(), Code::OutOfRange);
     let chunk = client
-        .allocate_chunk(pb::AllocateChunkRequest { volume_id: volume.id.clone(), chunk_index: 1_000 })
+        .allocate_chunk(pb::AllocateChunkRequest { volume_id: volume.id.clone(), chunk_index: 1_000, epoch: 0 })
         .await
         .unwrap_err();
     assert_eq!(chunk.code(), Code::OutOfRange);

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ballast_proto::frame::{copy_chunk, ClientError, CopyTarget, DataClient, ErrorCode, HeldPause};
+use ballast_proto::frame::{copy_chunk, holds_clean_copy, ClientError, CopyTarget, DataClient, ErrorCode, HeldPause};
 use ballast_proto::meta as pb;
 use meta_raft::MetaClient;
 
@@ -106,7 +106,7 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
                 generation: 1,
                 epoch: 0,
             };
-            match copy_chunk(&clients[&primary.address], target, copy).await {
+            match copy_chunk(&clients[&primary.address], 1, target, copy).await {
                 Ok(()) => holders.push(replica.server_id.clone()),
                 Err(e) => tracing::warn!(snapshot = %snapshot.id, chunk = set.chunk_index, server = %replica.server_id,
                     error = %e, "copying a snapshot chunk; the snapshot keeps fewer copies"),
@@ -131,6 +131,17 @@ async fn clone_chunks(
         let mut last = String::from("no replicas");
         for replica in &set.replicas {
             let client = &clients[&replica.address];
+            match holds_clean_copy(client, volume, set.chunk_index).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    last = format!("{}: regions left dirty by a crash, not a source", replica.address);
+                    continue;
+                }
+                Err(e) => {
+                    last = format!("{}: {e}", replica.address);
+                    continue;
+                }
+            }
             let mut result = client.clone_chunk(volume, set.chunk_index, snapshot, set.chunk_index, 1).await;
             if matches!(&result, Err(e) if e.code() == Some(ErrorCode::ChunkExists)) {
                 // Left by an earlier, interrupted attempt: take it again now.

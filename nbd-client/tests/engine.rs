@@ -194,6 +194,7 @@ async fn members_behind_the_sets_generation_are_brought_up_by_writers() {
         chunk_index: 0,
         server_id: set.replicas[2].server_id.clone(),
         generation: set.generation,
+        epoch,
     };
     let moved = meta.report_failed_replica(report).await.unwrap();
     assert_eq!(moved.generation, set.generation + 1);

@@ -2,8 +2,10 @@
 //! server dies, its replicas are rebuilt on the spare server while a writer
 //! keeps writing, and afterwards every replica of every chunk holds exactly
 //! what was written; a chunk server that crashed with unflushed writes gets
-//! the chunks it found dirty rebuilt from a peer when it restarts.
+//! the chunks it found dirty rebuilt from a peer when it restarts, and is
+//! never the source of a rebuild meanwhile.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +30,15 @@ async fn chunk_map(meta: &MetaClient, volume_id: &str) -> Vec<pb::ChunkReplicaSe
     meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: volume_id.into() }).await.unwrap().chunks
 }
 
+/// Where chunk server `name` of `cluster` keeps a chunk.
+fn chunk_file(cluster: &DevCluster, name: &str, data_id: u64, chunk: u64) -> PathBuf {
+    cluster.dir.join(name).join("chunks").join(format!("{data_id:016x}")).join(format!("{chunk:016x}.chunk"))
+}
+
+fn process_name(cluster: &DevCluster, address: &str) -> String {
+    cluster.state.processes.iter().find(|p| p.address == address).unwrap().name.clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lost_replicas_are_rebuilt_on_a_spare_server_while_writes_go_on() {
     // Repair passes every second; a server silent for 3 s is given up.
@@ -48,7 +59,7 @@ async fn lost_replicas_are_rebuilt_on_a_spare_server_while_writes_go_on() {
 
     // A server holding replicas dies; a writer keeps going meanwhile.
     let victim_address = before[0].replicas[0].address.clone();
-    let victim = cluster.state.processes.iter().find(|p| p.address == victim_address).unwrap().name.clone();
+    let victim = process_name(&cluster, &victim_address);
     cluster.kill(&victim);
     let killed = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -143,10 +154,10 @@ async fn a_restarted_servers_dirty_chunks_are_rebuilt_from_a_peer() {
     let victim = cluster.process("storage1").address.clone();
     cluster.kill("storage1");
     // The crash tore block 3 of chunk 0.
-    let chunk_file = dir.path().join("storage1/chunks").join(format!("{:016x}/{:016x}.chunk", info.data_id, 0));
     {
         use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new().write(true).open(&chunk_file).unwrap();
+        let path = chunk_file(&cluster, "storage1", info.data_id, 0);
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         file.write_all_at(&[0xee; 4096], 4096 + 3 * 4096).unwrap();
     }
     cluster.restart("storage1").unwrap();
@@ -192,9 +203,7 @@ async fn a_bit_flip_found_by_scrub_is_rewritten_from_a_good_replica() {
     // Bit rot: one bit of block 5 of chunk 0 flips on one replica's disk
     // (past the chunk file's 4 KiB header).
     let victim = &before.replicas[0];
-    let name = cluster.state.processes.iter().find(|p| p.address == victim.address).unwrap().name.clone();
-    let path =
-        cluster.dir.join(&name).join("chunks").join(format!("{:016x}", info.data_id)).join(format!("{:016x}.chunk", 0));
+    let path = chunk_file(&cluster, &process_name(&cluster, &victim.address), info.data_id, 0);
     let at = 4096 + 5 * 4096 + 100;
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
     let mut byte = [0u8; 1];
@@ -223,4 +232,133 @@ async fn a_bit_flip_found_by_scrub_is_rewritten_from_a_good_replica() {
     }
     let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, 0).await.unwrap();
     assert!(data[..] == written[..MIB as usize], "the repaired replica holds what was written");
+}
+
+/// A crash on power loss: one member loses what it had not flushed (its
+/// chunk file goes back to the last flush) while its peers, which crash
+/// too, keep it; it comes back alone. Its copy must not be the source of a
+/// rebuild while a peer that may hold newer data is away. When they are
+/// all back, all dirty, one copy wins (unflushed writes may be lost when a
+/// whole set crashes) and every replica ends up holding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_left_behind_by_a_crash_is_never_a_rebuild_source() {
+    std::env::set_var("BALLAST_META_REPAIR_INTERVAL", "1");
+    std::env::set_var("BALLAST_META_REPAIR_AFTER", "3");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = Box::leak(Box::new(dir));
+    eprintln!("DIR {}", dir.path().display());
+    // Five servers: two silent ones are fewer than half, so one is given up.
+    let mut cluster = DevCluster::start(dir.path(), 1, 5).await.unwrap();
+    let meta = cluster.meta();
+    let request = pb::CreateVolumeRequest {
+        name: "torn".into(),
+        size_bytes: MIB,
+        replicas: 3,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+    let options = EngineOptions { epoch: 0, ..Default::default() };
+    let volume = Volume::open(meta.clone(), &info.id, options).await.unwrap();
+    let older = pattern(1, MIB as usize);
+    volume.write_at(0, Bytes::from(older.clone()), false).await.unwrap();
+    volume.flush().await.unwrap();
+    let set = chunk_map(&meta, &info.id).await.remove(0);
+    let names: Vec<String> = set.replicas.iter().map(|r| process_name(&cluster, &r.address)).collect();
+    let (crashed, peers) = (&names[0], &names[1..]);
+    let flushed = std::fs::read(chunk_file(&cluster, crashed, info.data_id, 0)).unwrap();
+
+    // Acknowledged, not flushed: on every member's page cache, and in every
+    // member's activity log.
+    let newer = pattern(2, MIB as usize);
+    volume.write_at(0, Bytes::from(newer.clone()), false).await.unwrap();
+    cluster.kill(crashed);
+    std::fs::write(chunk_file(&cluster, crashed, info.data_id, 0), &flushed).unwrap();
+    for peer in peers {
+        cluster.kill(peer);
+    }
+    cluster.restart(crashed).unwrap();
+
+    // The peers are silent past the repair delay: one of them is given up
+    // (a write quorum of two stays), and a rebuild would have only the
+    // crashed server's copy to copy from.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < deadline {
+        let current = chunk_map(&meta, &info.id).await.remove(0);
+        let addresses: Vec<&str> = current.replicas.iter().map(|r| r.address.as_str()).collect();
+        assert!(
+            addresses.iter().all(|a| set.replicas.iter().any(|r| r.address == *a)),
+            "a replica was rebuilt from the copy the crash left behind: {set:?} -> {current:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The peers return: every replica ends up holding one same copy.
+    for peer in peers {
+        cluster.restart(peer).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let healed = loop {
+        let current = chunk_map(&meta, &info.id).await.remove(0);
+        let mut clean = current.replicas.len() == 3;
+        for replica in &current.replicas {
+            let regions = match DataClient::connect(&replica.address).await {
+                Ok(client) => client.dirty_regions(Some(info.data_id)).await.ok(),
+                Err(_) => None,
+            };
+            clean &= regions.is_some_and(|regions| !regions.iter().any(|r| r.is_recovered()));
+        }
+        if clean {
+            break current;
+        }
+        assert!(Instant::now() < deadline, "not healed within 60 s: {current:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let mut contents = Vec::new();
+    for replica in &healed.replicas {
+        let client = DataClient::connect(&replica.address).await.unwrap();
+        let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, 0).await.expect("every block verifies");
+        assert!(data == newer || data == older, "{} holds neither write", replica.server_id);
+        contents.push(data);
+    }
+    assert!(contents.windows(2).all(|w| w[0] == w[1]), "the replicas of {healed:?} differ");
+    assert_eq!(volume.read_at(0, MIB).await.expect("the volume reads"), contents[0]);
+}
+
+/// A volume with one replica whose server crashes with unflushed writes:
+/// their data is on disk, their checksums were not yet. The blocks read
+/// back once the server is up again (as they would from a plain disk),
+/// instead of failing their checksums for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lone_replica_that_crashed_with_unflushed_writes_reads_back() {
+    std::env::set_var("BALLAST_META_REPAIR_INTERVAL", "1");
+    std::env::set_var("BALLAST_META_REPAIR_AFTER", "600");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = DevCluster::start(dir.path(), 1, 1).await.unwrap();
+    let meta = cluster.meta();
+    let request = pb::CreateVolumeRequest {
+        name: "lone".into(),
+        size_bytes: MIB,
+        replicas: 1,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+    let volume = Volume::open(meta.clone(), &info.id, EngineOptions { epoch: 0, ..Default::default() }).await.unwrap();
+    volume.write_at(0, Bytes::from(pattern(1, MIB as usize)), false).await.unwrap();
+    volume.flush().await.unwrap();
+    let newer = pattern(2, MIB as usize);
+    volume.write_at(0, Bytes::from(newer.clone()), false).await.unwrap();
+    cluster.kill("storage1");
+    cluster.restart("storage1").unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let data = loop {
+        match volume.read_at(0, MIB).await {
+            Ok(data) => break data,
+            Err(e) => assert!(Instant::now() < deadline, "still unreadable after 30 s: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(data, Bytes::from(newer), "the blocks hold the last write");
 }

@@ -13,7 +13,7 @@ use ballast_proto::frame::DataClient;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_raft::MetaClient;
-use nbd_client::engine::{EngineOptions, Volume};
+use nbd_client::engine::{EngineError, EngineOptions, Volume};
 
 const MIB: u64 = 1 << 20;
 const CHUNKS: u64 = 16;
@@ -136,4 +136,44 @@ async fn a_stale_writer_lands_nothing_once_the_volume_is_published_elsewhere() {
         }
     }
     assert_replicas_identical(&copies);
+}
+
+/// A fenced writer that cannot reach some replicas must not take them out
+/// of the sets the new owner writes to, nor allocate chunks: metadata
+/// refuses both from an epoch behind the volume's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_writer_can_neither_drop_replicas_nor_allocate_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(dir.path(), 1, 3).await.unwrap();
+    let meta = cluster.meta();
+    let request = pb::CreateVolumeRequest {
+        name: "contested".into(),
+        size_bytes: 4 * MIB,
+        replicas: 3,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+    let a = open(&meta, &info.id, "node-a").await;
+    a.write_at(0, Bytes::from(vec![1u8; MIB as usize]), false).await.unwrap();
+    a.flush().await.unwrap();
+    unpublish(&meta, &info.id, "node-a").await;
+    let _b = open(&meta, &info.id, "node-b").await;
+    let chunk_map =
+        || async { meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: info.id.clone() }).await.unwrap().chunks };
+    let before = chunk_map().await;
+
+    // A loses two of chunk 0's servers and reads on, failing over to the
+    // third and reporting the other two as failed.
+    cluster.kill("storage1");
+    cluster.kill("storage2");
+    for block in 0..8 {
+        let _ = a.read_at(block * BLOCK as u64, BLOCK as u64).await;
+    }
+    assert_eq!(chunk_map().await, before, "a fenced reader's failure reports changed the replica sets");
+
+    // A writes into a chunk nobody allocated yet.
+    let written = a.write_at(2 * MIB, Bytes::from(vec![2u8; BLOCK]), false).await;
+    assert!(matches!(written, Err(EngineError::Fenced(_))), "{written:?}");
+    assert_eq!(chunk_map().await, before, "a fenced writer allocated a chunk");
 }

@@ -63,7 +63,7 @@
 //! | `CHUNK_READ_STREAM`     | `offset`, `length` (0 = to chunk end)    | several frames: data payload, `aux` = offset    |
 //! | `LIST_CHUNKS`           | `volume` or `FLAG_ALL_VOLUMES`           | frames of [`ChunkEntry`]                        |
 //! | `SCRUB`                 | `volume` or `FLAG_ALL_VOLUMES`           | frames of [`BadBlocks`]; last `aux` = blocks checked |
-//! | `DIRTY_REGIONS`         | `volume` or `FLAG_ALL_VOLUMES`; `FLAG_CLEAR` | frames of [`DirtyRegion`]                   |
+//! | `DIRTY_REGIONS`         | `volume` or `FLAG_ALL_VOLUMES`; `FLAG_CLEAR`, `FLAG_ACCEPT` | frames of [`DirtyRegion`]    |
 //! | `VOLUME_PAUSE`          | `volume`; `length` = auto-resume timeout, ms (0 = 10 s, at most 60 s) | `aux` = timeout granted, ms |
 //! | `VOLUME_RESUME`         | `volume`                                 | -                                               |
 //! | `CHUNK_CLONE`           | source `volume`, `chunk`, `generation` (0 = any); payload: [`CloneTarget`] | -          |
@@ -77,7 +77,10 @@
 //! lands on this server. The metadata service sends it to every chunk
 //! server when a volume is published. `DIRTY_REGIONS` with `FLAG_CLEAR` forgets the
 //! regions of one chunk (`volume`, `chunk`, range `offset`/`length`, length 0 =
-//! whole chunk) that were recovered after a restart, once they are resynced.
+//! whole chunk) that were recovered after a restart, once they are resynced;
+//! with `FLAG_ACCEPT` too, the server first keeps what its disk holds in
+//! those regions (blocks failing their stored checksum get their data's,
+//! durably): the copy chosen when every replica of the chunk crashed.
 //!
 //! An error reply carries a UTF-8 message as payload and in `aux`: the current
 //! epoch for `StaleEpoch`, the chunk's generation for `StaleGeneration`, the
@@ -143,7 +146,7 @@ mod payload;
 mod wire;
 
 pub use client::{ChunkStream, ClientError, DataClient, ScrubReport, Segment};
-pub use copy::{copy_chunk, CopyTarget};
+pub use copy::{copy_chunk, holds_clean_copy, CopyTarget};
 pub use held_pause::HeldPause;
 pub use payload::{
     decode_data_payload, decode_entries, encode_entries, BadBlocks, ChunkEntry, ChunkInfo, CloneTarget, DirtyRegion,
@@ -178,10 +181,14 @@ pub const FLAG_ALL_VOLUMES: u16 = 1 << 1;
 pub const FLAG_NO_HOLE: u16 = 1 << 2;
 /// Request flag on `DIRTY_REGIONS`: forget the chunk's recovered regions.
 pub const FLAG_CLEAR: u16 = 1 << 3;
+/// With `FLAG_CLEAR` on `DIRTY_REGIONS`: accept the data on disk in the
+/// chunk's recovered regions before forgetting them.
+pub const FLAG_ACCEPT: u16 = 1 << 5;
 /// `WRITE` by the holder of the volume's pause (a resync after a fence):
 /// it passes the pause that holds every other change back.
 pub const FLAG_PAUSE_HOLDER: u16 = 1 << 4;
-const KNOWN_REQUEST_FLAGS: u16 = FLAG_FUA | FLAG_ALL_VOLUMES | FLAG_NO_HOLE | FLAG_CLEAR | FLAG_PAUSE_HOLDER;
+const KNOWN_REQUEST_FLAGS: u16 =
+    FLAG_FUA | FLAG_ALL_VOLUMES | FLAG_NO_HOLE | FLAG_CLEAR | FLAG_PAUSE_HOLDER | FLAG_ACCEPT;
 
 /// Reply flag: the last frame for this request.
 pub const REPLY_END: u16 = 1 << 0;

@@ -21,8 +21,13 @@ impl ConnectionPool {
     /// A connection to `address`, connecting if needed.
     pub async fn get(&self, address: &str) -> Result<(usize, DataClient), ClientError> {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % CONNECTIONS_PER_SERVER;
-        if let Some(client) = self.servers.lock().expect("pool lock").get(address).and_then(|s| s[slot].clone()) {
-            return Ok((slot, client));
+        // A connection the server closed meanwhile (it restarted) is
+        // replaced now, not failed on: that would report a healthy replica.
+        let pooled = self.servers.lock().expect("pool lock").get(address).and_then(|s| s[slot].clone());
+        match pooled {
+            Some(client) if !client.is_closed() => return Ok((slot, client)),
+            Some(_) => self.discard(address, slot),
+            None => {}
         }
         let client = DataClient::connect(address).await?;
         let mut servers = self.servers.lock().expect("pool lock");

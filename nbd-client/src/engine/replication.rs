@@ -38,6 +38,15 @@ impl Volume {
         }
     }
 
+    /// A refusal of the metadata service; ABORTED means a newer publish
+    /// fenced this writer.
+    fn meta_error(&self, status: tonic::Status) -> EngineError {
+        match status.code() {
+            tonic::Code::Aborted => EngineError::Fenced(self.options.epoch),
+            _ => status.into(),
+        }
+    }
+
     /// The chunk's replica set, allocating the chunk on its first write.
     async fn view_for_write(&self, chunk: u64) -> Result<ChunkView, EngineError> {
         if let Some(view) = self.map.get(chunk) {
@@ -47,10 +56,9 @@ impl Volume {
         if let Some(view) = self.map.get(chunk) {
             return Ok(view);
         }
-        let set = self
-            .meta
-            .allocate_chunk(pb::AllocateChunkRequest { volume_id: self.info.id.clone(), chunk_index: chunk })
-            .await?;
+        let request =
+            pb::AllocateChunkRequest { volume_id: self.info.id.clone(), chunk_index: chunk, epoch: self.options.epoch };
+        let set = self.meta.allocate_chunk(request).await.map_err(|s| self.meta_error(s))?;
         let view = ChunkView::from(&set);
         let size = self.info.chunk_size_bytes as u32;
         let created = join_all(view.replicas.iter().map(|r| {
@@ -156,6 +164,7 @@ impl Volume {
                     chunk_index: chunk,
                     server_id: replica.server_id.clone(),
                     generation: view.generation,
+                    epoch: self.options.epoch,
                 };
                 match self.meta.report_failed_replica(request).await {
                     Ok(set) => {
@@ -166,7 +175,7 @@ impl Volume {
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                         return Err(EngineError::Degraded { chunk, have: 0, need: self.min_replicas })
                     }
-                    Err(status) => return Err(status.into()),
+                    Err(status) => return Err(self.meta_error(status)),
                 }
             }
             let generation = view.generation;

@@ -24,7 +24,7 @@ use super::payload::{
 };
 use super::{
     decode_reply, first_bad_block, write_loop, Checksums, ErrorCode, Opcode, Reply, RequestHeader, WireFrame,
-    FLAG_ALL_VOLUMES, FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE, FLAG_PAUSE_HOLDER,
+    FLAG_ACCEPT, FLAG_ALL_VOLUMES, FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE, FLAG_PAUSE_HOLDER,
 };
 
 /// Frames queued for the writer task before callers wait.
@@ -538,6 +538,20 @@ impl DataClient {
             ..RequestHeader::new(Opcode::DirtyRegions, 0)
         };
         Ok(self.collect(header).await?.0)
+    }
+
+    /// Keeps what this server's disk holds in a chunk's recovered regions
+    /// as the chunk's content (blocks failing their stored checksum get
+    /// their data's, durably), then forgets the regions: for the one copy
+    /// kept when every replica of the chunk crashed with unflushed writes.
+    pub async fn accept_dirty_regions(&self, volume: u64, chunk: u64) -> Result<(), ClientError> {
+        let header = RequestHeader {
+            flags: FLAG_CLEAR | FLAG_ACCEPT,
+            volume,
+            chunk,
+            ..RequestHeader::new(Opcode::DirtyRegions, 0)
+        };
+        self.collect::<DirtyRegion>(header).await.map(drop)
     }
 
     /// Pauses changes (writes, trims, zeroing) to `volume` on this server:

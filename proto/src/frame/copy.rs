@@ -18,11 +18,27 @@ pub struct CopyTarget {
     pub epoch: u64,
 }
 
+/// Whether `member`'s copy of a chunk may be the source of a copy: no region
+/// of it is listed as recovered, i.e. written and unflushed when the server
+/// crashed (possibly torn, or missing writes its peers kept) or found bad
+/// by a read or scrub. Such a copy is the one to rebuild, never the one to
+/// rebuild from.
+pub async fn holds_clean_copy(member: &DataClient, data_id: u64, chunk: u64) -> Result<bool, ClientError> {
+    let regions = member.dirty_regions(Some(data_id)).await?;
+    Ok(!regions.iter().any(|r| r.chunk == chunk && r.is_recovered()))
+}
+
 /// Replaces whatever `to` holds of the chunk with `from`'s copy, checked
 /// block by block (the checksums travel with the data), and makes it
-/// durable. Blocks that read as zeros are skipped: a new chunk reads as
-/// zeros already.
-pub async fn copy_chunk(from: &DataClient, to: &DataClient, target: CopyTarget) -> Result<(), ClientError> {
+/// durable. `from` must hold the chunk at `from_generation` (0: any).
+/// Blocks that read as zeros are skipped: a new chunk reads as zeros
+/// already.
+pub async fn copy_chunk(
+    from: &DataClient,
+    from_generation: u64,
+    to: &DataClient,
+    target: CopyTarget,
+) -> Result<(), ClientError> {
     let CopyTarget { data_id, chunk, size, generation, epoch } = target;
     let size = u32::try_from(size).map_err(|_| ClientError::Protocol(format!("chunk size {size} too large")))?;
     match to.delete_chunk(data_id, chunk, 0).await {
@@ -30,7 +46,7 @@ pub async fn copy_chunk(from: &DataClient, to: &DataClient, target: CopyTarget) 
         _ => {}
     }
     to.create_chunk(data_id, chunk, size, generation).await?;
-    let mut stream = from.read_chunk_stream(data_id, chunk, 0, 0, 0).await?;
+    let mut stream = from.read_chunk_stream(data_id, chunk, 0, 0, from_generation).await?;
     while let Some(segment) = stream.next().await {
         let segment = segment?;
         if segment.data.iter().all(|b| *b == 0) {

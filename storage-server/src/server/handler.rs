@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{
-    encode_entries, DecodeError, Entry, ErrorCode, Opcode, ReplyHeader, Request, WireFrame, FLAG_ALL_VOLUMES,
-    FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE, FLAG_PAUSE_HOLDER, MAX_DATA, MAX_PAYLOAD, REPLY_END,
+    encode_entries, DecodeError, Entry, ErrorCode, Opcode, ReplyHeader, Request, WireFrame, FLAG_ACCEPT,
+    FLAG_ALL_VOLUMES, FLAG_CLEAR, FLAG_FUA, FLAG_NO_HOLE, FLAG_PAUSE_HOLDER, MAX_DATA, MAX_PAYLOAD, REPLY_END,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -175,6 +175,9 @@ impl Handler {
             }
             Opcode::DirtyRegions => {
                 let regions = if h.has_flag(FLAG_CLEAR) {
+                    if h.has_flag(FLAG_ACCEPT) {
+                        self.store.accept_recovered(key).await?;
+                    }
                     self.store.clear_recovered(key, h.offset, u64::from(h.length));
                     let mut regions = self.store.dirty_regions(Some(h.volume));
                     regions.retain(|r| r.chunk == h.chunk);

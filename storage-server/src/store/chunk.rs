@@ -430,6 +430,33 @@ impl Chunk {
         Ok(ReadOutcome { data, checksums: Checksums::from_bytes(wire.freeze()), bad })
     }
 
+    /// Gives each block of a range that fails its stored checksum the
+    /// checksum of the data it holds, keeping what a crash left on disk as
+    /// the chunk's content (made durable by the next flush). Returns how
+    /// many blocks changed.
+    pub async fn reseal_blocks(&self, offset: u64, len: u64) -> Result<usize, StoreError> {
+        let _locked = self.lock_for_write(offset, len).await;
+        let data = self
+            .file
+            .read_at(self.pool.get(len as usize), HEADER_LEN + offset)
+            .await
+            .map_err(io_err("reading", self.key))?;
+        let first = (offset / BLOCK) as usize;
+        let mut resealed = 0;
+        let mut meta = self.meta.lock().expect("chunk meta poisoned");
+        for (i, block) in data.chunks_exact(BLOCK_SIZE).enumerate() {
+            if verify_block(block, meta.crcs[first + i]).is_none() {
+                meta.mark_written(first + i, std::iter::once(crc32fast::hash(block)));
+                resealed += 1;
+            }
+        }
+        drop(meta);
+        if resealed > 0 {
+            self.write_seq.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(resealed)
+    }
+
     /// True when changes were made since the last completed flush.
     pub fn needs_flush(&self) -> bool {
         self.durable_seq.load(Ordering::Acquire) < self.write_seq.load(Ordering::Acquire)

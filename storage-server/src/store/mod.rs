@@ -598,6 +598,30 @@ impl Store {
         self.log.clear_recovered(key, offset, len);
     }
 
+    /// Keeps what the disk holds in a chunk's recovered regions as its
+    /// content, durably, and forgets the regions: for the copy kept when
+    /// every replica of the chunk crashed with unflushed writes (none then
+    /// knows more than another). A block written but not flushed holds the
+    /// old data or the new, and gets the checksum of whichever it holds.
+    pub async fn accept_recovered(&self, key: ChunkKey) -> Result<(), StoreError> {
+        let chunk = self.get(key)?;
+        let offsets: Vec<u64> = self
+            .log
+            .regions(Some(key.volume))
+            .into_iter()
+            .filter(|(region, recovered)| *recovered && region.chunk == key)
+            .map(|(region, _)| region.offset())
+            .collect();
+        let mut resealed = 0;
+        for offset in offsets {
+            resealed += chunk.reseal_blocks(offset, REGION_SIZE.min(chunk.size - offset)).await?;
+        }
+        chunk.flush().await?;
+        self.log.clear_recovered(key, 0, u64::MAX);
+        tracing::warn!(%key, resealed, "kept this copy of a chunk every replica of which crashed with unflushed writes");
+        Ok(())
+    }
+
     /// Flushes everything and closes the activity log cleanly.
     pub async fn close(&self) -> Result<(), StoreError> {
         let flushed = self.flush(None).await;
