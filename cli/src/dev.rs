@@ -58,11 +58,16 @@ fn is_running(process: &Process) -> bool {
     if process.pid == 0 {
         return false;
     }
-    // Gone, or a zombie: not running.
-    let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", process.pid)) else {
+    // Gone, or a zombie: not running. A killed process's leader turns
+    // zombie before its other threads have exited and released its files
+    // (and the locks on them): every thread must be.
+    let Ok(threads) = fs::read_dir(format!("/proc/{}/task", process.pid)) else {
         return false;
     };
-    if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
+    let zombie = |stat: String| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    let live_threads =
+        threads.flatten().filter(|t| fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| !zombie(stat))).count();
+    if live_threads == 0 {
         return false;
     }
     let cmdline = fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();

@@ -1,7 +1,9 @@
 //! The `ballast` admin command's library: the local development cluster
-//! ([`dev`]), human sizes ([`size`]) and output formatting ([`output`]).
+//! ([`dev`]), what chunk servers hold ([`chunks`]), human sizes ([`size`])
+//! and output formatting ([`output`]).
 //! Tests of other crates start clusters through [`dev`].
 
+pub mod chunks;
 pub mod dev;
 pub mod output;
 pub mod size;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use ballast_cli::output::{self, Format};
-use ballast_cli::{dev, size};
+use ballast_cli::{chunks, dev, size};
 use ballast_proto::meta as pb;
 use clap::{Parser, Subcommand};
 use meta_raft::client::META_ENV;
@@ -58,6 +58,19 @@ enum Top {
         target: Target,
         #[command(subcommand)]
         command: SnapshotCmd,
+    },
+    /// What the chunk servers hold, asked of each server, and whether
+    /// metadata knows each chunk: run it before recovering or replacing
+    /// metadata to see what would become an orphan.
+    ///
+    /// Example, with metadata lost: ballast chunks --servers 10.0.0.5:7200,10.0.0.6:7200
+    Chunks {
+        #[command(flatten)]
+        target: Target,
+        /// Ask these servers (host:port, comma-separated) instead of those
+        /// metadata lists; without --meta, metadata is not asked at all.
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<String>,
     },
 }
 
@@ -219,27 +232,59 @@ async fn snapshot(target: Target, command: SnapshotCmd) -> anyhow::Result<()> {
                 Some(v) => find_volume(&client, &v).await?.id,
                 None => String::new(),
             };
-            let mut snapshots = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let request = pb::ListSnapshotsRequest {
-                    source_volume_id: source_volume_id.clone(),
-                    page_size: 1000,
-                    page_token,
-                    ..Default::default()
-                };
-                let page = client.list_snapshots(request).await?;
-                snapshots.extend(page.snapshots);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
+            let snapshots = client.all_snapshots(&source_volume_id).await?;
             print_snapshots(target.output, &snapshots);
         }
         SnapshotCmd::Delete { id } => {
             let reply = client.delete_snapshot(pb::DeleteSnapshotRequest { id: id.clone() }).await?;
             eprintln!("{} {id}", if reply.existed { "deleted" } else { "no such snapshot" });
+        }
+    }
+    Ok(())
+}
+
+async fn list_chunks(target: Target, servers: Vec<String>) -> anyhow::Result<()> {
+    let meta = if target.meta.is_empty() && !servers.is_empty() { None } else { Some(target.client()?) };
+    let (addresses, placement) = match &meta {
+        Some(meta) => {
+            let addresses = if servers.is_empty() {
+                let listed = meta.list_chunk_servers(pb::ListChunkServersRequest {}).await?.servers;
+                listed.into_iter().map(|s| s.address).collect()
+            } else {
+                servers
+            };
+            (addresses, Some(chunks::Placement::from_meta(meta).await?))
+        }
+        None => (servers, None),
+    };
+    let held = chunks::held(&addresses, placement.as_ref()).await?;
+    match target.output {
+        Format::Json => println!("{}", serde_json::to_string(&held)?),
+        Format::Table => {
+            let rows = held
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.server.clone(),
+                        c.data_id.to_string(),
+                        c.chunk_index.to_string(),
+                        c.generation.to_string(),
+                        size::format_size(c.size_bytes),
+                        if c.owner.is_empty() { "-".into() } else { c.owner.clone() },
+                        c.state.describe().into(),
+                    ]
+                })
+                .collect();
+            output::print_table(&["SERVER", "DATA ID", "CHUNK", "GENERATION", "SIZE", "OWNER", "STATE"], rows);
+            let unknown: Vec<_> = held.iter().filter(|c| c.state == chunks::ChunkState::Unknown).collect();
+            let bytes = unknown.iter().map(|c| c.size_bytes).sum();
+            println!(
+                "\n{} chunks on {} servers; {} unknown to metadata ({})",
+                held.len(),
+                addresses.len(),
+                unknown.len(),
+                size::format_size(bytes)
+            );
         }
     }
     Ok(())
@@ -336,6 +381,7 @@ async fn main() -> anyhow::Result<()> {
         Top::Status { target } => status(target).await,
         Top::Volume { target, command } => volume(target, command).await,
         Top::Snapshot { target, command } => snapshot(target, command).await,
+        Top::Chunks { target, servers } => list_chunks(target, servers).await,
     }
     .or_else(|e: anyhow::Error| match e.downcast_ref::<tonic::Status>() {
         Some(status) => bail!("{}: {}", code_name(status.code()), status.message()),

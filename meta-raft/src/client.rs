@@ -237,4 +237,25 @@ impl MetaClient {
             page_token = page.next_page_token;
         }
     }
+
+    /// Fetches every snapshot (of one volume, or all with ""), following
+    /// pagination.
+    pub async fn all_snapshots(&self, source_volume_id: &str) -> Result<Vec<pb::Snapshot>, Status> {
+        let mut snapshots = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListSnapshotsRequest {
+                source_volume_id: source_volume_id.to_string(),
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            };
+            let page = self.list_snapshots(request).await?;
+            snapshots.extend(page.snapshots);
+            if page.next_page_token.is_empty() {
+                return Ok(snapshots);
+            }
+            page_token = page.next_page_token;
+        }
+    }
 }

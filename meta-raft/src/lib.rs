@@ -10,6 +10,7 @@
 //! - [`network`]: Raft RPCs between members.
 //! - [`service`] and [`cluster`]: the client and membership APIs.
 //! - [`node`]: runs a member. [`client`]: talks to the cluster.
+//!   [`recovery`]: a survivor of a lost majority becomes a cluster again.
 
 pub mod client;
 pub mod cluster;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod placement;
+pub mod recovery;
 pub mod repair;
 pub mod service;
 pub mod state;

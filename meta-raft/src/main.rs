@@ -70,6 +70,22 @@ enum Command {
         #[arg(long, env = META_ENV)]
         meta: String,
     },
+    /// After losing a majority of the members: make a stopped survivor the
+    /// only member of its cluster, keeping everything it knew. Start it
+    /// again afterwards (its --bootstrap is ignored), then add new members.
+    ///
+    /// Example: meta-raft force-single-member --id 1 --address 127.0.0.1:7101 \
+    ///   --data-dir /var/lib/ballast/meta1
+    ForceSingleMember {
+        /// The survivor's id.
+        #[arg(long)]
+        id: u64,
+        /// The address it will serve on (its --advertise, or --listen).
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -196,6 +212,18 @@ async fn main() -> anyhow::Result<()> {
             let voters: Vec<u64> = status.members.iter().filter(|m| m.voter && m.id != id).map(|m| m.id).collect();
             let request = pb::ChangeMembershipRequest { voters, retain_learners: false };
             print_json(&client.change_membership(request).await?);
+            Ok(())
+        }
+        Command::ForceSingleMember { id, address, data_dir } => {
+            let recovered = meta_raft::recovery::force_single_member(&data_dir, id, &address).await?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": id, "address": address, "last_index": recovered.last_index,
+                    "replayed_entries": recovered.replayed, "volumes": recovered.volumes,
+                    "snapshots": recovered.snapshots, "chunk_servers": recovered.servers,
+                })
+            );
             Ok(())
         }
         Command::Status { meta } => {

@@ -4,7 +4,9 @@
 //! addresses (what a StatefulSet re-created without its volumes does) knows
 //! no volume, and would once have had every chunk deleted as an orphan
 //! within a minute. And what metadata does call an orphan waits in the
-//! trash, from where an admin can restore it.
+//! trash, from where an admin can restore it. And losing most metadata
+//! members has a way back: a survivor becomes a one-member cluster with
+//! everything it knew, and no chunk is lost.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -26,6 +28,29 @@ fn pattern(len: usize) -> Vec<u8> {
 
 fn storage_server_bin() -> std::path::PathBuf {
     ballast_cli::dev::workspace_bin_dir().join("storage-server")
+}
+
+fn meta_raft_bin() -> std::path::PathBuf {
+    ballast_cli::dev::workspace_bin_dir().join("meta-raft")
+}
+
+/// `ballast chunks -o json` with `args`: the state of each chunk held.
+fn chunk_states(args: &[&str]) -> Vec<String> {
+    let output = Command::new(ballast_cli::dev::workspace_bin_dir().join("ballast"))
+        .args(["chunks", "-o", "json"])
+        .args(args)
+        .env_remove("BALLAST_META")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let held: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    held.iter().map(|c| c["state"].as_str().unwrap().to_string()).collect()
+}
+
+fn storage_addresses(cluster: &DevCluster) -> String {
+    let addresses: Vec<&str> =
+        cluster.state.processes.iter().filter(|p| p.binary == "storage-server").map(|p| p.address.as_str()).collect();
+    addresses.join(",")
 }
 
 /// A 3-replica volume of 8 chunks, every byte written and flushed.
@@ -91,6 +116,10 @@ async fn a_wiped_metadata_cluster_makes_no_chunk_server_delete_its_chunks() {
     assert!(servers.is_empty(), "chunk servers registered with a cluster that is not theirs: {servers:?}");
     let log = std::fs::read_to_string(cluster.dir.join("logs/storage1.log")).unwrap();
     assert!(log.contains("belongs to metadata cluster"), "storage1 says why it refuses the new cluster");
+    // An admin sees that the new cluster knows none of the 24 chunks.
+    let states = chunk_states(&["--meta", &cluster.meta_endpoints(), "--servers", &storage_addresses(&cluster)]);
+    assert_eq!(states.len(), 24);
+    assert!(states.iter().all(|s| s == "unknown"), "{states:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -138,4 +167,74 @@ async fn orphans_wait_in_the_trash_and_an_admin_restores_them() {
     };
     let (data, _) = client.read(info.data_id, 5, 0, MIB as u32, 0).await.unwrap();
     assert!(data[..] == written[5 * MIB as usize..6 * MIB as usize], "the restored chunk holds what was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_survivor_of_a_lost_metadata_majority_becomes_the_cluster_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = DevCluster::start(dir.path(), 3, 3).await.unwrap();
+    let (info, written) = written_volume(&cluster, "survives").await;
+    let before = held(&cluster).await;
+
+    // Two of three members lost with their disks: the survivor alone has
+    // no majority and cannot serve.
+    for name in ["meta2", "meta3"] {
+        cluster.kill(name);
+        std::fs::remove_dir_all(cluster.dir.join(name)).unwrap();
+    }
+    let survivor = cluster.process("meta1").address.clone();
+    let alone = meta_raft::MetaClient::new(vec![survivor.clone()]).unwrap();
+    let create = |name: &str| pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: MIB,
+        replicas: 3,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let stuck = tokio::time::timeout(Duration::from_secs(10), alone.create_volume(create("during"))).await;
+    assert!(!matches!(stuck, Ok(Ok(_))), "a minority member accepted a change: {stuck:?}");
+
+    // What the servers hold is listed without metadata.
+    let states = chunk_states(&["--servers", &storage_addresses(&cluster)]);
+    assert_eq!(states.len(), 24);
+    assert!(states.iter().all(|s| s == "unchecked"), "{states:?}");
+
+    // Stopped, it is made the only member, and started again.
+    cluster.kill("meta1");
+    let output = Command::new(meta_raft_bin())
+        .args(["force-single-member", "--id", "1", "--address", &survivor, "--data-dir"])
+        .arg(cluster.dir.join("meta1"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["volumes"], 1, "{report}");
+    assert_eq!(report["chunk_servers"], 3, "{report}");
+    cluster.restart("meta1").unwrap();
+
+    // It leads, knows the volume, and takes changes again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let created = loop {
+        match alone.create_volume(create("after")).await {
+            Ok(volume) => break volume,
+            Err(e) => assert!(Instant::now() < deadline, "the recovered member does not serve: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(created.name, "after");
+    let volume = nbd_client::engine::Volume::open(alone.clone(), &info.id, Default::default()).await.unwrap();
+    assert!(volume.read_at(0, VOLUME).await.unwrap()[..] == written[..], "the volume reads back");
+
+    // The chunk servers keep serving it and delete nothing (three
+    // reconciliations, 10 s apart).
+    let watch = Instant::now() + Duration::from_secs(25);
+    while Instant::now() < watch {
+        assert_eq!(held(&cluster).await, before, "a chunk server dropped chunks after the recovery");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let servers = alone.list_chunk_servers(pb::ListChunkServersRequest {}).await.unwrap().servers;
+    assert_eq!(servers.len(), 3, "{servers:?}");
+    let states = chunk_states(&["--meta", &survivor]);
+    assert_eq!(states.len(), 24);
+    assert!(states.iter().all(|s| s == "replica"), "{states:?}");
 }
