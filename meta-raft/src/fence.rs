@@ -9,9 +9,7 @@ use std::time::Duration;
 use ballast_proto::frame::{DataClient, DirtyRegion};
 use futures::future::join_all;
 
-/// How long one server may take to confirm a fence (connect, persist the
-/// epoch, drain the changes in flight).
-const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::CHUNK_SERVER_ANSWER;
 
 /// A server that did not confirm the fence, and why.
 #[derive(Debug)]
@@ -24,7 +22,8 @@ pub struct Unfenced {
 /// address) at once; returns those that did not confirm it.
 pub async fn push_epoch(servers: Vec<(String, String)>, data_id: u64, epoch: u64) -> Vec<Unfenced> {
     let results = join_all(servers.into_iter().map(|(server_id, address)| async move {
-        let fenced = tokio::time::timeout(FENCE_TIMEOUT, async {
+        // Connect, persist the epoch, drain the changes in flight.
+        let fenced = tokio::time::timeout(CHUNK_SERVER_ANSWER, async {
             let client = DataClient::connect(&address).await?;
             client.fence_volume(data_id, epoch).await
         })
@@ -32,7 +31,7 @@ pub async fn push_epoch(servers: Vec<(String, String)>, data_id: u64, epoch: u64
         match fenced {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(Unfenced { server_id, error: e.to_string() }),
-            Err(_) => Some(Unfenced { server_id, error: format!("no answer within {FENCE_TIMEOUT:?}") }),
+            Err(_) => Some(Unfenced { server_id, error: format!("no answer within {CHUNK_SERVER_ANSWER:?}") }),
         }
     }))
     .await;
@@ -73,7 +72,7 @@ pub async fn resync_unflushed(chunks: &[ChunkMembers], data_id: u64, epoch: u64)
     addresses.sort();
     addresses.dedup();
     let clients: Vec<(String, Option<DataClient>)> = join_all(addresses.into_iter().map(|(id, address)| async move {
-        let client = DataClient::connect(&address).await.ok();
+        let client = DataClient::connect_within(&address, CHUNK_SERVER_ANSWER).await.ok();
         (id, client)
     }))
     .await;

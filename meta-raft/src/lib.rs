@@ -31,5 +31,16 @@ pub mod testing;
 pub mod types;
 
 pub use client::MetaClient;
+
+/// How long the metadata service waits for a chunk server to connect or
+/// to answer a call before it counts the server as failed for that call:
+/// a hung server (stopped process, stuck disk) never answers. Shorter than
+/// the volume engine's replica timeout (5 s), so that a rebuild pausing a
+/// volume gives up on a hung participant before writers waiting in the
+/// pause give up on the healthy members; and than a client's attempt at a
+/// call (3 s), so that a publish fencing every server returns in time. A
+/// healthy server answers in milliseconds; one slower than this only
+/// costs a retried repair, or its place in the volume's sets on a publish.
+pub(crate) const CHUNK_SERVER_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
 pub use error::MetaError;
 pub use node::{run, MemberConfig};

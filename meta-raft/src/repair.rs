@@ -34,6 +34,7 @@ use crate::placement;
 use crate::state::{now_ms, volume_id, MetaState, ReplicaSet};
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft, Request};
+use crate::CHUNK_SERVER_ANSWER;
 
 /// How often the leader looks for work, and after how long without
 /// heartbeats a server's replicas are given up.
@@ -379,7 +380,7 @@ impl Repairer {
                 .collect()
         };
         let connected = join_all(addresses.into_iter().map(|(id, address)| async move {
-            match DataClient::connect(&address).await {
+            match DataClient::connect_within(&address, CHUNK_SERVER_ANSWER).await {
                 Ok(client) => Some((id, client)),
                 Err(e) => {
                     tracing::debug!(server = %id, %address, error = %e, "cannot reach chunk server");
@@ -412,6 +413,12 @@ impl Repairer {
             .pop()
             .map(|(_, c)| c)
             .ok_or_else(|| RepairError::Server { server: target.clone(), message: "unreachable".into() })?;
+        // A target that does not answer is found out before the volume is
+        // paused, not while writers wait.
+        target_client
+            .ping()
+            .await
+            .map_err(|e| RepairError::Server { server: target.clone(), message: format!("not answering: {e}") })?;
         tracing::info!(volume = %chunk.volume_id, chunk = chunk.chunk_index, to = %target,
             generation = chunk.set.generation, "rebuilding a replica");
         let started = Instant::now();

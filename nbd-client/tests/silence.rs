@@ -3,7 +3,8 @@
 //! replicas for silence would cut every chunk down towards one copy. Here
 //! the whole metadata service is frozen (SIGSTOP) well past the repair
 //! delay while a writer keeps going, and its leader is killed right after
-//! the thaw: no replica may be dropped, no write may fail.
+//! the thaw: no replica may be dropped, no write may fail. A hung chunk
+//! server, though, is given up and its replicas rebuilt.
 
 mod common;
 
@@ -60,4 +61,58 @@ async fn a_frozen_metadata_service_drops_no_replica_when_it_thaws_and_changes_le
     stop.store(true, Ordering::SeqCst);
     let writes = writer.await.unwrap();
     assert!(writes > 100, "the writer kept writing ({writes} writes)");
+}
+
+/// A hung chunk server (its process stopped: from outside, what a disk
+/// stuck in D state looks like) accepts connections and never answers.
+/// Writers give it up after their replica timeout; the repair loop must
+/// give it up too and rebuild its replicas elsewhere, not wait on it for
+/// ever (nor hang a publish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_chunk_server_is_given_up_and_its_replicas_rebuilt() {
+    std::env::set_var("BALLAST_META_REPAIR_INTERVAL", "1");
+    std::env::set_var("BALLAST_META_REPAIR_AFTER", "3");
+    let dir = tempfile::tempdir().unwrap();
+    // One of five silent: fewer than half, so it may be given up.
+    let cluster = DevCluster::start(dir.path(), 1, 5).await.unwrap();
+    let meta = cluster.meta();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (info, writer) = volume_under_writes(&meta, "hung", stop.clone()).await;
+    let request = ballast_proto::meta::GetChunkMapRequest { volume_id: info.id.clone() };
+    let victim_address = meta.get_chunk_map(request.clone()).await.unwrap().chunks[0].replicas[0].address.clone();
+    let victim = cluster.state.processes.iter().find(|p| p.address == victim_address).unwrap();
+    kill(Pid::from_raw(victim.pid as i32), Signal::SIGSTOP).unwrap();
+    let hung = Instant::now();
+
+    let deadline = hung + Duration::from_secs(90);
+    loop {
+        let map = meta.get_chunk_map(request.clone()).await.unwrap();
+        let healed = map
+            .chunks
+            .iter()
+            .all(|set| set.replicas.len() == 3 && set.replicas.iter().all(|r| r.address != victim_address));
+        if healed {
+            eprintln!("the hung server's replicas were rebuilt elsewhere {:?} after it hung", hung.elapsed());
+            break;
+        }
+        assert!(Instant::now() < deadline, "not rebuilt within 90 s of the hang: {map:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    // Each write that met the hung server first waited out the writer's
+    // replica timeout; none failed.
+    let writes = writer.await.unwrap();
+    eprintln!("{writes} writes while the server hung");
+    assert!(writes > 10, "the writer kept writing ({writes} writes)");
+
+    // A publish (which fences every server) returns despite the hung one.
+    let unpublish = ballast_proto::meta::UnpublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into() };
+    meta.unpublish_volume(unpublish).await.unwrap();
+    let publish = ballast_proto::meta::PublishVolumeRequest {
+        volume_id: info.id.clone(),
+        node_id: "node-2".into(),
+        readonly: false,
+    };
+    let published = tokio::time::timeout(Duration::from_secs(60), meta.publish_volume(publish)).await;
+    assert!(matches!(published, Ok(Ok(_))), "publishing with a hung server: {published:?}");
 }

@@ -147,6 +147,8 @@ impl Shared {
 pub struct DataClient {
     shared: Arc<Shared>,
     tx: mpsc::Sender<WireFrame>,
+    /// Longest wait for an answer (see [`DataClient::connect_within`]).
+    answer_within: Option<Duration>,
 }
 
 /// One segment of a `CHUNK_READ_STREAM`.
@@ -170,6 +172,7 @@ pub struct ScrubReport {
 pub struct ChunkStream {
     rx: mpsc::Receiver<ReplyResult>,
     done: bool,
+    client: DataClient,
 }
 
 impl ChunkStream {
@@ -177,7 +180,14 @@ impl ChunkStream {
         if self.done {
             return None;
         }
-        let reply = match self.rx.recv().await {
+        let next = match self.client.answer(self.rx.recv()).await {
+            Ok(next) => next,
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
+        let reply = match next {
             Some(Ok(reply)) => reply,
             Some(Err(e)) => {
                 self.done = true;
@@ -239,6 +249,32 @@ impl DataClient {
         }
     }
 
+    /// Connects to `endpoint` within `limit`, and from then on fails any
+    /// request that gets no answer (for a stream or listing: no next frame)
+    /// within `limit`, closing the connection. A server that stops
+    /// answering (its process stopped, its disk hung) accepts connections
+    /// and never replies: this bounds how long it holds its caller up. For
+    /// the metadata service's calls; the volume engine bounds its own.
+    pub async fn connect_within(endpoint: &str, limit: Duration) -> Result<DataClient, ClientError> {
+        let connected = tokio::time::timeout(limit, DataClient::connect(endpoint)).await.map_err(|_| {
+            ClientError::Connect(io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {limit:?}")))
+        })?;
+        Ok(DataClient { answer_within: Some(limit), ..connected? })
+    }
+
+    /// Waits for `answer`, within the connection's answer limit if it has one.
+    async fn answer<T>(&self, answer: impl std::future::Future<Output = T>) -> Result<T, ClientError> {
+        let Some(limit) = self.answer_within else { return Ok(answer.await) };
+        match tokio::time::timeout(limit, answer).await {
+            Ok(answered) => Ok(answered),
+            Err(_) => {
+                let reason = format!("no answer within {limit:?}");
+                self.shared.close(reason.clone());
+                Err(ClientError::Closed(reason))
+            }
+        }
+    }
+
     pub async fn connect_tcp(addr: impl ToSocketAddrs) -> Result<DataClient, ClientError> {
         let stream = TcpStream::connect(addr).await.map_err(ClientError::Connect)?;
         stream.set_nodelay(true).map_err(ClientError::Connect)?;
@@ -275,7 +311,7 @@ impl DataClient {
             }
         });
         tokio::spawn(read_loop(reader, shared.clone()));
-        DataClient { shared, tx }
+        DataClient { shared, tx, answer_within: None }
     }
 
     async fn send(&self, header: RequestHeader, data: Bytes, tail: Bytes) -> Result<(), ClientError> {
@@ -293,7 +329,7 @@ impl DataClient {
         let (tx, rx) = oneshot::channel();
         header.request_id = self.shared.register(Waiter::One(tx))?;
         self.send(header, data, tail).await?;
-        let reply = rx.await.map_err(|_| ClientError::Closed("reply channel dropped".into()))??;
+        let reply = self.answer(rx).await?.map_err(|_| ClientError::Closed("reply channel dropped".into()))??;
         into_result(reply)
     }
 
@@ -310,7 +346,7 @@ impl DataClient {
         let mut rx = self.call_stream(header).await?;
         let mut out = Vec::new();
         loop {
-            let reply = match rx.recv().await {
+            let reply = match self.answer(rx.recv()).await? {
                 Some(reply) => into_result(reply?)?,
                 None => return Err(ClientError::Closed("listing ended without END".into())),
             };
@@ -638,7 +674,7 @@ impl DataClient {
             ..RequestHeader::new(Opcode::ChunkReadStream, 0)
         };
         let rx = self.call_stream(header).await?;
-        Ok(ChunkStream { rx, done: false })
+        Ok(ChunkStream { rx, done: false, client: self.clone() })
     }
 }
 
