@@ -35,6 +35,20 @@ fn chunk_file(cluster: &DevCluster, name: &str, data_id: u64, chunk: u64) -> Pat
     cluster.dir.join(name).join("chunks").join(format!("{data_id:016x}")).join(format!("{chunk:016x}.chunk"))
 }
 
+/// A volume of one 1 MiB chunk, never published, and its engine.
+async fn one_chunk_volume(meta: &MetaClient, name: &str, replicas: u32) -> (pb::Volume, Volume) {
+    let request = pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: MIB,
+        replicas,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+    let volume = Volume::open(meta.clone(), &info.id, EngineOptions { epoch: 0, ..Default::default() }).await.unwrap();
+    (info, volume)
+}
+
 fn process_name(cluster: &DevCluster, address: &str) -> String {
     cluster.state.processes.iter().find(|p| p.address == address).unwrap().name.clone()
 }
@@ -245,21 +259,10 @@ async fn a_copy_left_behind_by_a_crash_is_never_a_rebuild_source() {
     std::env::set_var("BALLAST_META_REPAIR_INTERVAL", "1");
     std::env::set_var("BALLAST_META_REPAIR_AFTER", "3");
     let dir = tempfile::tempdir().unwrap();
-    let dir = Box::leak(Box::new(dir));
-    eprintln!("DIR {}", dir.path().display());
     // Five servers: two silent ones are fewer than half, so one is given up.
     let mut cluster = DevCluster::start(dir.path(), 1, 5).await.unwrap();
     let meta = cluster.meta();
-    let request = pb::CreateVolumeRequest {
-        name: "torn".into(),
-        size_bytes: MIB,
-        replicas: 3,
-        chunk_size_bytes: MIB,
-        ..Default::default()
-    };
-    let info = meta.create_volume(request).await.unwrap();
-    let options = EngineOptions { epoch: 0, ..Default::default() };
-    let volume = Volume::open(meta.clone(), &info.id, options).await.unwrap();
+    let (info, volume) = one_chunk_volume(&meta, "torn", 3).await;
     let older = pattern(1, MIB as usize);
     volume.write_at(0, Bytes::from(older.clone()), false).await.unwrap();
     volume.flush().await.unwrap();
@@ -336,15 +339,7 @@ async fn a_lone_replica_that_crashed_with_unflushed_writes_reads_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = DevCluster::start(dir.path(), 1, 1).await.unwrap();
     let meta = cluster.meta();
-    let request = pb::CreateVolumeRequest {
-        name: "lone".into(),
-        size_bytes: MIB,
-        replicas: 1,
-        chunk_size_bytes: MIB,
-        ..Default::default()
-    };
-    let info = meta.create_volume(request).await.unwrap();
-    let volume = Volume::open(meta.clone(), &info.id, EngineOptions { epoch: 0, ..Default::default() }).await.unwrap();
+    let (_, volume) = one_chunk_volume(&meta, "lone", 1).await;
     volume.write_at(0, Bytes::from(pattern(1, MIB as usize)), false).await.unwrap();
     volume.flush().await.unwrap();
     let newer = pattern(2, MIB as usize);

@@ -395,15 +395,16 @@ impl Chunk {
         Ok(())
     }
 
+    /// Reads a range of data as the disk holds it, unverified.
+    async fn read_raw(&self, offset: u64, len: u64) -> Result<AlignedBuf, StoreError> {
+        self.file.read_at(self.pool.get(len as usize), HEADER_LEN + offset).await.map_err(io_err("reading", self.key))
+    }
+
     /// Reads a range and verifies every block against its stored checksum,
     /// recording the outcome per block.
     pub async fn read_blocks(&self, offset: u64, len: u64) -> Result<ReadOutcome, StoreError> {
         let _locked = self.ranges.lock(offset, offset + len, false).await;
-        let data = self
-            .file
-            .read_at(self.pool.get(len as usize), HEADER_LEN + offset)
-            .await
-            .map_err(io_err("reading", self.key))?;
+        let data = self.read_raw(offset, len).await?;
         let first = (offset / BLOCK) as usize;
         let count = (len / BLOCK) as usize;
         let stored: Vec<u32> = self.meta.lock().expect("chunk meta poisoned").crcs[first..first + count].to_vec();
@@ -436,11 +437,7 @@ impl Chunk {
     /// many blocks changed.
     pub async fn reseal_blocks(&self, offset: u64, len: u64) -> Result<usize, StoreError> {
         let _locked = self.lock_for_write(offset, len).await;
-        let data = self
-            .file
-            .read_at(self.pool.get(len as usize), HEADER_LEN + offset)
-            .await
-            .map_err(io_err("reading", self.key))?;
+        let data = self.read_raw(offset, len).await?;
         let first = (offset / BLOCK) as usize;
         let mut resealed = 0;
         let mut meta = self.meta.lock().expect("chunk meta poisoned");
