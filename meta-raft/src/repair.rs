@@ -124,6 +124,13 @@ struct Copies {
     unreachable: usize,
 }
 
+impl Copies {
+    /// Every member that answered, clean ones first.
+    fn reachable(&self) -> Vec<(String, DataClient)> {
+        self.clean.iter().chain(&self.dirty).cloned().collect()
+    }
+}
+
 /// Brings a source behind the set's generation up to it before it is read
 /// at that generation: it refused every change sent under the newer one,
 /// so it missed none that was acknowledged.
@@ -403,7 +410,7 @@ impl Repairer {
             return Ok(());
         };
         let copies = self.survey(&chunk.live_members(), chunk.data_id, chunk.chunk_index).await;
-        let members: Vec<(String, DataClient)> = copies.clean.iter().chain(&copies.dirty).cloned().collect();
+        let members = copies.reachable();
         if members.is_empty() {
             return Err(RepairError::Server { server: "every member".into(), message: "unreachable".into() });
         }
@@ -429,7 +436,7 @@ impl Repairer {
         let pause = HeldPause::acquire(servers, chunk.data_id, PAUSE).await.map_err(|(index, e)| {
             RepairError::Server { server: members[index].0.clone(), message: format!("pausing the volume: {e}") }
         })?;
-        let result = self.copy_and_commit(chunk, &target, &target_client, &copies, &members, &pause).await;
+        let result = self.copy_and_commit(chunk, &target, &target_client, &copies, &pause).await;
         pause.release().await;
         match &result {
             Ok(()) => tracing::info!(volume = %chunk.volume_id, chunk = chunk.chunk_index, server = %target,
@@ -450,7 +457,6 @@ impl Repairer {
         target: &str,
         target_client: &DataClient,
         copies: &Copies,
-        members: &[(String, DataClient)],
         pause: &HeldPause,
     ) -> Result<(), RebuildError> {
         let next = chunk.set.generation + 1;
@@ -537,7 +543,7 @@ impl Repairer {
         }
         // Still paused: the members move to the new generation before any
         // waiting write goes on under the old one.
-        for (server, client) in members {
+        for (server, client) in copies.reachable() {
             if let Err(e) = client.set_generation(chunk.data_id, chunk.chunk_index, next).await {
                 tracing::warn!(%server, error = %e, "moving a member to the new generation; writers will");
             }
