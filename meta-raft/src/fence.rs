@@ -112,7 +112,7 @@ pub async fn resync_unflushed(chunks: &[ChunkMembers], data_id: u64, epoch: u64)
             let clean = |id: &String| !recovered.contains(&(id.clone(), chunk.chunk_index));
             for (id, _) in chunk.members.iter().filter(|(id, _)| clean(id)) {
                 if let Some(c) = client(id) {
-                    if let Ok(read) = c.read(data_id, chunk.chunk_index, offset, length, 0).await {
+                    if let Ok(read) = c.read(data_id, chunk.chunk_index, offset, length, epoch, 0).await {
                         source = Some((id.clone(), read));
                         break;
                     }

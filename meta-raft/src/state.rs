@@ -744,7 +744,12 @@ impl MetaState {
                 "volume {volume_id} is published to node {other}; a writable volume is attached to one node at a time"
             )));
         }
-        volume.epoch += 1;
+        // Readers share one epoch, so a new reader fences none of those
+        // already reading; the first attachment after a writer (or none)
+        // raises it, which fences the writer.
+        if nodes.is_empty() {
+            volume.epoch += 1;
+        }
         let attachment = Attachment {
             volume_id: volume_id.to_string(),
             node_id: node_id.to_string(),

@@ -42,14 +42,15 @@ async fn unpublish(meta: &MetaClient, volume_id: &str, node: &str) {
         .unwrap();
 }
 
-/// Every replica of every chunk, read from its server: (chunk, server, data).
-async fn replicas(meta: &MetaClient, volume: &pb::Volume) -> Vec<(u64, String, Bytes)> {
+/// Every replica of every chunk, read from its server under the volume's
+/// current `epoch`: (chunk, server, data).
+async fn replicas(meta: &MetaClient, volume: &pb::Volume, epoch: u64) -> Vec<(u64, String, Bytes)> {
     let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: volume.id.clone() }).await.unwrap();
     let mut out = Vec::new();
     for set in map.chunks {
         for replica in set.replicas {
             let client = DataClient::connect(&replica.address).await.unwrap();
-            let (data, _) = client.read(volume.data_id, set.chunk_index, 0, MIB as u32, 0).await.unwrap();
+            let (data, _) = client.read(volume.data_id, set.chunk_index, 0, MIB as u32, epoch, 0).await.unwrap();
             out.push((set.chunk_index, replica.server_id, data));
         }
     }
@@ -84,7 +85,7 @@ async fn a_stale_writer_lands_nothing_once_the_volume_is_published_elsewhere() {
     a.write_at(0, Bytes::from(vec![0u8; VOLUME as usize]), false).await.unwrap();
     a.flush().await.unwrap();
     let servers: std::collections::BTreeSet<String> =
-        replicas(&meta, &info).await.into_iter().map(|(_, server, _)| server).collect();
+        replicas(&meta, &info, a.epoch()).await.into_iter().map(|(_, server, _)| server).collect();
     assert!(servers.len() > 3, "the chunks are spread over more than one replica set: {servers:?}");
 
     // A keeps writing, one tagged block per chunk in turn, while the volume
@@ -123,7 +124,7 @@ async fn a_stale_writer_lands_nothing_once_the_volume_is_published_elsewhere() {
 
     // No replica holds a block A wrote after the publish, and every replica
     // of a chunk is the same.
-    let copies = replicas(&meta, &info).await;
+    let copies = replicas(&meta, &info, b.epoch()).await;
     for (chunk, server, data) in &copies {
         for block in data.chunks(BLOCK) {
             if block[BLOCK - 1] == 0xAA {
@@ -176,4 +177,70 @@ async fn a_fenced_writer_can_neither_drop_replicas_nor_allocate_chunks() {
     let written = a.write_at(2 * MIB, Bytes::from(vec![2u8; BLOCK]), false).await;
     assert!(matches!(written, Err(EngineError::Fenced(_))), "{written:?}");
     assert_eq!(chunk_map().await, before, "a fenced writer allocated a chunk");
+}
+
+/// A node cut off from metadata must not hand the new owner's data to its
+/// application as if it were its own: reads under an old epoch are refused
+/// by the chunk servers just as writes are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_reader_is_refused_the_new_owners_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(dir.path(), 1, 3).await.unwrap();
+    let meta = cluster.meta();
+    let request = pb::CreateVolumeRequest {
+        name: "reread".into(),
+        size_bytes: 2 * MIB,
+        replicas: 3,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+    let a = open(&meta, &info.id, "node-a").await;
+    a.write_at(0, Bytes::from(vec![0xAA; BLOCK]), false).await.unwrap();
+    assert_eq!(a.read_at(0, BLOCK as u64).await.unwrap()[0], 0xAA);
+
+    unpublish(&meta, &info.id, "node-a").await;
+    let b = open(&meta, &info.id, "node-b").await;
+    b.write_at(0, Bytes::from(vec![0xBB; BLOCK]), false).await.unwrap();
+
+    let read = a.read_at(0, BLOCK as u64).await;
+    assert!(matches!(read, Err(EngineError::Fenced(_))), "the fenced node read {:?}", read.map(|d| d[0]));
+    assert_eq!(b.read_at(0, BLOCK as u64).await.unwrap()[0], 0xBB);
+}
+
+/// Readers of a volume published read-only to several nodes share one
+/// epoch: a second reader does not fence the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_of_a_read_only_volume_do_not_fence_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(dir.path(), 1, 3).await.unwrap();
+    let meta = cluster.meta();
+    let request = pb::CreateVolumeRequest {
+        name: "shared".into(),
+        size_bytes: 2 * MIB,
+        replicas: 3,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    };
+    let info = meta.create_volume(request).await.unwrap();
+    let writer = open(&meta, &info.id, "node-w").await;
+    writer.write_at(0, Bytes::from(vec![0x5A; BLOCK]), false).await.unwrap();
+    writer.flush().await.unwrap();
+    unpublish(&meta, &info.id, "node-w").await;
+
+    let open_readonly = |node: &'static str| {
+        let (meta, id) = (meta.clone(), info.id.clone());
+        async move {
+            let request = pb::PublishVolumeRequest { volume_id: id.clone(), node_id: node.into(), readonly: true };
+            let attachment = meta.publish_volume(request).await.unwrap();
+            let options = EngineOptions { epoch: attachment.epoch, readonly: true, ..Default::default() };
+            (attachment.epoch, Volume::open(meta, &id, options).await.unwrap())
+        }
+    };
+    let (first_epoch, first) = open_readonly("node-r1").await;
+    assert_eq!(first.read_at(0, BLOCK as u64).await.unwrap()[0], 0x5A);
+    let (second_epoch, second) = open_readonly("node-r2").await;
+    assert_eq!(second_epoch, first_epoch, "a second reader got an epoch of its own");
+    assert_eq!(second.read_at(0, BLOCK as u64).await.unwrap()[0], 0x5A);
+    assert_eq!(first.read_at(0, BLOCK as u64).await.unwrap()[0], 0x5A, "the first reader was fenced");
 }

@@ -119,7 +119,7 @@ async fn random_io(client: &DataClient, args: &Args, kind: Kind, depth: usize) -
                         client.write(volume, chunk, offset, data, &crcs, 1, 1, false).await.expect("write");
                     }
                     Kind::Read => {
-                        client.read(volume, chunk, offset, 4096, 0).await.expect("read");
+                        client.read(volume, chunk, offset, 4096, 1, 0).await.expect("read");
                     }
                     Kind::Ping => client.ping().await.expect("ping"),
                 }

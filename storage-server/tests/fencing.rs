@@ -1,5 +1,5 @@
-//! Fencing: a change carrying an older epoch than the newest seen for its
-//! volume is refused, also after a restart.
+//! Fencing: a change or a read carrying an older epoch than the newest seen
+//! for its volume is refused, also after a restart.
 
 mod common;
 
@@ -28,7 +28,9 @@ async fn stale_epochs_are_refused(backend: BackendChoice) {
     }
     assert_eq!(code(c.trim(VOL, 0, 0, BLOCK as u32, 4, 1, false).await), ErrorCode::StaleEpoch);
     assert_eq!(code(c.write_zeroes(VOL, 0, 0, BLOCK as u32, 0, 1, false, false).await), ErrorCode::StaleEpoch);
-    assert_eq!(c.read(VOL, 0, 0, BLOCK as u32, 0).await.unwrap().0, pattern(2, 0, 1));
+    // Nor may it read what the new owner wrote.
+    assert_eq!(code(c.read(VOL, 0, 0, BLOCK as u32, 4, 0).await), ErrorCode::StaleEpoch);
+    assert_eq!(c.read(VOL, 0, 0, BLOCK as u32, 5, 0).await.unwrap().0, pattern(2, 0, 1));
     // Epochs are per volume.
     write(&c, VOL + 1, 0, 0, pattern(4, 0, 1), 1, false).await.unwrap();
 
@@ -36,11 +38,12 @@ async fn stale_epochs_are_refused(backend: BackendChoice) {
     let c = t.client.clone();
     assert_eq!(code(write(&c, VOL, 0, 0, pattern(3, 0, 1), 4, false).await), ErrorCode::StaleEpoch);
     assert_eq!(code(write(&c, VOL, 0, 0, pattern(3, 0, 1), 0, false).await), ErrorCode::StaleEpoch);
-    assert_eq!(c.read(VOL, 0, 0, BLOCK as u32, 0).await.unwrap().0, pattern(2, 0, 1));
+    assert_eq!(code(c.read(VOL, 0, 0, BLOCK as u32, 0, 0).await), ErrorCode::StaleEpoch);
+    assert_eq!(c.read(VOL, 0, 0, BLOCK as u32, 5, 0).await.unwrap().0, pattern(2, 0, 1));
     write(&c, VOL, 0, 0, pattern(6, 0, 1), 5, false).await.unwrap();
     write(&c, VOL, 0, 0, pattern(7, 0, 1), 6, false).await.unwrap();
     assert_eq!(code(write(&c, VOL, 0, 0, pattern(8, 0, 1), 5, false).await), ErrorCode::StaleEpoch);
-    assert_eq!(c.read(VOL, 0, 0, BLOCK as u32, 0).await.unwrap().0, pattern(7, 0, 1));
+    assert_eq!(c.read(VOL, 0, 0, BLOCK as u32, 6, 0).await.unwrap().0, pattern(7, 0, 1));
     t.stop().await;
 }
 
@@ -66,7 +69,7 @@ async fn raising_epoch_races_old_writer(backend: BackendChoice) {
     write(&c, VOL, 1, 0, pattern(2, 0, 1), 2, false).await.unwrap();
     let refused = old.await.unwrap();
     // Old-epoch writes either landed before the new one or were refused.
-    let (got, _) = c.read(VOL, 1, 0, BLOCK as u32, 0).await.unwrap();
+    let (got, _) = c.read(VOL, 1, 0, BLOCK as u32, 2, 0).await.unwrap();
     assert_eq!(got, pattern(2, 0, 1), "a stale write landed after the new epoch's write ({refused} refused)");
     t.stop().await;
 }

@@ -207,10 +207,10 @@ impl Volume {
             let mut failed = Vec::new();
             let mut stale = false;
             for replica in self.read_order(&view) {
-                let generation = view.generation;
-                let read =
-                    self.on_replica(&replica, |c| async move {
-                        c.read(self.info.data_id, chunk, offset, len, generation).await
+                let (epoch, generation) = (self.options.epoch, view.generation);
+                let read = self
+                    .on_replica(&replica, |c| async move {
+                        c.read(self.info.data_id, chunk, offset, len, epoch, generation).await
                     })
                     .await;
                 match read {
@@ -224,6 +224,9 @@ impl Volume {
                     Err(e) if e.code() == Some(ErrorCode::StaleGeneration) => {
                         stale = true;
                         break;
+                    }
+                    Err(ClientError::Remote { code: ErrorCode::StaleEpoch, aux, .. }) => {
+                        return Err(EngineError::Fenced(aux));
                     }
                     Err(e) => {
                         metrics::FAILOVERS.with_label_values(&[&self.info.id]).inc();

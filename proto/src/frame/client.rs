@@ -433,15 +433,19 @@ impl DataClient {
 
     /// Reads `length` bytes at `offset`; returns the data and its per-block
     /// CRC32s, already verified. `generation` 0 skips the generation check.
+    /// The server refuses an `epoch` older than the volume's newest, so a
+    /// fenced node never reads the new owner's data.
     pub async fn read(
         &self,
         volume: u64,
         chunk: u64,
         offset: u64,
         length: u32,
+        epoch: u64,
         generation: u64,
     ) -> Result<(Bytes, Vec<u32>), ClientError> {
-        let header = RequestHeader { volume, chunk, offset, length, generation, ..RequestHeader::new(Opcode::Read, 0) };
+        let header =
+            RequestHeader { volume, chunk, offset, length, epoch, generation, ..RequestHeader::new(Opcode::Read, 0) };
         let reply = self.call(header, Bytes::new(), Bytes::new()).await?;
         let (data, checksums) = verified_data(reply)?;
         if data.len() != length as usize {

@@ -109,7 +109,8 @@ impl Handler {
                 reply(Bytes::new(), Bytes::new())
             }
             Opcode::Read => {
-                let (data, checksums) = self.store.read(key, h.offset, u64::from(h.length), h.generation).await?;
+                let (data, checksums) =
+                    self.store.read(key, h.offset, u64::from(h.length), h.generation, Some(h.epoch)).await?;
                 reply(data, checksums.into_bytes())
             }
             Opcode::Flush => {
@@ -205,7 +206,7 @@ impl Handler {
         loop {
             let len = STREAM_SEGMENT.min(end - at);
             let (data, checksums) =
-                if len == 0 { Default::default() } else { self.store.read(key, at, len, h.generation).await? };
+                if len == 0 { Default::default() } else { self.store.read(key, at, len, h.generation, None).await? };
             let last = at + len >= end;
             let header = ReplyHeader {
                 flags: if last { REPLY_END } else { 0 },

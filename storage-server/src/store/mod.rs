@@ -319,17 +319,25 @@ impl Store {
 
     /// Reads whole blocks, verified; a block failing its stored checksum
     /// fails the read with `CorruptBlock` (its bytes are never returned).
+    /// A reader's `epoch` is checked before and again after the read: a
+    /// read that ends with the epoch still current cannot hold a newer
+    /// owner's writes, which this server admits only under a newer epoch.
+    /// Copies between servers read without one.
     pub async fn read(
         &self,
         key: ChunkKey,
         offset: u64,
         len: u64,
         generation: u64,
+        epoch: Option<u64>,
     ) -> Result<(Bytes, Checksums), StoreError> {
         let chunk = self.get(key)?;
         chunk.check_range(offset, len)?;
         chunk.check_generation(generation, true)?;
+        let check_epoch = || epoch.map_or(Ok(()), |epoch| self.fencing.check(key.volume, epoch));
+        check_epoch()?;
         let out = chunk.read_blocks(offset, len).await?;
+        check_epoch()?;
         if let Some(&block) = out.bad.first() {
             metrics().checksum_errors.with_label_values(&["stored"]).inc_by(out.bad.len() as u64);
             tracing::warn!(%key, block, bad = out.bad.len(), "read found blocks failing their checksum");
