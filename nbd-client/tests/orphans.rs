@@ -53,13 +53,14 @@ fn storage_addresses(cluster: &DevCluster) -> String {
     addresses.join(",")
 }
 
-/// A 3-replica volume of 8 chunks, every byte written and flushed.
-async fn written_volume(cluster: &DevCluster, name: &str) -> (pb::Volume, Vec<u8>) {
+/// A 3-replica volume of 8 chunks, every byte written and flushed; what
+/// was written, and the epoch it was written under.
+async fn written_volume(cluster: &DevCluster, name: &str) -> (pb::Volume, Vec<u8>, u64) {
     let (info, volume) = common::published_volume(&cluster.meta(), name, VOLUME).await;
     let written = pattern(VOLUME as usize);
     volume.write_at(0, Bytes::from(written.clone()), true).await.unwrap();
     volume.flush().await.unwrap();
-    (info, written)
+    (info, written, volume.epoch())
 }
 
 /// How many chunks each storage server holds, by server address.
@@ -76,7 +77,7 @@ async fn held(cluster: &DevCluster) -> Vec<(String, usize)> {
 async fn a_wiped_metadata_cluster_makes_no_chunk_server_delete_its_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = DevCluster::start(dir.path(), 3, 3).await.unwrap();
-    let (info, written) = written_volume(&cluster, "kept").await;
+    let (info, written, epoch) = written_volume(&cluster, "kept").await;
     let before = held(&cluster).await;
     assert!(before.iter().all(|(_, n)| *n == 8), "every server holds all 8 chunks: {before:?}");
 
@@ -108,7 +109,7 @@ async fn a_wiped_metadata_cluster_makes_no_chunk_server_delete_its_chunks() {
     // The data is intact on every server.
     for (address, _) in &before {
         let client = DataClient::connect(address).await.unwrap();
-        let (data, _) = client.read(info.data_id, 3, 0, MIB as u32, 0, 0).await.unwrap();
+        let (data, _) = client.read(info.data_id, 3, 0, MIB as u32, epoch, 0).await.unwrap();
         assert!(data[..] == written[3 * MIB as usize..4 * MIB as usize], "chunk 3 on {address}");
     }
     // The servers refused to join the other cluster, and say why.
@@ -127,7 +128,7 @@ async fn orphans_wait_in_the_trash_and_an_admin_restores_them() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = DevCluster::start(dir.path(), 1, 3).await.unwrap();
     let meta = cluster.meta();
-    let (info, written) = written_volume(&cluster, "deleted").await;
+    let (info, written, epoch) = written_volume(&cluster, "deleted").await;
     meta.unpublish_volume(pb::UnpublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into() })
         .await
         .unwrap();
@@ -165,7 +166,7 @@ async fn orphans_wait_in_the_trash_and_an_admin_restores_them() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let (data, _) = client.read(info.data_id, 5, 0, MIB as u32, 0, 0).await.unwrap();
+    let (data, _) = client.read(info.data_id, 5, 0, MIB as u32, epoch, 0).await.unwrap();
     assert!(data[..] == written[5 * MIB as usize..6 * MIB as usize], "the restored chunk holds what was written");
 }
 
@@ -173,7 +174,7 @@ async fn orphans_wait_in_the_trash_and_an_admin_restores_them() {
 async fn a_survivor_of_a_lost_metadata_majority_becomes_the_cluster_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = DevCluster::start(dir.path(), 3, 3).await.unwrap();
-    let (info, written) = written_volume(&cluster, "survives").await;
+    let (info, written, epoch) = written_volume(&cluster, "survives").await;
     let before = held(&cluster).await;
 
     // Two of three members lost with their disks: the survivor alone has
@@ -222,7 +223,8 @@ async fn a_survivor_of_a_lost_metadata_majority_becomes_the_cluster_again() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(created.name, "after");
-    let volume = nbd_client::engine::Volume::open(alone.clone(), &info.id, Default::default()).await.unwrap();
+    let options = nbd_client::engine::EngineOptions { epoch, ..Default::default() };
+    let volume = nbd_client::engine::Volume::open(alone.clone(), &info.id, options).await.unwrap();
     assert!(volume.read_at(0, VOLUME).await.unwrap()[..] == written[..], "the volume reads back");
 
     // The chunk servers keep serving it and delete nothing (three

@@ -127,7 +127,8 @@ async fn lost_replicas_are_rebuilt_on_a_spare_server_while_writes_go_on() {
         let base = (set.chunk_index * MIB) as usize;
         for replica in &set.replicas {
             let client = DataClient::connect(&replica.address).await.unwrap();
-            let (data, _checksums) = client.read(info.data_id, set.chunk_index, 0, MIB as u32, 0, 0).await.unwrap();
+            let (data, _checksums) =
+                client.read(info.data_id, set.chunk_index, 0, MIB as u32, volume.epoch(), 0).await.unwrap();
             assert!(
                 data[..] == image[base..base + MIB as usize],
                 "chunk {} on {} differs from what was written",
@@ -244,7 +245,7 @@ async fn a_bit_flip_found_by_scrub_is_rewritten_from_a_good_replica() {
         assert!(Instant::now() < deadline, "the flipped block was not repaired within 30 s: {report:?} {map:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, 0, 0).await.unwrap();
+    let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, volume.epoch(), 0).await.unwrap();
     assert!(data[..] == written[..MIB as usize], "the repaired replica holds what was written");
 }
 

@@ -112,7 +112,7 @@ async fn read_all(client: &DataClient, volume: u64) -> Vec<Result<Bytes, ErrorCo
     const STEP: u64 = 64;
     let mut out = Vec::with_capacity(CHUNK_BLOCKS as usize);
     for first in (0..CHUNK_BLOCKS).step_by(STEP as usize) {
-        match client.read(volume, 0, first * BLOCK, (STEP * BLOCK) as u32, 0, 0).await {
+        match client.read(volume, 0, first * BLOCK, (STEP * BLOCK) as u32, 1, 0).await {
             Ok((data, _)) => {
                 out.extend((0..STEP as usize).map(|i| Ok(data.slice(i * BLOCK as usize..(i + 1) * BLOCK as usize))))
             }
@@ -120,7 +120,7 @@ async fn read_all(client: &DataClient, volume: u64) -> Vec<Result<Bytes, ErrorCo
                 for b in first..first + STEP {
                     out.push(
                         client
-                            .read(volume, 0, b * BLOCK, BLOCK as u32, 0, 0)
+                            .read(volume, 0, b * BLOCK, BLOCK as u32, 1, 0)
                             .await
                             .map(|(d, _)| d)
                             .map_err(|e| e.code().unwrap_or_else(|| panic!("{e}"))),
@@ -255,7 +255,7 @@ async fn sigterm_flushes_and_exits_cleanly() {
     let client = DataClient::connect_tcp(server.tcp).await.unwrap();
     assert!(client.dirty_regions(None).await.unwrap().is_empty(), "clean shutdown leaves no dirty regions");
     for b in 0..32 {
-        let (data, _) = client.read(1, 0, b * 8 * BLOCK, (8 * BLOCK) as u32, 0, 1).await.unwrap();
+        let (data, _) = client.read(1, 0, b * 8 * BLOCK, (8 * BLOCK) as u32, 1, 1).await.unwrap();
         assert_eq!(data, pattern(b + 1, b * 8, 8));
     }
 }

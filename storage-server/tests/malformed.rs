@@ -111,7 +111,7 @@ async fn malformed_frames(backend: BackendChoice) {
     // The long-lived client connection and a new one still work.
     t.client.ping().await.unwrap();
     let fresh = t.connect().await;
-    assert_eq!(fresh.read(1, 0, 0, BLOCK as u32, 0, 0).await.unwrap().0, pattern(1, 0, 1));
+    assert_eq!(fresh.read(1, 0, 0, BLOCK as u32, 1, 0).await.unwrap().0, pattern(1, 0, 1));
     t.stop().await;
 }
 

@@ -55,7 +55,7 @@ async fn run(backend: BackendChoice, ops: Vec<Op>) {
                 model[chunk as usize][span(block, len)].copy_from_slice(&data);
             }
             Op::Read { chunk, block, len } => {
-                let (got, _) = c.read(VOL, chunk, block * BLOCK, (len * BLOCK) as u32, 0, 1).await.unwrap();
+                let (got, _) = c.read(VOL, chunk, block * BLOCK, (len * BLOCK) as u32, 1, 1).await.unwrap();
                 assert!(got[..] == model[chunk as usize][span(block, len)], "read {chunk}:{block}+{len} differs");
             }
             Op::Trim { chunk, block, len } => {
@@ -71,7 +71,7 @@ async fn run(backend: BackendChoice, ops: Vec<Op>) {
         }
     }
     for chunk in 0..CHUNKS {
-        let (got, _) = t.client.read(VOL, chunk, 0, (BLOCKS * BLOCK) as u32, 0, 0).await.unwrap();
+        let (got, _) = t.client.read(VOL, chunk, 0, (BLOCKS * BLOCK) as u32, 1, 0).await.unwrap();
         assert!(got[..] == model[chunk as usize][..], "chunk {chunk} differs at the end");
     }
     let report = t.client.scrub(None).await.unwrap();

@@ -27,18 +27,18 @@ async fn write_and_read_round_trip(backend: BackendChoice) {
     c.create_chunk(VOL, 0, (4 * MIB) as u32, 1).await.unwrap();
 
     // Unwritten blocks read as zeros, with the checksum of a zero block.
-    let (data, crcs) = c.read(VOL, 0, 0, 2 * BLOCK as u32, 0, 0).await.unwrap();
+    let (data, crcs) = c.read(VOL, 0, 0, 2 * BLOCK as u32, 1, 0).await.unwrap();
     assert!(data.iter().all(|&b| b == 0));
     assert_eq!(crcs, block_checksums(&data));
 
     let data = pattern(1, 3, 5);
     write(c, VOL, 0, 3 * BLOCK, data.clone(), 1, false).await.unwrap();
-    let (got, crcs) = c.read(VOL, 0, 3 * BLOCK, 5 * BLOCK as u32, 0, 1).await.unwrap();
+    let (got, crcs) = c.read(VOL, 0, 3 * BLOCK, 5 * BLOCK as u32, 1, 1).await.unwrap();
     assert_eq!(got, data);
     assert_eq!(crcs, block_checksums(&data));
 
     // A read spanning written and unwritten blocks.
-    let (got, _) = c.read(VOL, 0, 2 * BLOCK, 7 * BLOCK as u32, 0, 0).await.unwrap();
+    let (got, _) = c.read(VOL, 0, 2 * BLOCK, 7 * BLOCK as u32, 1, 0).await.unwrap();
     assert!(got[..BLOCK as usize].iter().all(|&b| b == 0));
     assert_eq!(&got[BLOCK as usize..6 * BLOCK as usize], &data[..]);
     assert!(got[6 * BLOCK as usize..].iter().all(|&b| b == 0));
@@ -46,17 +46,17 @@ async fn write_and_read_round_trip(backend: BackendChoice) {
     // A large write and a FUA write.
     let big = pattern(2, 256, 512);
     write(c, VOL, 0, MIB, big.clone(), 1, true).await.unwrap();
-    assert_eq!(c.read(VOL, 0, MIB, 2 * MIB as u32, 0, 0).await.unwrap().0, big);
+    assert_eq!(c.read(VOL, 0, MIB, 2 * MIB as u32, 1, 0).await.unwrap().0, big);
     // The last block of the chunk.
     let last = pattern(3, 1023, 1);
     write(c, VOL, 0, 4 * MIB - BLOCK, last.clone(), 1, false).await.unwrap();
-    assert_eq!(c.read(VOL, 0, 4 * MIB - BLOCK, BLOCK as u32, 0, 0).await.unwrap().0, last);
+    assert_eq!(c.read(VOL, 0, 4 * MIB - BLOCK, BLOCK as u32, 1, 0).await.unwrap().0, last);
     c.flush(Some(VOL)).await.unwrap();
     c.flush(None).await.unwrap();
 
     // Unix socket too.
     let unix = DataClient::connect_unix(t.server().unix_path().unwrap()).await.unwrap();
-    assert_eq!(unix.read(VOL, 0, 3 * BLOCK, 5 * BLOCK as u32, 0, 0).await.unwrap().0, data);
+    assert_eq!(unix.read(VOL, 0, 3 * BLOCK, 5 * BLOCK as u32, 1, 0).await.unwrap().0, data);
     assert!(!unix.is_closed());
     t.stop().await;
     // The server is gone: calls fail and the client says it is closed.
@@ -74,7 +74,7 @@ async fn pipelined_requests_complete(backend: BackendChoice) {
         tasks.push(tokio::spawn(async move {
             let data = pattern(100 + i, i * 4, 4);
             write(&c, VOL, 1, i * 4 * BLOCK, data.clone(), 0, false).await.unwrap();
-            let (got, _) = c.read(VOL, 1, i * 4 * BLOCK, 4 * BLOCK as u32, 0, 0).await.unwrap();
+            let (got, _) = c.read(VOL, 1, i * 4 * BLOCK, 4 * BLOCK as u32, 1, 0).await.unwrap();
             assert_eq!(got, data);
         }));
     }
@@ -94,7 +94,7 @@ async fn trim_and_write_zeroes(backend: BackendChoice) {
     c.trim(VOL, 2, 4 * BLOCK, 4 * BLOCK as u32, 0, 1, false).await.unwrap();
     c.write_zeroes(VOL, 2, 16 * BLOCK, 4 * BLOCK as u32, 0, 1, true, false).await.unwrap();
     c.write_zeroes(VOL, 2, 32 * BLOCK, 4 * BLOCK as u32, 0, 1, false, true).await.unwrap();
-    let (got, crcs) = c.read(VOL, 2, 0, 64 * BLOCK as u32, 0, 0).await.unwrap();
+    let (got, crcs) = c.read(VOL, 2, 0, 64 * BLOCK as u32, 1, 0).await.unwrap();
     assert_eq!(crcs, block_checksums(&got));
     for b in 0..64usize {
         let block = &got[b * BLOCK as usize..(b + 1) * BLOCK as usize];
@@ -108,7 +108,7 @@ async fn trim_and_write_zeroes(backend: BackendChoice) {
     // Zeroes survive a restart (the checksum table was flushed on shutdown).
     let mut t = t;
     t.restart().await;
-    let (again, _) = t.client.read(VOL, 2, 0, 64 * BLOCK as u32, 0, 0).await.unwrap();
+    let (again, _) = t.client.read(VOL, 2, 0, 64 * BLOCK as u32, 1, 0).await.unwrap();
     assert_eq!(again, got);
     t.stop().await;
 }
@@ -148,16 +148,16 @@ async fn chunk_admin(backend: BackendChoice) {
     assert_eq!(code(c.set_generation(VOL, 5, 3).await), ErrorCode::StaleGeneration);
     assert_eq!(code(c.write(VOL, 5, 0, pattern(1, 0, 1), &crcs[..1], 0, 3, false).await), ErrorCode::StaleGeneration);
     c.write(VOL, 5, 0, pattern(1, 0, 1), &crcs[..1], 0, 4, false).await.unwrap();
-    assert_eq!(code(c.read(VOL, 5, 0, BLOCK as u32, 0, 3).await), ErrorCode::StaleGeneration);
-    c.read(VOL, 5, 0, BLOCK as u32, 0, 4).await.unwrap();
-    c.read(VOL, 5, 0, BLOCK as u32, 0, 0).await.unwrap();
+    assert_eq!(code(c.read(VOL, 5, 0, BLOCK as u32, 1, 3).await), ErrorCode::StaleGeneration);
+    c.read(VOL, 5, 0, BLOCK as u32, 1, 4).await.unwrap();
+    c.read(VOL, 5, 0, BLOCK as u32, 1, 0).await.unwrap();
 
     // Range and alignment checks.
-    assert_eq!(code(c.read(VOL, 5, MIB, BLOCK as u32, 0, 0).await), ErrorCode::OutOfRange);
-    assert_eq!(code(c.read(VOL, 5, 100, BLOCK as u32, 0, 0).await), ErrorCode::Misaligned);
-    assert_eq!(code(c.read(VOL, 5, 0, 100, 0, 0).await), ErrorCode::Misaligned);
+    assert_eq!(code(c.read(VOL, 5, MIB, BLOCK as u32, 1, 0).await), ErrorCode::OutOfRange);
+    assert_eq!(code(c.read(VOL, 5, 100, BLOCK as u32, 1, 0).await), ErrorCode::Misaligned);
+    assert_eq!(code(c.read(VOL, 5, 0, 100, 1, 0).await), ErrorCode::Misaligned);
     assert_eq!(code(c.trim(VOL, 5, MIB - BLOCK, 2 * BLOCK as u32, 0, 4, false).await), ErrorCode::OutOfRange);
-    assert_eq!(code(c.read(VOL, 77, 0, BLOCK as u32, 0, 0).await), ErrorCode::NoSuchChunk);
+    assert_eq!(code(c.read(VOL, 77, 0, BLOCK as u32, 1, 0).await), ErrorCode::NoSuchChunk);
 
     // Delete: generation checked, then gone; the generation survives a restart.
     assert_eq!(code(c.delete_chunk(VOL, 6, 2).await), ErrorCode::StaleGeneration);

@@ -36,7 +36,7 @@ async fn read_all(c: &DataClient, volume: u64, chunk: u64, size: u64) -> (Vec<u8
     let mut at = 0;
     while at < size {
         let len = MIB.min(size - at);
-        let (d, k) = c.read(volume, chunk, at, len as u32, 0, 0).await.unwrap();
+        let (d, k) = c.read(volume, chunk, at, len as u32, 1, 0).await.unwrap();
         assert_eq!(k, block_checksums(&d));
         data.extend_from_slice(&d);
         crcs.extend(k);
@@ -91,8 +91,8 @@ async fn clone_round_trip(backend: BackendChoice) {
     write(&c, VOL, 0, 0, pattern(3, 0, 4), 0, false).await.unwrap();
     let crcs = block_checksums(&pattern(4, 512, 4));
     c.write(SNAP, 0, 2 * MIB, pattern(4, 512, 4), &crcs, 0, 7, false).await.unwrap();
-    assert_eq!(c.read(SNAP, 0, 0, 4 * BLOCK as u32, 0, 0).await.unwrap().0, pattern(1, 0, 4));
-    assert!(c.read(VOL, 0, 2 * MIB, 4 * BLOCK as u32, 0, 0).await.unwrap().0.iter().all(|&b| b == 0));
+    assert_eq!(c.read(SNAP, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(1, 0, 4));
+    assert!(c.read(VOL, 0, 2 * MIB, 4 * BLOCK as u32, 1, 0).await.unwrap().0.iter().all(|&b| b == 0));
     let mut expected = source.clone();
     expected[2 * MIB as usize..2 * MIB as usize + 4 * BLOCK as usize].copy_from_slice(&pattern(4, 512, 4));
     // Changes to the clone carry its own generation.
@@ -112,7 +112,7 @@ async fn clone_round_trip(backend: BackendChoice) {
     assert!(again == expected, "the clone reads back the same after a restart");
     assert_eq!(c.chunk_info(SNAP, 0).await.unwrap().generation, 7);
     assert!(c.scrub(Some(SNAP)).await.unwrap().bad.is_empty());
-    assert_eq!(c.read(VOL, 0, 0, 4 * BLOCK as u32, 0, 0).await.unwrap().0, pattern(3, 0, 4));
+    assert_eq!(c.read(VOL, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(3, 0, 4));
     // A clone of a clone, after the restart.
     c.clone_chunk(SNAP, 0, SNAP + 1, 0, 1).await.unwrap();
     assert!(read_all(&c, SNAP + 1, 0, size).await.0 == expected);
@@ -182,13 +182,13 @@ async fn paused_changes_wait_until_resume(backend: BackendChoice) {
 
     // Reads (on the writers' connection too), flushes, other volumes and
     // clones of the paused volume go on.
-    let (old, _) = prompt("a read", engine.read(VOL, 0, 0, 4 * BLOCK as u32, 0, 0)).await.unwrap();
+    let (old, _) = prompt("a read", engine.read(VOL, 0, 0, 4 * BLOCK as u32, 1, 0)).await.unwrap();
     assert_eq!(old, pattern(1, 0, 4));
     prompt("a flush", engine.flush(Some(VOL))).await.unwrap();
     prompt("a flush of all volumes", coordinator.flush(None)).await.unwrap();
     prompt("a write to another volume", write(&engine, OTHER, 0, 0, pattern(3, 0, 4), 0, true)).await.unwrap();
     prompt("a clone", coordinator.clone_chunk(VOL, 0, SNAP, 0, 1)).await.unwrap();
-    assert_eq!(coordinator.read(SNAP, 0, 0, 4 * BLOCK as u32, 0, 0).await.unwrap().0, pattern(1, 0, 4));
+    assert_eq!(coordinator.read(SNAP, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(1, 0, 4));
     // Pausing again renews the pause and does not release anything.
     coordinator.pause_volume(VOL, Duration::from_secs(30)).await.unwrap();
     still_pending(&w, Duration::from_millis(100), "a write").await;
@@ -197,9 +197,9 @@ async fn paused_changes_wait_until_resume(backend: BackendChoice) {
     prompt("the paused write", w).await.unwrap().unwrap();
     prompt("the paused trim", trim).await.unwrap().unwrap();
     prompt("the paused write-zeroes", zeroes).await.unwrap().unwrap();
-    assert_eq!(engine.read(VOL, 0, 0, 4 * BLOCK as u32, 0, 0).await.unwrap().0, pattern(2, 0, 4));
+    assert_eq!(engine.read(VOL, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(2, 0, 4));
     // The clone taken while paused kept the old data.
-    assert_eq!(coordinator.read(SNAP, 0, 0, 4 * BLOCK as u32, 0, 0).await.unwrap().0, pattern(1, 0, 4));
+    assert_eq!(coordinator.read(SNAP, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(1, 0, 4));
 
     // Resuming is idempotent, also for a volume never paused.
     coordinator.resume_volume(VOL).await.unwrap();
@@ -252,7 +252,7 @@ async fn pause_times_out_by_itself(backend: BackendChoice) {
     still_pending(&w, Duration::from_millis(300), "a write").await;
     coordinator.resume_volume(VOL).await.unwrap();
     prompt("the write after the resume", w).await.unwrap().unwrap();
-    assert_eq!(engine.read(VOL, 0, 0, BLOCK as u32, 0, 0).await.unwrap().0, pattern(4, 0, 1));
+    assert_eq!(engine.read(VOL, 0, 0, BLOCK as u32, 1, 0).await.unwrap().0, pattern(4, 0, 1));
     t.stop().await;
 }
 
@@ -275,7 +275,7 @@ fn stripe_block(writer: u64, i: u64) -> u64 {
 async fn stripes(c: &DataClient, volume: u64) -> Vec<u8> {
     let mut out = Vec::new();
     for w in 0..WRITERS {
-        let (data, crcs) = c.read(volume, 0, stripe_block(w, 0) * BLOCK, (STRIPE * BLOCK) as u32, 0, 0).await.unwrap();
+        let (data, crcs) = c.read(volume, 0, stripe_block(w, 0) * BLOCK, (STRIPE * BLOCK) as u32, 1, 0).await.unwrap();
         assert_eq!(crcs, block_checksums(&data));
         out.extend_from_slice(&data);
     }
