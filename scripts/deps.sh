@@ -23,6 +23,7 @@ PACKAGES=(
   fuse3        # the FUSE + loop attach path (fusermount3)
   util-linux   # losetup, blkid, mount
   libfaketime  # steps the daemons' wall clock in the clock-jump test
+  iproute2     # ip: network namespaces and a bridge for the partition tests
   python3-venv # the virtualenv below
 )
 # Pinned: deploy/check.py validates the manifests against this schema release.

@@ -1,5 +1,6 @@
 //! `ballast dev up|down`: a whole cluster as processes on loopback, with all
-//! state under one directory.
+//! state under one directory. (Tests may put the metadata members and the
+//! chunk servers in network namespaces of their own: [`Layout`].)
 //!
 //! Layout of DIR: `cluster.json` (what runs: name, pid, address),
 //! `cluster.env` (`BALLAST_META=...`, `BALLAST_CSI_SOCKET=...`), `logs/`,
@@ -8,6 +9,7 @@
 //! data), so `up` twice or after `down` gives back the same cluster.
 
 use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -37,6 +39,9 @@ pub struct Process {
     /// Its command line, to start it again.
     #[serde(default)]
     pub args: Vec<String>,
+    /// The network namespace it runs in (`ip netns` name); none: this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -52,6 +57,38 @@ pub struct UpOptions {
     pub storage: usize,
     /// Where the daemons' binaries are; defaults to this executable's directory.
     pub bin_dir: PathBuf,
+    pub layout: Layout,
+}
+
+/// Where a kind of daemon runs: a network namespace (none: this one) and
+/// the address it listens on there.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub netns: Option<String>,
+    pub ip: IpAddr,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host { netns: None, ip: IpAddr::V4(Ipv4Addr::LOCALHOST) }
+    }
+}
+
+/// Where the metadata members and the chunk servers run: everything on
+/// loopback by default; tests put them in network namespaces to cut the
+/// network between them.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    pub meta: Host,
+    /// Chunk server `i` runs on `storage[i]`, or on the last entry when
+    /// the list is shorter (empty: loopback).
+    pub storage: Vec<Host>,
+}
+
+impl Layout {
+    fn storage(&self, i: usize) -> Host {
+        self.storage.get(i).or(self.storage.last()).cloned().unwrap_or_default()
+    }
 }
 
 fn is_running(process: &Process) -> bool {
@@ -91,15 +128,44 @@ fn write_state(dir: &Path, state: &ClusterState) -> anyhow::Result<()> {
     fs::write(dir.join(STATE_FILE), serde_json::to_vec_pretty(state)?).context("writing cluster.json")
 }
 
-fn spawn(dir: &Path, bin_dir: &Path, name: &str, binary: &str, args: &[String]) -> anyhow::Result<u32> {
-    let path = bin_dir.join(binary);
+impl Process {
+    fn new(name: String, binary: &str, address: &str, args: Vec<String>, host: &Host) -> Process {
+        Process { name, binary: binary.into(), pid: 0, address: address.into(), args, netns: host.netns.clone() }
+    }
+}
+
+/// Starts `process` and records it in the cluster's state file.
+fn start(dir: &Path, bin_dir: &Path, state: &mut ClusterState, mut process: Process) -> anyhow::Result<()> {
+    process.pid = spawn(dir, bin_dir, &process)?;
+    state.processes.push(process);
+    write_state(dir, state)
+}
+
+/// Starts `process` (its binary, arguments and namespace); returns its pid.
+fn spawn(dir: &Path, bin_dir: &Path, process: &Process) -> anyhow::Result<u32> {
+    let path = bin_dir.join(&process.binary);
     if !path.exists() {
         bail!("{} not found; build the workspace first (cargo build --release)", path.display());
     }
     // Appended to: a restarted process keeps its predecessor's log.
-    let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("logs").join(format!("{name}.log")))?;
-    let child = Command::new(&path)
-        .args(args)
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join(format!("{}.log", process.name)))?;
+    let mut command = Command::new(&path);
+    if let Some(netns) = &process.netns {
+        let namespace = fs::File::open(Path::new("/run/netns").join(netns))
+            .with_context(|| format!("opening network namespace {netns}"))?;
+        // SAFETY: between fork and exec the child only calls setns, which
+        // is async-signal-safe, on a descriptor it inherited.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+    }
+    let child = command
+        .args(&process.args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -124,7 +190,9 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
     let mut state = ClusterState::default();
 
     let ports = free_ports(options.meta + 2 * options.storage);
-    let meta_addrs: Vec<String> = ports[..options.meta].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let meta_host = &options.layout.meta;
+    let meta_addrs: Vec<String> =
+        ports[..options.meta].iter().map(|p| SocketAddr::new(meta_host.ip, *p).to_string()).collect();
     let bootstrap: Vec<String> = meta_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
     let bootstrap = bootstrap.join(",");
     state.meta = meta_addrs.clone();
@@ -141,15 +209,15 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
             "--bootstrap".into(),
             bootstrap.clone(),
         ];
-        let pid = spawn(&dir, &options.bin_dir, &name, "meta-raft", &args)?;
-        state.processes.push(Process { name, binary: "meta-raft".into(), pid, address: addr.clone(), args });
-        write_state(&dir, &state)?;
+        let process = Process::new(name, "meta-raft", addr, args, meta_host);
+        start(&dir, &options.bin_dir, &mut state, process)?;
     }
     let meta_list = meta_addrs.join(",");
     for i in 0..options.storage {
         let name = format!("storage{}", i + 1);
-        let addr = format!("127.0.0.1:{}", ports[options.meta + 2 * i]);
-        let metrics = format!("127.0.0.1:{}", ports[options.meta + 2 * i + 1]);
+        let host = options.layout.storage(i);
+        let addr = SocketAddr::new(host.ip, ports[options.meta + 2 * i]).to_string();
+        let metrics = SocketAddr::new(host.ip, ports[options.meta + 2 * i + 1]).to_string();
         let args = vec![
             "serve".into(),
             "--listen".into(),
@@ -163,9 +231,8 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
             "--labels".into(),
             format!("host={name}"),
         ];
-        let pid = spawn(&dir, &options.bin_dir, &name, "storage-server", &args)?;
-        state.processes.push(Process { name, binary: "storage-server".into(), pid, address: addr, args });
-        write_state(&dir, &state)?;
+        let process = Process::new(name, "storage-server", &addr, args, &host);
+        start(&dir, &options.bin_dir, &mut state, process)?;
     }
 
     let csi_dir = dir.join("csi");
@@ -190,14 +257,9 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
         "--metrics-addr".into(),
         csi_metrics,
     ];
-    let pid = spawn(&dir, &options.bin_dir, "csi", "csi-plugin", &args)?;
-    state.processes.push(Process {
-        name: "csi".into(),
-        binary: "csi-plugin".into(),
-        pid,
-        address: format!("unix://{}", socket.display()),
-        args,
-    });
+    let process =
+        Process::new("csi".into(), "csi-plugin", &format!("unix://{}", socket.display()), args, &Host::default());
+    start(&dir, &options.bin_dir, &mut state, process)?;
     state.csi_socket = Some(socket.display().to_string());
     write_state(&dir, &state)?;
 
@@ -234,7 +296,7 @@ async fn resume(dir: &Path, mut state: ClusterState, options: &UpOptions) -> any
     for i in 0..state.processes.len() {
         let process = &state.processes[i];
         if !is_running(process) {
-            let pid = spawn(&dir, &options.bin_dir, &process.name, &process.binary, &process.args)?;
+            let pid = spawn(&dir, &options.bin_dir, process)?;
             state.processes[i].pid = pid;
             write_state(&dir, &state)?;
         }
@@ -345,8 +407,13 @@ pub fn workspace_bin_dir() -> PathBuf {
 
 impl DevCluster {
     pub async fn start(dir: &Path, meta: usize, storage: usize) -> anyhow::Result<DevCluster> {
+        DevCluster::start_in(dir, meta, storage, Layout::default()).await
+    }
+
+    /// Like [`DevCluster::start`], with the daemons where `layout` puts them.
+    pub async fn start_in(dir: &Path, meta: usize, storage: usize, layout: Layout) -> anyhow::Result<DevCluster> {
         let bin_dir = workspace_bin_dir();
-        let options = UpOptions { dir: dir.to_path_buf(), meta, storage, bin_dir: bin_dir.clone() };
+        let options = UpOptions { dir: dir.to_path_buf(), meta, storage, bin_dir: bin_dir.clone(), layout };
         match up(options).await {
             Ok(state) => Ok(DevCluster { dir: dir.to_path_buf(), state, bin_dir }),
             Err(e) => {
@@ -384,7 +451,7 @@ impl DevCluster {
         if is_running(process) {
             bail!("{name} is still running (pid {})", process.pid);
         }
-        let pid = spawn(&self.dir, &self.bin_dir, name, &process.binary, &process.args)?;
+        let pid = spawn(&self.dir, &self.bin_dir, process)?;
         if let Some(process) = self.state.processes.iter_mut().find(|p| p.name == name) {
             process.pid = pid;
         }

@@ -359,7 +359,9 @@ async fn main() -> anyhow::Result<()> {
                 Some(d) => d,
                 None => std::env::current_exe()?.parent().context("executable has no directory")?.to_path_buf(),
             };
-            let state = dev::up(dev::UpOptions { dir: dir.clone(), meta, storage, bin_dir }).await?;
+            let state =
+                dev::up(dev::UpOptions { dir: dir.clone(), meta, storage, bin_dir, layout: Default::default() })
+                    .await?;
             println!(
                 "cluster up: {} processes; environment in {}",
                 state.processes.len(),

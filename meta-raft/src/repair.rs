@@ -201,12 +201,14 @@ impl Repairer {
     }
 
     async fn pass(&self, liveness: &mut Liveness) {
-        self.resync_dirty_regions().await;
-        let work = {
+        // Silence is taken in first: the time spent below waiting for
+        // servers out of reach must not look like this member was frozen.
+        let silent = {
             let applied = self.state.read().expect("state lock poisoned");
-            let silent = liveness.silent(std::time::Instant::now(), &applied.state.servers);
-            plan(&applied.state, &silent)
+            liveness.silent(std::time::Instant::now(), &applied.state.servers)
         };
+        self.resync_dirty_regions().await;
+        let work = plan(&self.state.read().expect("state lock poisoned").state, &silent);
         let mut rebuilds = 0;
         for mut chunk in work {
             if !chunk.dead.is_empty() {

@@ -50,7 +50,7 @@ async fn a_wall_clock_step_drops_no_replica() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     stop.store(true, Ordering::SeqCst);
-    let writes = writer.await.unwrap();
+    let (writes, _) = writer.await.unwrap();
     assert!(writes > 100, "the writer kept writing ({writes} writes)");
 }
 

@@ -59,7 +59,7 @@ async fn a_frozen_metadata_service_drops_no_replica_when_it_thaws_and_changes_le
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     stop.store(true, Ordering::SeqCst);
-    let writes = writer.await.unwrap();
+    let (writes, _) = writer.await.unwrap();
     assert!(writes > 100, "the writer kept writing ({writes} writes)");
 }
 
@@ -101,7 +101,7 @@ async fn a_hung_chunk_server_is_given_up_and_its_replicas_rebuilt() {
     stop.store(true, Ordering::SeqCst);
     // Each write that met the hung server first waited out the writer's
     // replica timeout; none failed.
-    let writes = writer.await.unwrap();
+    let (writes, _) = writer.await.unwrap();
     eprintln!("{writes} writes while the server hung");
     assert!(writes > 10, "the writer kept writing ({writes} writes)");
 

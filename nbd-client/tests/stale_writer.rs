@@ -5,13 +5,15 @@
 //! servers than the new owner touches at first, and every one of them must
 //! refuse the old epoch, not just those the new owner already wrote to.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ballast_cli::dev::DevCluster;
-use ballast_proto::frame::DataClient;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
+use common::writes::{assert_replicas_identical, replicas};
 use meta_raft::MetaClient;
 use nbd_client::engine::{EngineError, EngineOptions, Volume};
 
@@ -40,30 +42,6 @@ async fn unpublish(meta: &MetaClient, volume_id: &str, node: &str) {
     meta.unpublish_volume(pb::UnpublishVolumeRequest { volume_id: volume_id.into(), node_id: node.into() })
         .await
         .unwrap();
-}
-
-/// Every replica of every chunk, read from its server under the volume's
-/// current `epoch`: (chunk, server, data).
-async fn replicas(meta: &MetaClient, volume: &pb::Volume, epoch: u64) -> Vec<(u64, String, Bytes)> {
-    let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: volume.id.clone() }).await.unwrap();
-    let mut out = Vec::new();
-    for set in map.chunks {
-        for replica in set.replicas {
-            let client = DataClient::connect(&replica.address).await.unwrap();
-            let (data, _) = client.read(volume.data_id, set.chunk_index, 0, MIB as u32, epoch, 0).await.unwrap();
-            out.push((set.chunk_index, replica.server_id, data));
-        }
-    }
-    out
-}
-
-fn assert_replicas_identical(replicas: &[(u64, String, Bytes)]) {
-    for chunk in 0..CHUNKS {
-        let copies: Vec<&(u64, String, Bytes)> = replicas.iter().filter(|(c, _, _)| *c == chunk).collect();
-        for (_, server, data) in &copies[1..] {
-            assert!(*data == copies[0].2, "chunk {chunk}: {server} differs from {}", copies[0].1);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

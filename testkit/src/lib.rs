@@ -1,5 +1,6 @@
 //! What Ballast's system tests need from the machine (root, device nodes,
-//! external tools), checked in one place.
+//! external tools), checked in one place; and network namespaces for the
+//! tests that cut the network ([`netns`]).
 //!
 //! A test starts with `if !ballast_testkit::machine_has(&[...]) { return; }`.
 //! What happens when something is missing depends on `BALLAST_SYSTEM_TESTS`,
@@ -10,6 +11,8 @@
 //!   test`): the test returns early, and when `BALLAST_SKIP_LOG` names a
 //!   file the skip is appended to it (`test<TAB>missing`) for the run's
 //!   summary.
+
+pub mod netns;
 
 use std::io::Write;
 use std::path::Path;
