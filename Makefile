@@ -12,6 +12,7 @@ help:
 	@echo "make test-unit  a partial run without root or system tools: such tests are skipped and counted"
 	@echo "make lint       rustfmt check and clippy with warnings as errors"
 	@echo "make ci         lint + test, as CI runs them"
+	@echo "make chaos      5 minutes of fio verify through kills, freezes and partitions (root; CHAOS_SECONDS=...)"
 
 deps:
 	./scripts/deps.sh
@@ -43,6 +44,15 @@ fmt:
 	$(CARGO) fmt --all
 
 ci: lint test
+
+# fio verify while chunk servers and the metadata leader are killed, metadata
+# is frozen and a chunk server is cut off; prints a table of what happened.
+CHAOS_SECONDS ?= 300
+.PHONY: chaos
+chaos: deps
+	$(CARGO) build --workspace
+	BALLAST_SYSTEM_TESTS=required BALLAST_CHAOS_SECONDS=$(CHAOS_SECONDS) \
+		$(CARGO) test -p nbd-client --test chaos -- --ignored --nocapture
 
 .PHONY: bench-meta
 bench-meta:

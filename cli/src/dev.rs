@@ -189,7 +189,9 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
     let dir = fs::canonicalize(dir)?;
     let mut state = ClusterState::default();
 
-    let ports = free_ports(options.meta + 2 * options.storage);
+    // Metadata members' gRPC, each chunk server's data and metrics, then
+    // the members' metrics.
+    let ports = free_ports(2 * options.meta + 2 * options.storage);
     let meta_host = &options.layout.meta;
     let meta_addrs: Vec<String> =
         ports[..options.meta].iter().map(|p| SocketAddr::new(meta_host.ip, *p).to_string()).collect();
@@ -198,6 +200,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
     state.meta = meta_addrs.clone();
     for (i, addr) in meta_addrs.iter().enumerate() {
         let name = format!("meta{}", i + 1);
+        let metrics = SocketAddr::new(meta_host.ip, ports[options.meta + 2 * options.storage + i]).to_string();
         let args = vec![
             "serve".into(),
             "--id".into(),
@@ -208,6 +211,8 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
             dir.join(&name).display().to_string(),
             "--bootstrap".into(),
             bootstrap.clone(),
+            "--metrics-addr".into(),
+            metrics,
         ];
         let process = Process::new(name, "meta-raft", addr, args, meta_host);
         start(&dir, &options.bin_dir, &mut state, process)?;
@@ -429,6 +434,12 @@ impl DevCluster {
 
     pub fn meta(&self) -> MetaClient {
         MetaClient::new(self.state.meta.clone()).expect("valid endpoints")
+    }
+
+    /// Where `name` serves its Prometheus metrics, if it does.
+    pub fn metrics_address(&self, name: &str) -> Option<String> {
+        let args = &self.process(name).args;
+        args.iter().position(|a| a == "--metrics-addr").and_then(|at| args.get(at + 1)).cloned()
     }
 
     pub fn process(&self, name: &str) -> &Process {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ballast_proto::frame::{DataClient, DirtyRegion};
 use futures::future::join_all;
 
-use crate::CHUNK_SERVER_ANSWER;
+use crate::{metrics, CHUNK_SERVER_ANSWER};
 
 /// A server that did not confirm the fence, and why.
 #[derive(Debug)]
@@ -144,7 +144,10 @@ pub async fn resync_unflushed(chunks: &[ChunkMembers], data_id: u64, epoch: u64)
                     None => Err("unreachable".to_string()),
                 };
                 match written {
-                    Ok(()) => copied += u64::from(length),
+                    Ok(()) => {
+                        copied += u64::from(length);
+                        metrics::COPIED_BYTES.with_label_values(&["resync"]).inc_by(u64::from(length));
+                    }
                     Err(error) => diverged.push(Diverged {
                         chunk_index: chunk.chunk_index,
                         generation: chunk.generation,

@@ -2,7 +2,9 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{register_histogram_vec, register_int_gauge, HistogramVec, IntGauge};
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, HistogramVec, IntCounterVec, IntGauge,
+};
 
 use crate::types::Raft;
 
@@ -29,6 +31,17 @@ pub static REQUEST_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
         "Client API request latency by method and gRPC code",
         &["method", "code"],
         ballast_telemetry::latency_buckets()
+    )
+    .unwrap()
+});
+
+/// Bytes written to chunk servers to make replicas whole again: whole
+/// chunks copied by rebuilds, regions copied by fence resyncs.
+pub static COPIED_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ballast_meta_copied_bytes_total",
+        "Bytes copied between chunk servers to repair replicas, by reason (rebuild, resync)",
+        &["reason"]
     )
     .unwrap()
 });

@@ -30,11 +30,11 @@ use futures::future::join_all;
 
 use crate::error::MetaError;
 use crate::liveness::Liveness;
-use crate::placement;
 use crate::state::{now_ms, volume_id, MetaState, ReplicaSet};
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft, Request};
 use crate::CHUNK_SERVER_ANSWER;
+use crate::{metrics, placement};
 
 /// How often the leader looks for work, and after how long without
 /// heartbeats a server's replicas are given up.
@@ -489,7 +489,8 @@ impl Repairer {
                 continue;
             }
             match copy_chunk(source, chunk.set.generation, target_client, copy).await {
-                Ok(()) => {
+                Ok(bytes) => {
+                    metrics::COPIED_BYTES.with_label_values(&["rebuild"]).inc_by(bytes);
                     copied = true;
                     break;
                 }

@@ -107,7 +107,7 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
                 epoch: 0,
             };
             match copy_chunk(&clients[&primary.address], 1, target, copy).await {
-                Ok(()) => holders.push(replica.server_id.clone()),
+                Ok(_) => holders.push(replica.server_id.clone()),
                 Err(e) => tracing::warn!(snapshot = %snapshot.id, chunk = set.chunk_index, server = %replica.server_id,
                     error = %e, "copying a snapshot chunk; the snapshot keeps fewer copies"),
             }

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use ballast_proto::frame::DataClient;
 use common::{pattern, write, BLOCK};
 use storage_server::BackendChoice;
@@ -12,15 +10,7 @@ use storage_server::BackendChoice;
 const MIB: u64 = 1 << 20;
 
 async fn scrape(addr: std::net::SocketAddr) -> String {
-    tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    })
-    .await
-    .unwrap()
+    tokio::task::spawn_blocking(move || ballast_testkit::metrics::scrape(&addr.to_string()).unwrap()).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! What Ballast's system tests need from the machine (root, device nodes,
-//! external tools), checked in one place; and network namespaces for the
-//! tests that cut the network ([`netns`]).
+//! external tools), checked in one place; network namespaces for the
+//! tests that cut the network ([`netns`]); reading metrics ([`metrics`]).
 //!
 //! A test starts with `if !ballast_testkit::machine_has(&[...]) { return; }`.
 //! What happens when something is missing depends on `BALLAST_SYSTEM_TESTS`,
@@ -12,6 +12,7 @@
 //!   file the skip is appended to it (`test<TAB>missing`) for the run's
 //!   summary.
 
+pub mod metrics;
 pub mod netns;
 
 use std::io::Write;

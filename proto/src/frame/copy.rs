@@ -32,13 +32,13 @@ pub async fn holds_clean_copy(member: &DataClient, data_id: u64, chunk: u64) -> 
 /// block by block (the checksums travel with the data), and makes it
 /// durable. `from` must hold the chunk at `from_generation` (0: any).
 /// Blocks that read as zeros are skipped: a new chunk reads as zeros
-/// already.
+/// already. Returns the bytes written to `to`.
 pub async fn copy_chunk(
     from: &DataClient,
     from_generation: u64,
     to: &DataClient,
     target: CopyTarget,
-) -> Result<(), ClientError> {
+) -> Result<u64, ClientError> {
     let CopyTarget { data_id, chunk, size, generation, epoch } = target;
     let size = u32::try_from(size).map_err(|_| ClientError::Protocol(format!("chunk size {size} too large")))?;
     match to.delete_chunk(data_id, chunk, 0).await {
@@ -47,12 +47,15 @@ pub async fn copy_chunk(
     }
     to.create_chunk(data_id, chunk, size, generation).await?;
     let mut stream = from.read_chunk_stream(data_id, chunk, 0, 0, from_generation).await?;
+    let mut written = 0;
     while let Some(segment) = stream.next().await {
         let segment = segment?;
         if segment.data.iter().all(|b| *b == 0) {
             continue;
         }
+        written += segment.data.len() as u64;
         to.write(data_id, chunk, segment.offset, segment.data, &segment.checksums, epoch, generation, false).await?;
     }
-    to.flush(Some(data_id)).await
+    to.flush(Some(data_id)).await?;
+    Ok(written)
 }
