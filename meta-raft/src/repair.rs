@@ -11,8 +11,10 @@
 //! 1. Replicas on servers that missed heartbeats for longer than the repair
 //!    delay leave their set (as a writer's failure report would), and the
 //!    remaining members move to the new generation.
-//! 2. One missing replica of each under-replicated chunk is rebuilt on a
-//!    server placement picks: the volume is paused on the set's servers
+//! 2. One missing replica of each under-replicated chunk is rebuilt: on a
+//!    former member that is back (it catches up with only the blocks it
+//!    missed), else, once the chunk has been short for the repair delay,
+//!    on a server placement picks. The volume is paused on the set's servers
 //!    (changes wait; those in flight finish), the chunk is copied from a
 //!    live member with a clean copy, the copy joins the set at the generation it was copied
 //!    from (refused if the set changed meanwhile), the members move to the
@@ -20,11 +22,11 @@
 //!    pause are refused under the old generation; their writers re-read the
 //!    set and write to the new replica too, so the copy misses nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{
-    copy_chunk, holds_clean_copy, ClientError, CopyTarget, DataClient, DirtyRegion, ErrorCode, HeldPause,
+    holds_clean_copy, sync_chunk, ClientError, CopyTarget, DataClient, DirtyRegion, ErrorCode, HeldPause,
 };
 use futures::future::join_all;
 
@@ -58,6 +60,11 @@ const PAUSE: Duration = Duration::from_secs(30);
 const UNDECIDED_WAIT: Duration = Duration::from_secs(120);
 /// Chunks rebuilt per pass: one pass never pauses volumes for long.
 const REBUILDS_PER_PASS: usize = 8;
+
+/// Chunks short of replicas, by (volume id, chunk index): since when, on
+/// this member's monotonic clock and on the wall clock heartbeats are
+/// stamped with.
+type ShortChunks = HashMap<(String, u64), (Instant, u64)>;
 
 /// One allocated chunk that needs work.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,18 +196,20 @@ impl Repairer {
         let mut ticks = tokio::time::interval(self.config.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut liveness = Liveness::new(self.config.dead_after, self.config.interval);
+        let mut short = ShortChunks::default();
         loop {
             ticks.tick().await;
             if self.raft.metrics().borrow().current_leader != Some(self.id) {
                 liveness.forget();
+                short.clear();
                 continue;
             }
-            self.pass(&mut liveness).await;
+            self.pass(&mut liveness, &mut short).await;
             liveness.pass_done(std::time::Instant::now());
         }
     }
 
-    async fn pass(&self, liveness: &mut Liveness) {
+    async fn pass(&self, liveness: &mut Liveness, short: &mut ShortChunks) {
         // Silence is taken in first: the time spent below waiting for
         // servers out of reach must not look like this member was frozen.
         let silent = {
@@ -209,6 +218,7 @@ impl Repairer {
         };
         self.resync_dirty_regions().await;
         let work = plan(&self.state.read().expect("state lock poisoned").state, &silent);
+        short.retain(|key, _| work.iter().any(|c| (&c.volume_id, c.chunk_index) == (&key.0, key.1)));
         let mut rebuilds = 0;
         for mut chunk in work {
             if !chunk.dead.is_empty() {
@@ -225,8 +235,9 @@ impl Repairer {
                 }
             }
             if chunk.set.servers.len() < chunk.wanted && rebuilds < REBUILDS_PER_PASS {
+                let Some(target) = self.rebuild_target(&chunk, short) else { continue };
                 rebuilds += 1;
-                if let Err(e) = self.rebuild(&chunk).await {
+                if let Err(e) = self.rebuild(&chunk, target).await {
                     tracing::warn!(volume = %chunk.volume_id, chunk = chunk.chunk_index, error = %e,
                         "replica rebuild failed; retrying on the next pass");
                 }
@@ -401,16 +412,35 @@ impl Repairer {
         connected.into_iter().flatten().collect()
     }
 
-    /// Rebuilds one missing replica of `chunk`.
-    async fn rebuild(&self, chunk: &ChunkRepair) -> Result<(), RepairError> {
-        let target = {
-            let applied = self.state.read().expect("state lock poisoned");
-            placement::choose_replicas(&applied.state.servers, 1, chunk.chunk_size, now_ms(), &chunk.set.servers).pop()
-        };
-        let Some(target) = target else {
+    /// Where `chunk`'s missing replica goes: back to a former member heard
+    /// from since the chunk came up short (it catches up with the blocks
+    /// it missed); while none is and the chunk has been short for less than
+    /// the repair delay, nowhere yet (a restarting server is not worth a
+    /// whole copy elsewhere); then wherever placement puts a new one.
+    fn rebuild_target(&self, chunk: &ChunkRepair, short: &mut ShortChunks) -> Option<String> {
+        let (since, since_ms) =
+            *short.entry((chunk.volume_id.clone(), chunk.chunk_index)).or_insert_with(|| (Instant::now(), now_ms()));
+        let applied = self.state.read().expect("state lock poisoned");
+        let servers = &applied.state.servers;
+        let back = chunk.set.former.iter().find(|id| {
+            servers.get(*id).is_some_and(|s| s.last_heartbeat_ms > since_ms && !s.draining)
+                && !chunk.set.servers.contains(id)
+        });
+        if let Some(id) = back {
+            return Some(id.clone());
+        }
+        if !chunk.set.former.is_empty() && since.elapsed() < self.config.dead_after {
+            return None;
+        }
+        let target = placement::choose_replicas(servers, 1, chunk.chunk_size, now_ms(), &chunk.set.servers).pop();
+        if target.is_none() {
             tracing::debug!(volume = %chunk.volume_id, chunk = chunk.chunk_index, "no server can take a new replica");
-            return Ok(());
-        };
+        }
+        target
+    }
+
+    /// Rebuilds one missing replica of `chunk` on `target`.
+    async fn rebuild(&self, chunk: &ChunkRepair, target: String) -> Result<(), RepairError> {
         let copies = self.survey(&chunk.live_members(), chunk.data_id, chunk.chunk_index).await;
         let members = copies.reachable();
         if members.is_empty() {
@@ -488,7 +518,7 @@ impl Repairer {
                 failure = Some(copy_error(server, target, e));
                 continue;
             }
-            match copy_chunk(source, chunk.set.generation, target_client, copy).await {
+            match sync_chunk(source, chunk.set.generation, target_client, copy).await {
                 Ok(bytes) => {
                     metrics::COPIED_BYTES.with_label_values(&["rebuild"]).inc_by(bytes);
                     copied = true;

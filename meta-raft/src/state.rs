@@ -115,10 +115,15 @@ impl ChunkServer {
 
 /// The servers holding one chunk. The generation grows whenever a member
 /// leaves, so a stale view of the set can be recognised.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaSet {
     pub generation: u64,
     pub servers: Vec<String>,
+    /// Members that left since the set was last whole. Their copies are
+    /// kept (not orphans): one that comes back catches up with what it
+    /// missed instead of being copied whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub former: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -483,8 +488,10 @@ impl MetaState {
             return Err(MetaError::invalid(format!("unknown chunk server {unknown}")));
         }
         let chunk_size = snap.chunk_size_bytes;
-        let sets: BTreeMap<u64, ReplicaSet> =
-            chunks.into_iter().map(|(i, servers)| (i, ReplicaSet { generation: 1, servers })).collect();
+        let sets: BTreeMap<u64, ReplicaSet> = chunks
+            .into_iter()
+            .map(|(i, servers)| (i, ReplicaSet { generation: 1, servers, ..Default::default() }))
+            .collect();
         for set in sets.values() {
             for server in &set.servers {
                 if let Some(s) = self.servers.get_mut(server) {
@@ -579,7 +586,7 @@ impl MetaState {
         self.chunk_maps
             .get(&volume_id(data_id))
             .and_then(|chunks| chunks.get(&chunk_index))
-            .is_some_and(|set| set.servers.iter().any(|s| s == server_id))
+            .is_some_and(|set| set.servers.iter().chain(&set.former).any(|s| s == server_id))
     }
 
     fn allocate_chunk(&mut self, at_ms: u64, volume_id: &str, chunk_index: u64) -> Result<Outcome, MetaError> {
@@ -610,7 +617,7 @@ impl MetaState {
                 server.allocated_bytes += chunk_size;
             }
         }
-        let set = ReplicaSet { generation: 1, servers };
+        let set = ReplicaSet { generation: 1, servers, ..Default::default() };
         self.chunk_maps.entry(volume_id.to_string()).or_default().insert(chunk_index, set.clone());
         Ok(self.replica_outcome(volume_id, chunk_index, set))
     }
@@ -659,6 +666,9 @@ impl MetaState {
             )));
         }
         set.servers.retain(|s| s != server_id);
+        if !set.former.iter().any(|s| s == server_id) {
+            set.former.push(server_id.to_string());
+        }
         set.generation += 1;
         let current = set.clone();
         self.release(&[server_id.to_string()], chunk_size);
@@ -700,6 +710,11 @@ impl MetaState {
             )));
         }
         set.servers.push(server_id.to_string());
+        set.former.retain(|s| s != server_id);
+        if set.servers.len() == wanted {
+            // Whole again: the copies left elsewhere are orphans now.
+            set.former.clear();
+        }
         set.generation += 1;
         let current = set.clone();
         if let Some(server) = self.servers.get_mut(server_id) {
@@ -954,6 +969,37 @@ mod tests {
             Outcome::Orphaned(list) => list.iter().map(|c| (c.data_id, c.chunk_index)).collect(),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_member_that_left_keeps_its_copy_until_the_set_is_whole_again() {
+        let mut state = with_servers(4);
+        let v = volume(&mut state, 10, "v", 128 << 20);
+        let allocate = Command::AllocateChunk { volume_id: v.id.clone(), chunk_index: 0, writer_epoch: None };
+        let set = replica_set(apply(&mut state, 11, allocate).unwrap());
+        let gone = set.servers[0].clone();
+        let report = Command::ReportFailedReplica {
+            volume_id: v.id.clone(),
+            chunk_index: 0,
+            server_id: gone.clone(),
+            generation: set.generation,
+            writer_epoch: None,
+        };
+        let set = replica_set(apply(&mut state, 12, report).unwrap());
+        assert_eq!(set.former, vec![gone.clone()]);
+        // It may come back and catch up: its copy is no orphan meanwhile.
+        let held = [(v.data_id, 0, 1)];
+        assert_eq!(orphaned(apply(&mut state, 13, beat(&gone, &held, "")).unwrap()), vec![]);
+        // Another server takes its place: the set is whole, the copy an orphan.
+        let spare = state.servers.keys().find(|s| !set.servers.contains(s) && **s != gone).unwrap().clone();
+        let add = Command::AddReplica {
+            volume_id: v.id.clone(),
+            chunk_index: 0,
+            server_id: spare,
+            generation: set.generation,
+        };
+        assert!(replica_set(apply(&mut state, 14, add).unwrap()).former.is_empty());
+        assert_eq!(orphaned(apply(&mut state, 15, beat(&gone, &held, "")).unwrap()), vec![(v.data_id, 0)]);
     }
 
     #[test]

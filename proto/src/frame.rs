@@ -68,6 +68,7 @@
 //! | `VOLUME_RESUME`         | `volume`                                 | -                                               |
 //! | `CHUNK_CLONE`           | source `volume`, `chunk`, `generation` (0 = any); payload: [`CloneTarget`] | -          |
 //! | `VOLUME_FENCE`          | `volume`, `epoch`                        | `aux` = the volume's epoch here afterwards      |
+//! | `CHUNK_HASHES`          | `offset`, `length`, `generation` (0 = any) | one `u64` LE per block: XXH3-64 of its data ([`BAD_BLOCK_HASH`] if it fails its checksum) |
 //!
 //! `WRITE`, `TRIM` and `WRITE_ZEROES` carry the attachment `epoch` and the
 //! chunk's `generation`, both checked. `FLAG_FUA` on them makes the change
@@ -146,7 +147,7 @@ mod payload;
 mod wire;
 
 pub use client::{ChunkStream, ClientError, DataClient, ScrubReport, Segment};
-pub use copy::{copy_chunk, holds_clean_copy, CopyTarget};
+pub use copy::{copy_chunk, holds_clean_copy, sync_chunk, CopyTarget};
 pub use held_pause::HeldPause;
 pub use payload::{
     decode_data_payload, decode_entries, encode_entries, BadBlocks, ChunkEntry, ChunkInfo, CloneTarget, DirtyRegion,
@@ -170,6 +171,12 @@ pub const REQUEST_HEADER_LEN: usize = 64;
 pub const REPLY_HEADER_LEN: usize = 32;
 /// Largest data range of one `READ` or `WRITE`.
 pub const MAX_DATA: usize = 8 << 20;
+/// Largest range one `CHUNK_HASHES` covers.
+pub const MAX_HASHED: usize = 64 << 20;
+/// The hash `CHUNK_HASHES` gives a block that fails its stored checksum:
+/// never taken for equal to a good copy's (XXH3 of a block hitting it
+/// is as likely as guessing a 64-bit number).
+pub const BAD_BLOCK_HASH: u64 = u64::MAX;
 /// Largest payload of any frame: [`MAX_DATA`] plus its checksums.
 pub const MAX_PAYLOAD: usize = MAX_DATA + MAX_DATA / BLOCK_SIZE * 4;
 
@@ -215,10 +222,11 @@ pub enum Opcode {
     VolumeResume = 16,
     ChunkClone = 17,
     VolumeFence = 18,
+    ChunkHashes = 19,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 18] = [
+    pub const ALL: [Opcode; 19] = [
         Opcode::Ping,
         Opcode::Write,
         Opcode::Read,
@@ -237,6 +245,7 @@ impl Opcode {
         Opcode::VolumeResume,
         Opcode::ChunkClone,
         Opcode::VolumeFence,
+        Opcode::ChunkHashes,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -264,6 +273,7 @@ impl Opcode {
             Opcode::VolumeResume => "volume_resume",
             Opcode::ChunkClone => "chunk_clone",
             Opcode::VolumeFence => "volume_fence",
+            Opcode::ChunkHashes => "chunk_hashes",
         }
     }
 }
@@ -644,6 +654,9 @@ fn validate_request(h: &RequestHeader, payload_len: usize) -> Result<(), DecodeE
         Opcode::ChunkClone => {}
         _ if payload_len != 0 => return bad(ErrorCode::BadFrame, "unexpected payload"),
         Opcode::Read if h.length as usize > MAX_DATA => return bad(ErrorCode::TooLarge, "read larger than MAX_DATA"),
+        Opcode::ChunkHashes if h.length as usize > MAX_HASHED => {
+            return bad(ErrorCode::TooLarge, "hash range larger than MAX_HASHED")
+        }
         _ => {}
     }
     Ok(())

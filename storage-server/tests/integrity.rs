@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 
-use ballast_proto::frame::{block_checksums, BadBlocks, ErrorCode};
+use ballast_proto::frame::{block_checksums, BadBlocks, ErrorCode, BAD_BLOCK_HASH};
 use common::{code, pattern, write, TestServer, BLOCK};
 use storage_server::BackendChoice;
 
@@ -51,6 +51,13 @@ async fn flipped_byte_is_reported_not_served(backend: BackendChoice) {
     assert_eq!(ok, data.slice(..5 * BLOCK as usize));
     let mut stream = c.read_chunk_stream(VOL, 0, 0, 0, 0).await.unwrap();
     assert_eq!(code(stream.next().await.unwrap()), ErrorCode::CorruptBlock);
+    // Block hashes name the bad blocks and tell the others apart by content.
+    let hashes = c.block_hashes(VOL, 0, 0, 16 * BLOCK as u32, 0).await.unwrap();
+    assert_eq!(hashes.len(), 16);
+    assert_eq!(hashes.iter().position(|h| *h == BAD_BLOCK_HASH), Some(5));
+    let unwritten = c.block_hashes(VOL, 0, 400 * BLOCK, 2 * BLOCK as u32, 0).await.unwrap();
+    assert_eq!(unwritten[0], unwritten[1], "blocks of equal content hash alike");
+    assert!(!hashes.contains(&unwritten[0]), "written blocks differ from zeros");
 
     let report = c.scrub(None).await.unwrap();
     assert_eq!(report.blocks_checked, 3 * MIB / BLOCK);

@@ -536,6 +536,31 @@ impl DataClient {
         entries::<ChunkInfo>(reply.payload)?.pop().ok_or_else(|| ClientError::Protocol("empty chunk info".into()))
     }
 
+    /// XXH3-64 of each block of a chunk range as the server holds it
+    /// ([`super::BAD_BLOCK_HASH`] for a block failing its checksum): two
+    /// copies agree on a block when its hashes are equal. `generation` 0
+    /// skips the generation check.
+    pub async fn block_hashes(
+        &self,
+        volume: u64,
+        chunk: u64,
+        offset: u64,
+        length: u32,
+        generation: u64,
+    ) -> Result<Vec<u64>, ClientError> {
+        let header =
+            RequestHeader { volume, chunk, offset, length, generation, ..RequestHeader::new(Opcode::ChunkHashes, 0) };
+        let reply = self.call(header, Bytes::new(), Bytes::new()).await?;
+        let blocks = length as usize / super::BLOCK_SIZE;
+        if reply.payload.len() != blocks * 8 {
+            return Err(ClientError::Protocol(format!(
+                "asked for {blocks} block hashes, got {} bytes",
+                reply.payload.len()
+            )));
+        }
+        Ok(reply.payload.chunks_exact(8).map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes"))).collect())
+    }
+
     /// Chunks stored on the server, for one volume or all, sorted.
     pub async fn list_chunks(&self, volume: Option<u64>) -> Result<Vec<ChunkEntry>, ClientError> {
         let mut header = RequestHeader::new(Opcode::ListChunks, 0);

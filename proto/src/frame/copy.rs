@@ -1,8 +1,9 @@
-//! Copying a whole chunk from one chunk server to another: snapshot copies
-//! and replica rebuilds.
+//! Copying a chunk from one chunk server to another: whole, for snapshot
+//! copies and new replicas; or only the blocks that differ, for a replica
+//! catching up.
 
 use super::client::{ClientError, DataClient};
-use super::ErrorCode;
+use super::{ErrorCode, BAD_BLOCK_HASH, BLOCK_SIZE};
 
 /// Where a copied chunk goes and under which fencing it is written.
 #[derive(Clone, Copy, Debug)]
@@ -58,4 +59,89 @@ pub async fn copy_chunk(
     }
     to.flush(Some(data_id)).await?;
     Ok(written)
+}
+
+/// Range whose block hashes one request covers when catching a copy up.
+const SYNC_SEGMENT: u64 = 4 << 20;
+/// Most blocks one catch-up read and write carry.
+const SYNC_RUN: usize = 256;
+
+/// Brings `to`'s copy of the chunk, if it holds one, to `from`'s: both
+/// hash their blocks and only the blocks that differ travel, so a replica
+/// that missed the writes of a short absence catches up with those (DRBD's
+/// checksum-based resync; Longhorn's fast rebuild). A target without the
+/// chunk, with one of another size or one ahead of `target.generation`
+/// gets a whole copy ([`copy_chunk`]). The copy ends at
+/// `target.generation`, durable, with its recovered regions cleared (it
+/// now matches `from` there too). Returns the bytes written to `to`.
+pub async fn sync_chunk(
+    from: &DataClient,
+    from_generation: u64,
+    to: &DataClient,
+    target: CopyTarget,
+) -> Result<u64, ClientError> {
+    let CopyTarget { data_id, chunk, size, generation, epoch } = target;
+    match to.chunk_info(data_id, chunk).await {
+        Ok(info) if info.size == size && info.generation <= generation => {}
+        Err(e) if e.code() != Some(ErrorCode::NoSuchChunk) => return Err(e),
+        _ => return copy_chunk(from, from_generation, to, target).await,
+    }
+    // Writers that still use the set it left are refused by it from now on.
+    to.set_generation(data_id, chunk, generation).await?;
+    let mut written = 0;
+    let mut segment = 0;
+    while segment < size {
+        let length = (size - segment).min(SYNC_SEGMENT) as u32;
+        let theirs = from.block_hashes(data_id, chunk, segment, length, from_generation).await?;
+        if let Some(bad) = theirs.iter().position(|h| *h == BAD_BLOCK_HASH) {
+            let offset = segment + (bad * BLOCK_SIZE) as u64;
+            return Err(ClientError::Remote {
+                code: ErrorCode::CorruptBlock,
+                aux: offset,
+                message: format!("the source's block at {offset} fails its checksum"),
+            });
+        }
+        let ours = to.block_hashes(data_id, chunk, segment, length, generation).await?;
+        for (first, count) in differing_runs(&theirs, &ours) {
+            let offset = segment + (first * BLOCK_SIZE) as u64;
+            let length = (count * BLOCK_SIZE) as u32;
+            let (data, checksums) = from.read(data_id, chunk, offset, length, epoch, from_generation).await?;
+            to.write(data_id, chunk, offset, data, &checksums, epoch, generation, false).await?;
+            written += u64::from(length);
+        }
+        segment += u64::from(length);
+    }
+    to.flush(Some(data_id)).await?;
+    to.clear_dirty_regions(data_id, chunk, 0, 0).await?;
+    Ok(written)
+}
+
+/// Runs of consecutive blocks whose hashes differ, as (first, count), each
+/// at most [`SYNC_RUN`] long.
+fn differing_runs(theirs: &[u64], ours: &[u64]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (block, _) in theirs.iter().zip(ours).enumerate().filter(|(_, (a, b))| a != b) {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == block && *count < SYNC_RUN => *count += 1,
+            _ => runs.push((block, 1)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differing_blocks_come_in_bounded_runs() {
+        let theirs: Vec<u64> = (0..600).collect();
+        let mut ours = theirs.clone();
+        for block in [3, 4, 5, 9] {
+            ours[block] = 0;
+        }
+        ours[20..].iter_mut().for_each(|hash| *hash += 1);
+        assert_eq!(differing_runs(&theirs, &ours), vec![(3, 3), (9, 1), (20, 256), (276, 256), (532, 68)]);
+        assert!(differing_runs(&theirs, &theirs).is_empty());
+    }
 }

@@ -116,7 +116,8 @@ fn pause_resume_and_clone_address_one_volume() {
     assert_eq!(Opcode::from_u8(16), Some(Opcode::VolumeResume));
     assert_eq!(Opcode::from_u8(17), Some(Opcode::ChunkClone));
     assert_eq!(Opcode::from_u8(18), Some(Opcode::VolumeFence));
-    assert_eq!(Opcode::from_u8(19), None);
+    assert_eq!(Opcode::from_u8(19), Some(Opcode::ChunkHashes));
+    assert_eq!(Opcode::from_u8(20), None);
     assert_eq!(ErrorCode::from_u16(15), Some(ErrorCode::Interrupted));
 }
 

@@ -161,6 +161,11 @@ impl Handler {
                 self.store.resume_volume(h.volume, h.offset);
                 reply(Bytes::new(), Bytes::new())
             }
+            Opcode::ChunkHashes => {
+                let hashes = self.store.block_hashes(key, h.offset, u64::from(h.length), h.generation).await?;
+                let payload: Vec<u8> = hashes.iter().flat_map(|hash| hash.to_le_bytes()).collect();
+                reply(Bytes::from(payload), Bytes::new())
+            }
             Opcode::ChunkInfo => {
                 let info = self.store.chunk_info(key, h.generation)?;
                 reply(encode_entries(&[info]), Bytes::new())

@@ -26,7 +26,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ballast_proto::frame::{
-    first_bad_block, Checksums, ChunkEntry, ChunkInfo, DirtyRegion, BLOCK_SIZE, DIRTY_RECOVERED,
+    first_bad_block, Checksums, ChunkEntry, ChunkInfo, DirtyRegion, BAD_BLOCK_HASH, BLOCK_SIZE, DIRTY_RECOVERED,
+    MAX_DATA,
 };
 use bytes::Bytes;
 
@@ -346,6 +347,41 @@ impl Store {
         }
         metrics().bytes_read.inc_by(len);
         Ok((out.data.into_bytes(), out.checksums))
+    }
+
+    /// XXH3-64 of each block of a range, read from disk and verified; a
+    /// block failing its checksum gets [`BAD_BLOCK_HASH`] (and is suspect,
+    /// as after a read). Lets a copy that is behind fetch only the blocks
+    /// where it differs.
+    pub async fn block_hashes(
+        &self,
+        key: ChunkKey,
+        offset: u64,
+        len: u64,
+        generation: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let chunk = self.get(key)?;
+        chunk.check_range(offset, len)?;
+        chunk.check_generation(generation, true)?;
+        let mut hashes = Vec::with_capacity(len as usize / BLOCK_SIZE);
+        let mut at = offset;
+        while at < offset + len {
+            let piece = (offset + len - at).min(MAX_DATA as u64);
+            let out = chunk.read_blocks(at, piece).await?;
+            let first = (at / BLOCK_SIZE as u64) as usize;
+            hashes.extend(out.data.chunks(BLOCK_SIZE).enumerate().map(|(i, block)| {
+                if out.bad.contains(&(first + i)) {
+                    BAD_BLOCK_HASH
+                } else {
+                    xxhash_rust::xxh3::xxh3_64(block)
+                }
+            }));
+            if !out.bad.is_empty() {
+                self.suspect(key, out.bad.iter().map(|&b| (b * BLOCK_SIZE) as u64));
+            }
+            at += piece;
+        }
+        Ok(hashes)
     }
 
     /// Makes every change completed so far (to `volume`, or all) durable,
