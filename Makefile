@@ -63,6 +63,11 @@ bench-meta:
 bench: release
 	python3 bench/run.py
 
+# Bytes a chunk server copies to catch up after a short absence under writes.
+.PHONY: bench-resync
+bench-resync: release
+	python3 bench/resync.py
+
 # Kernel NBD tests in a VM (Debian kernel under QEMU TCG; needs root, fetches
 # the kernel and QEMU .debs into .cache/vm/). See tests/vm/run.sh for knobs.
 .PHONY: vm-test

@@ -117,7 +117,9 @@ def main():
             time.sleep(0.1)
         uri = f"nbd+unix:///?socket={sock}"
         log(f"filling {size / MIB:.0f} MiB")
-        fio(uri, "--rw=write", "--bs=1M", "--iodepth=8", f"--size={size}")
+        # Flushed at the end, as a database would: what the server held before
+        # it went away is durable, not a region it must distrust.
+        fio(uri, "--rw=write", "--bs=1M", "--iodepth=8", f"--size={size}", "--end_fsync=1")
         before = cluster.copied_bytes()
 
         log(f"storage2 killed; {away} s of 4 KiB random writes")

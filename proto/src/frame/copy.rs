@@ -2,6 +2,8 @@
 //! copies and new replicas; or only the blocks that differ, for a replica
 //! catching up.
 
+use futures::StreamExt;
+
 use super::client::{ClientError, DataClient};
 use super::{ErrorCode, BAD_BLOCK_HASH, BLOCK_SIZE};
 
@@ -65,6 +67,8 @@ pub async fn copy_chunk(
 const SYNC_SEGMENT: u64 = 4 << 20;
 /// Most blocks one catch-up read and write carry.
 const SYNC_RUN: usize = 256;
+/// Catch-up reads and writes in flight at once.
+const SYNC_IN_FLIGHT: usize = 32;
 
 /// Brings `to`'s copy of the chunk, if it holds one, to `from`'s: both
 /// hash their blocks and only the blocks that differ travel, so a replica
@@ -102,12 +106,18 @@ pub async fn sync_chunk(
             });
         }
         let ours = to.block_hashes(data_id, chunk, segment, length, generation).await?;
-        for (first, count) in differing_runs(&theirs, &ours) {
-            let offset = segment + (first * BLOCK_SIZE) as u64;
+        // Scattered small runs are bound by round trips: keep several going.
+        let base = segment;
+        let copies = differing_runs(&theirs, &ours).into_iter().map(move |(first, count)| async move {
+            let offset = base + (first * BLOCK_SIZE) as u64;
             let length = (count * BLOCK_SIZE) as u32;
             let (data, checksums) = from.read(data_id, chunk, offset, length, epoch, from_generation).await?;
             to.write(data_id, chunk, offset, data, &checksums, epoch, generation, false).await?;
-            written += u64::from(length);
+            Ok::<u64, ClientError>(u64::from(length))
+        });
+        let mut copies = futures::stream::iter(copies).buffer_unordered(SYNC_IN_FLIGHT);
+        while let Some(copied) = copies.next().await {
+            written += copied?;
         }
         segment += u64::from(length);
     }
