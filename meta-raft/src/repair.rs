@@ -22,7 +22,7 @@
 //!    pause are refused under the old generation; their writers re-read the
 //!    set and write to the new replica too, so the copy misses nothing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{
@@ -218,7 +218,8 @@ impl Repairer {
         };
         self.resync_dirty_regions().await;
         let work = plan(&self.state.read().expect("state lock poisoned").state, &silent);
-        short.retain(|key, _| work.iter().any(|c| (&c.volume_id, c.chunk_index) == (&key.0, key.1)));
+        let needing_work: HashSet<(&str, u64)> = work.iter().map(|c| (c.volume_id.as_str(), c.chunk_index)).collect();
+        short.retain(|(volume_id, chunk), _| needing_work.contains(&(volume_id.as_str(), *chunk)));
         let mut rebuilds = 0;
         for mut chunk in work {
             if !chunk.dead.is_empty() {

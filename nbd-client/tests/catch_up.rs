@@ -16,7 +16,6 @@ use ballast_testkit::metrics;
 use bytes::Bytes;
 use common::writes::{assert_replicas_identical, replicas};
 use common::MIB;
-use nbd_client::engine::{EngineOptions, Volume};
 
 const CHUNK: u64 = 4 * MIB;
 const CHUNKS: u64 = 4;
@@ -49,13 +48,7 @@ async fn a_server_back_within_the_repair_delay_catches_up_only_what_it_missed() 
         ..Default::default()
     };
     let info = meta.create_volume(request).await.unwrap();
-    let attachment = meta
-        .publish_volume(pb::PublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into(), readonly: false })
-        .await
-        .unwrap();
-    let volume = Volume::open(meta.clone(), &info.id, EngineOptions { epoch: attachment.epoch, ..Default::default() })
-        .await
-        .unwrap();
+    let volume = common::publish_and_open(&meta, &info).await;
     let mut image = vec![0x11u8; (CHUNKS * CHUNK) as usize];
     volume.write_at(0, Bytes::from(image.clone()), false).await.unwrap();
     volume.flush().await.unwrap();
@@ -101,7 +94,7 @@ async fn a_server_back_within_the_repair_delay_catches_up_only_what_it_missed() 
     let copied = copied_bytes(&cluster) - copied_before;
     let missed = (left.len() as u64 * 4 * BLOCK) as f64;
     assert!(copied > 0.0 && copied <= missed, "copied {copied} bytes to catch up {missed} bytes missed");
-    let copies = replicas(&meta, &info, attachment.epoch).await;
+    let copies = replicas(&meta, &info, volume.epoch()).await;
     assert_replicas_identical(&copies);
     for (chunk, server, data) in &copies {
         let start = (chunk * CHUNK) as usize;

@@ -18,7 +18,7 @@ use ballast_proto::frame::DataClient;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 
-use common::MIB;
+use common::{held, MIB};
 
 const VOLUME: u64 = 8 * MIB;
 
@@ -61,16 +61,6 @@ async fn written_volume(cluster: &DevCluster, name: &str) -> (pb::Volume, Vec<u8
     volume.write_at(0, Bytes::from(written.clone()), true).await.unwrap();
     volume.flush().await.unwrap();
     (info, written, volume.epoch())
-}
-
-/// How many chunks each storage server holds, by server address.
-async fn held(cluster: &DevCluster) -> Vec<(String, usize)> {
-    let mut out = Vec::new();
-    for process in cluster.state.processes.iter().filter(|p| p.binary == "storage-server") {
-        let client = DataClient::connect(&process.address).await.unwrap();
-        out.push((process.address.clone(), client.list_chunks(None).await.unwrap().len()));
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -16,20 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ballast_cli::dev::{DevCluster, Host, Layout};
-use ballast_proto::frame::DataClient;
 use ballast_proto::meta as pb;
 use ballast_testkit::netns::Network;
+use common::held;
 use common::writes::{assert_replicas_identical, assert_three_replicas, replicas, volume_under_writes};
-
-/// How many chunks each server holds, by server name.
-async fn held(cluster: &DevCluster) -> Vec<(String, usize)> {
-    let mut out = Vec::new();
-    for process in cluster.state.processes.iter().filter(|p| p.binary == "storage-server") {
-        let client = DataClient::connect(&process.address).await.unwrap();
-        out.push((process.name.clone(), client.list_chunks(None).await.unwrap().len()));
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chunk_servers_cut_off_from_metadata_keep_every_replica() {

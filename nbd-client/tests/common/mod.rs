@@ -39,13 +39,29 @@ pub async fn published_volume(meta: &MetaClient, name: &str, size: u64) -> (pb::
         ..Default::default()
     };
     let info = meta.create_volume(request).await.unwrap();
+    let volume = publish_and_open(meta, &info).await;
+    (info, volume)
+}
+
+/// Publishes `info` writable to node `n1` and opens it with the
+/// attachment's epoch.
+pub async fn publish_and_open(meta: &MetaClient, info: &pb::Volume) -> Volume {
     let attachment = meta
         .publish_volume(pb::PublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into(), readonly: false })
         .await
         .unwrap();
     let options = EngineOptions { epoch: attachment.epoch, ..Default::default() };
-    let volume = Volume::open(meta.clone(), &info.id, options).await.unwrap();
-    (info, volume)
+    Volume::open(meta.clone(), &info.id, options).await.unwrap()
+}
+
+/// How many chunks each chunk server of `cluster` holds, by address.
+pub async fn held(cluster: &DevCluster) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    for process in cluster.state.processes.iter().filter(|p| p.binary == "storage-server") {
+        let client = ballast_proto::frame::DataClient::connect(&process.address).await.unwrap();
+        out.push((process.address.clone(), client.list_chunks(None).await.unwrap().len()));
+    }
+    out
 }
 
 pub async fn create_volume(cluster: &DevCluster, name: &str, size: u64, replicas: u32) -> pb::Volume {
