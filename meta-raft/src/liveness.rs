@@ -65,15 +65,17 @@ impl Liveness {
                 }
             }
         }
-        let silent: BTreeSet<String> = servers
-            .keys()
-            .filter(|id| {
-                let heard_at = self.heard.get(*id).map_or(since, |(_, at)| (*at).max(since));
-                now.saturating_duration_since(heard_at) > self.dead_after
-            })
-            .cloned()
-            .collect();
-        if !silent.is_empty() && silent.len() * 2 >= servers.len() {
+        let quiet_for = |id: &String| {
+            let heard_at = self.heard.get(id).map_or(since, |(_, at)| (*at).max(since));
+            now.saturating_duration_since(heard_at)
+        };
+        let silent: BTreeSet<String> =
+            servers.keys().filter(|id| quiet_for(id) > self.dead_after).cloned().collect();
+        // Heartbeats are staggered: in a partition the first server crosses
+        // the delay while the others are a beat behind. Servers quiet for
+        // half the delay count towards "most of the cluster" already.
+        let quiet = servers.keys().filter(|id| quiet_for(id) > self.dead_after / 2).count();
+        if !silent.is_empty() && quiet * 2 >= servers.len() {
             if !self.holding_back {
                 tracing::error!(
                     silent = silent.len(),
@@ -128,6 +130,16 @@ mod tests {
         // Half of the servers silent: this side is cut off, nobody goes.
         for t in 41..=52 {
             silent = liveness.silent(at(t), &servers(&[1, 11, t, t]));
+        }
+        assert!(silent.is_empty(), "{silent:?}");
+        // A partition with staggered heartbeats: s0 has crossed the delay,
+        // s1 is half-way there; together they are half the cluster.
+        let mut liveness = Liveness::new(dead_after, interval);
+        for t in 100..=105 {
+            liveness.silent(at(t), &servers(&[100, t, t, t]));
+        }
+        for t in 106..=111 {
+            silent = liveness.silent(at(t), &servers(&[100, 105, t, t]));
         }
         assert!(silent.is_empty(), "{silent:?}");
         // A leader change: whatever the old one heard is forgotten.
