@@ -69,8 +69,7 @@ impl Liveness {
             let heard_at = self.heard.get(id).map_or(since, |(_, at)| (*at).max(since));
             now.saturating_duration_since(heard_at)
         };
-        let silent: BTreeSet<String> =
-            servers.keys().filter(|id| quiet_for(id) > self.dead_after).cloned().collect();
+        let silent: BTreeSet<String> = servers.keys().filter(|id| quiet_for(id) > self.dead_after).cloned().collect();
         // Heartbeats are staggered: in a partition the first server crosses
         // the delay while the others are a beat behind. Servers quiet for
         // half the delay count towards "most of the cluster" already.
