@@ -13,6 +13,8 @@ help:
 	@echo "make lint       rustfmt check and clippy with warnings as errors"
 	@echo "make ci         lint + test, as CI runs them"
 	@echo "make chaos      5 minutes of fio verify through kills, freezes and partitions (root; CHAOS_SECONDS=...)"
+	@echo "make k8s-up     build and start a 3-node Kubernetes cluster on this machine (root); k8s-down stops it"
+	@echo "make k8s-test   install Ballast on it with kubectl and run the Kubernetes suite (K8S_KEEP=1 keeps the cluster)"
 
 deps:
 	./scripts/deps.sh
@@ -73,3 +75,21 @@ bench-resync: release
 .PHONY: vm-test
 vm-test:
 	./tests/vm/run.sh
+
+# A real Kubernetes cluster on this machine (root): Kubernetes, CoreDNS and
+# the CSI sidecars built from the Go module proxy, containerd and etcd from
+# Debian, three nodes in network namespaces (tests/k8s/). k8s-test installs
+# Ballast with `kubectl apply -k deploy/kubernetes` and runs the suite; the
+# cluster it started is removed afterwards (K8S_KEEP=1 keeps it).
+.PHONY: k8s-build k8s-up k8s-down k8s-test
+k8s-build: deps
+	./tests/k8s/build.sh
+
+k8s-up: k8s-build
+	./tests/k8s/cluster.sh up
+
+k8s-down:
+	./tests/k8s/cluster.sh down
+
+k8s-test: k8s-up
+	./tests/k8s/suite.sh; status=$$?; [ "$(K8S_KEEP)" = 1 ] || ./tests/k8s/cluster.sh down; exit $$status

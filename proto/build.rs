@@ -2,7 +2,7 @@
 //! machine needs no system `protoc`) and generates tonic clients and servers.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/meta.proto", "proto/csi.proto"];
+    let files = ["proto/meta.proto", "proto/csi.proto", "proto/pluginregistration.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -25,9 +25,17 @@ PACKAGES=(
   libfaketime  # steps the daemons' wall clock in the clock-jump test
   iproute2     # ip: network namespaces and a bridge for the partition tests
   python3-venv # the virtualenv below
+  containerd   # the Kubernetes test cluster's container runtime (tests/k8s/)
+  runc         # ... and its OCI runtime
+  etcd-server  # ... its API server's store
+  containernetworking-plugins # ... pod networking (bridge, host-local)
+  iptables     # ... kube-proxy's Service rules
+  conntrack    # ... kube-proxy clears stale connections with it
+  debootstrap  # ... the Debian root filesystem of its images
 )
-# Pinned: deploy/check.py validates the manifests against this schema release.
-PYTHON_PACKAGES=(pyyaml==6.0.2 kubernetes-validate==1.34.1)
+# Pinned: deploy/check.py validates the manifests against this schema
+# release; pytest runs the Kubernetes suite (tests/k8s/).
+PYTHON_PACKAGES=(pyyaml==6.0.2 kubernetes-validate==1.34.1 pytest==8.3.4)
 
 packages() { sed -n '/^PACKAGES=(/,/^)/p' "${BASH_SOURCE[0]}" | sed -n 's/^  \([a-z0-9.+-]*\) .*/\1/p'; }
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
@@ -35,7 +43,7 @@ missing_packages() {
   local p
   for p in $(packages); do installed "$p" || echo "$p"; done
 }
-python_ready() { "$VENV/bin/python" -c 'import yaml, kubernetes_validate' 2>/dev/null; }
+python_ready() { "$VENV/bin/python" -c 'import yaml, kubernetes_validate, pytest' 2>/dev/null; }
 
 case "${1:-}" in
   --python)

@@ -6,13 +6,19 @@
 //! - [`error`]: every failure and its gRPC status.
 //! - [`server`]: the unix socket and the tonic server; [`metrics`]: the
 //!   Prometheus metrics and the span every call runs in.
+//! - [`kubelet_registration`]: how the kubelet finds the node plugin
+//!   (`authority`: the request rewrite its gRPC client needs);
+//!   [`liveness`]: the `/healthz` answer, from the plugin's own Probe.
 
+mod authority;
 pub mod capability;
 pub mod controller;
 pub mod error;
 pub mod health;
 pub mod identity;
 mod inflight;
+pub mod kubelet_registration;
+pub mod liveness;
 pub mod metrics;
 pub mod node;
 pub mod params;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use ballast_telemetry::LogFormat;
 use clap::Parser;
-use csi_plugin::{params, Config, Mode};
+use csi_plugin::kubelet_registration::KubeletRegistration;
+use csi_plugin::{liveness, params, server, Config, Mode};
 use meta_raft::client::{parse_endpoints, META_ENV};
 
 /// Ballast CSI plugin: Identity, Controller and Node services on a unix socket.
@@ -47,9 +48,18 @@ struct Args {
     /// Where the node keeps its per-volume state; must survive plugin restarts.
     #[arg(long, env = "BALLAST_CSI_STATE_DIR", default_value = "/var/lib/kubelet/plugins/csi.ballast.io/state")]
     state_dir: PathBuf,
-    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9810).
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9810), and
+    /// /healthz: the plugin's own CSI Probe, for a liveness probe.
     #[arg(long, env = "BALLAST_CSI_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Register the node plugin with the kubelet through this directory
+    /// (the kubelet's plugins_registry, e.g. /var/lib/kubelet/plugins_registry).
+    #[arg(long, env = "BALLAST_CSI_REGISTRATION_DIR")]
+    registration_dir: Option<PathBuf>,
+    /// The CSI socket's path as the kubelet sees it, when it differs from
+    /// --endpoint's (the plugin runs in a container with its own mounts).
+    #[arg(long, env = "BALLAST_CSI_KUBELET_REGISTRATION_PATH", requires = "registration_dir")]
+    kubelet_registration_path: Option<PathBuf>,
     #[arg(long, value_enum, env = "BALLAST_CSI_LOG_FORMAT", default_value = "human")]
     log_format: LogFormat,
 }
@@ -62,11 +72,16 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--max-volumes must not be negative");
     }
     let topology = params::parse_segments(&args.topology).context("--topology")?;
+    let socket = server::socket_path(&args.endpoint)?;
     if let Some(addr) = args.metrics_addr {
-        let (bound, _task) =
-            ballast_telemetry::serve_metrics(addr).await.with_context(|| format!("serving metrics on {addr}"))?;
-        tracing::info!(%bound, "metrics endpoint");
+        let (bound, _task) = ballast_telemetry::serve_metrics_and_health(addr, liveness::probe_check(socket.clone()))
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%bound, "metrics and /healthz endpoint");
     }
+    let kubelet_registration = args
+        .registration_dir
+        .map(|dir| KubeletRegistration { dir, csi_endpoint: args.kubelet_registration_path.unwrap_or(socket) });
     let config = Config {
         mode: args.mode,
         endpoint: args.endpoint,
@@ -77,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         nbd_client_bin: args.nbd_client_bin,
         nbd_state_dir: args.nbd_state_dir,
         state_dir: args.state_dir,
+        kubelet_registration,
     };
     csi_plugin::serve(config, ballast_telemetry::shutdown_signal()).await?;
     Ok(())

@@ -1,4 +1,5 @@
-//! The gRPC server on the unix socket the sidecars and the kubelet dial.
+//! The gRPC server on the unix socket the sidecars and the kubelet dial,
+//! and [`dial`], a client channel to such a socket.
 //!
 //! A socket file left behind by a plugin that died is removed at start; a
 //! socket something still answers on is never removed: two plugins on one
@@ -15,10 +16,12 @@ use ballast_proto::csi::node_server::NodeServer;
 use meta_raft::MetaClient;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::controller::ControllerService;
 use crate::identity::IdentityService;
 use crate::inflight::InFlight;
+use crate::kubelet_registration::{self, KubeletRegistration};
 use crate::node::attach::NbdClient;
 use crate::node::{NodeConfig, NodeService};
 use crate::params::Segments;
@@ -65,6 +68,8 @@ pub struct Config {
     /// leaves nbd-client's default.
     pub nbd_state_dir: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// Register with the kubelet (node mode, without a registrar sidecar).
+    pub kubelet_registration: Option<KubeletRegistration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +109,18 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, ServerError> {
     Ok(PathBuf::from(path))
 }
 
+/// A gRPC channel to the server on the unix socket at `path`.
+pub async fn dial(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    // The URI is required by tonic and unused: the connector decides where to go.
+    Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+}
+
 /// Makes `path` free to bind: removes a stale socket, refuses a live one.
 pub async fn prepare_socket(path: &Path) -> Result<(), ServerError> {
     use std::os::unix::fs::FileTypeExt;
@@ -134,6 +151,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
     let node_id = config.node_id.clone().filter(|id| !id.is_empty());
     if config.mode.node() && node_id.is_none() {
         return Err(ServerError::Config(format!("--node-id is required in {:?} mode", config.mode)));
+    }
+    if let Some(registration) = &config.kubelet_registration {
+        if !config.mode.node() {
+            return Err(ServerError::Config("--registration-dir is for the node plugin (--mode node)".into()));
+        }
+        kubelet_registration::check_dir(&registration.dir)?;
     }
     let inflight = InFlight::default();
     let nbd = NbdClient::new(config.nbd_client_bin.clone(), config.nbd_state_dir.clone());
@@ -201,6 +224,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
                 let _ = stopped.await;
             }),
     );
+    // The kubelet dials the CSI socket as soon as it reads it here: the
+    // listener above already queues its connection.
+    let registered = match &config.kubelet_registration {
+        Some(registration) => Some(kubelet_registration::serve(registration).await?),
+        None => None,
+    };
     let result = tokio::select! {
         joined = &mut server => joined.map_err(|e| ServerError::Config(format!("server task failed: {e}"))).and_then(|r| r.map_err(ServerError::from)),
         () = shutdown => {
@@ -219,6 +248,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
             Ok(())
         }
     };
+    drop(registered);
     let _ = std::fs::remove_file(&path);
     tracing::info!("stopped");
     result

@@ -61,6 +61,9 @@ async fn controller_identity_reports_name_capabilities_and_real_readiness() {
 
     let probe = identity.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
+    // The liveness probe's endpoint asks the same over the socket.
+    let health = http_get(&metrics_addr, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 
     // Calls are counted by RPC and code, and timed.
     let mut c = h.plugin.controller().await;
@@ -82,6 +85,9 @@ async fn controller_identity_reports_name_capabilities_and_real_readiness() {
     let probe = identity.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(false));
     assert!(started.elapsed() < Duration::from_secs(5), "probe took {:?}", started.elapsed());
+    let health = http_get(&metrics_addr, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    assert!(health.contains("not ready"), "{health}");
 
     // SIGTERM: a clean exit, and the socket file is gone.
     let status = h.plugin.stop();
@@ -166,4 +172,68 @@ async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
         .unwrap();
     assert!(!third.status.success());
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
+}
+
+/// What the kubelet does with a plugin socket in its plugins_registry
+/// directory: GetInfo, then NotifyRegistrationStatus.
+#[tokio::test]
+async fn the_node_plugin_registers_itself_with_the_kubelet() {
+    use ballast_proto::pluginregistration::registration_client::RegistrationClient;
+    use ballast_proto::pluginregistration::{InfoRequest, RegistrationStatus};
+
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("plugins_registry");
+    std::fs::create_dir(&registry).unwrap();
+    let nbd_client = std::path::Path::new(PLUGIN).with_file_name("nbd-client");
+    let mut plugin = Plugin::start(
+        dir.path(),
+        "node",
+        "127.0.0.1:1",
+        &[
+            "--mode",
+            "node",
+            "--node-id",
+            "n1",
+            "--nbd-client-bin",
+            nbd_client.to_str().unwrap(),
+            "--registration-dir",
+            registry.to_str().unwrap(),
+            "--kubelet-registration-path",
+            "/var/lib/kubelet/plugins/csi.ballast.io/csi.sock",
+        ],
+        &[],
+    )
+    .await;
+    let socket = registry.join("csi.ballast.io-reg.sock");
+    let mut kubelet = RegistrationClient::new(connect(&socket).await);
+    let info = kubelet.get_info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.r#type, "CSIPlugin");
+    assert_eq!(info.name, "csi.ballast.io");
+    assert_eq!(info.endpoint, "/var/lib/kubelet/plugins/csi.ballast.io/csi.sock");
+    assert_eq!(info.supported_versions, vec!["1.0.0".to_string()]);
+
+    let refusal = RegistrationStatus { plugin_registered: false, error: "driver name taken".into() };
+    kubelet.notify_registration_status(refusal).await.unwrap();
+    assert!(plugin.log_text().contains("driver name taken"), "{}", plugin.log_text());
+
+    // Stopping removes the registration socket: the kubelet then
+    // unregisters the driver instead of dialing a dead socket.
+    assert!(plugin.stop().success());
+    assert!(!socket.exists());
+}
+
+#[tokio::test]
+async fn registration_needs_the_kubelets_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-plugins-registry");
+    let output = std::process::Command::new(PLUGIN)
+        .args(["--mode", "node", "--node-id", "n1", "--meta", "127.0.0.1:1", "--endpoint"])
+        .arg(format!("unix://{}", dir.path().join("csi.sock").display()))
+        .arg("--registration-dir")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("plugins_registry"), "{stderr}");
 }

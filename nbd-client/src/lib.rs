@@ -6,9 +6,11 @@
 //! - [`attach`]: kernel NBD (netlink, ioctl) and the FUSE + loop fallback.
 //! - [`volume_service`]: opening a volume with its fencing epoch.
 //! - [`mapping`]: records of mapped volumes for `map`/`unmap`/`list`.
+//! - [`cgroup`]: a serving process leaves the node plugin's container.
 //! - [`snapshot`]: crash-consistent snapshots and volumes populated from them.
 
 pub mod attach;
+pub mod cgroup;
 pub mod engine;
 pub mod export;
 pub mod mapping;

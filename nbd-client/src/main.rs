@@ -217,6 +217,15 @@ fn attach_method(method: Method) -> AttachMethod {
 async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: PathBuf) -> anyhow::Result<()> {
     let state = StateDir::new(&state_dir)?;
     let (meta, opened) = start_daemon_side(&args).await?;
+    match nbd_client::cgroup::leave_pod() {
+        Ok(Some(cgroup)) => {
+            tracing::info!(%cgroup, "left the pod's cgroup: the volume outlives the node plugin's container")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            "cannot leave the pod's cgroup ({e}): stopping the node plugin's container will stop this volume"
+        ),
+    }
     let info = opened.volume.info().clone();
     let mut options = AttachOptions::new(info.id.clone());
     options.block_size = DEVICE_BLOCK_SIZE;

@@ -3,6 +3,8 @@
 //! - [`csi`]: the Container Storage Interface (package `csi.v1`), spoken to
 //!   Kubernetes sidecars and the kubelet.
 //! - [`meta`]: the metadata service API and the Raft transport between members.
+//! - [`pluginregistration`]: the kubelet's plugin registration API, which
+//!   the node plugin serves so that the kubelet finds its CSI socket.
 //! - [`frame`]: the binary data-plane protocol between volume engines and
 //!   chunk servers.
 //! - [`range_lock`]: the byte range lock both ends of it order writes with.
@@ -13,6 +15,10 @@ pub mod csi {
 
 pub mod meta {
     tonic::include_proto!("ballast.meta.v1");
+}
+
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
 }
 
 pub mod frame;

@@ -2,11 +2,15 @@
 //!
 //! - [`init_tracing`]: human or JSON logs, filtered by `RUST_LOG`.
 //! - [`serve_metrics`]: a Prometheus `/metrics` endpoint for the default
-//!   registry, which every crate registers its metrics into.
+//!   registry, which every crate registers its metrics into; with
+//!   [`serve_metrics_and_health`] it also answers a liveness probe.
 //! - [`shutdown_signal`]: completes when the daemon is asked to stop.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -38,10 +42,27 @@ pub fn init_tracing(format: LogFormat) {
     let _ = result;
 }
 
+/// A liveness check: `Ok` is healthy, `Err` says what is wrong.
+pub type HealthCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
 /// Binds `addr` and serves the default Prometheus registry on every path
 /// (conventionally `/metrics`). Returns the bound address (useful with port 0)
 /// and the serving task.
 pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve(addr, None).await
+}
+
+/// [`serve_metrics`], and `/healthz` answered by `health`: 200 when it
+/// passes, 503 with its reason when it does not (what a Kubernetes
+/// liveness probe reads).
+pub async fn serve_metrics_and_health(
+    addr: SocketAddr,
+    health: HealthCheck,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve(addr, Some(health)).await
+}
+
+async fn serve(addr: SocketAddr, health: Option<HealthCheck>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -49,9 +70,16 @@ pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<(SocketAddr, Joi
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            let health = health.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    Ok::<_, Infallible>(render())
+                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let health = health.clone().filter(|_| req.uri().path() == "/healthz");
+                    async move {
+                        Ok::<_, Infallible>(match health {
+                            Some(check) => render_health(check().await),
+                            None => render(),
+                        })
+                    }
                 });
                 let _ =
                     hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
@@ -59,6 +87,18 @@ pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<(SocketAddr, Joi
         }
     });
     Ok((bound, task))
+}
+
+fn render_health(result: Result<(), String>) -> Response<Full<Bytes>> {
+    let (status, body) = match result {
+        Ok(()) => (hyper::StatusCode::OK, "ok\n".to_string()),
+        Err(reason) => (hyper::StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
 }
 
 fn render() -> Response<Full<Bytes>> {

@@ -22,7 +22,7 @@ use ballast_proto::meta as pb;
 use meta_raft::testing::LocalMetaCluster;
 use meta_raft::MetaClient;
 use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub const PLUGIN: &str = env!("CARGO_BIN_EXE_csi-plugin");
 /// The value of the operation secret the tests send: it must never appear
@@ -45,15 +45,7 @@ pub fn meta_raft_binary() -> PathBuf {
 
 /// A channel to a unix socket.
 pub async fn connect(path: &Path) -> Channel {
-    let path = path.to_path_buf();
-    Endpoint::try_from("http://[::]:50051")
-        .expect("static endpoint")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .expect("connecting to the plugin socket")
+    csi_plugin::server::dial(path).await.expect("connecting to the plugin socket")
 }
 
 /// A running plugin process.
