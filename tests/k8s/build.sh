@@ -185,8 +185,11 @@ PY
 )
   log "Ballast image $ref"
   (cd "$ROOT" && cargo build --release --workspace --bins >&2)
+  # Without debug information: a fifth of the size to import on every node.
+  mkdir -p "$CACHE/stripped"
   for binary in $(sed -n 's|^COPY --from=build /src/target/release/\([a-z-]*\) .*|\1|p' "$ROOT/deploy/Dockerfile"); do
-    args+=(--add "$ROOT/target/release/$binary=/usr/local/bin/$binary")
+    objcopy --strip-debug "$ROOT/target/release/$binary" "$CACHE/stripped/$binary"
+    args+=(--add "$CACHE/stripped/$binary=/usr/local/bin/$binary")
   done
   image "$ref" ballast.tar --layer "$(debian_layer "$BALLAST_PACKAGES")" "${args[@]}"
 }

@@ -171,8 +171,8 @@ def test_online_expansion(storage_class):
         # Growing a mounted ext4 needs CAP_SYS_RESOURCE, which this machine
         # withholds even from root: the failure must reach the user as it is.
         def reported():
-            events = kubectl("get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={grower}")
-            return "Permission denied to resize filesystem" in events
+            events = get("events")["items"]
+            return any("Permission denied to resize filesystem" in e.get("message", "") for e in events)
 
         wait_until("the node plugin's resize2fs error to be reported on the pod", reported, timeout=240)
         print("ext4: no CAP_SYS_RESOURCE on this machine; the refusal is reported on the pod")
@@ -208,7 +208,8 @@ def test_ephemeral_and_static_volumes():
     delete("pod", "generic", "inline")
 
     # A volume made outside Kubernetes, bound by its handle.
-    handle = ballast("volume", "create", "static-volume", "--size", "1GiB")["id"]
+    ballast("volume", "create", "static-volume", "--size", "1GiB")
+    handle = next(v["id"] for v in ballast("volume", "list") if v["name"] == "static-volume")
     apply(
         """
 apiVersion: v1
