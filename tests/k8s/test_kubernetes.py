@@ -337,11 +337,13 @@ def test_a_storage_server_killed_during_writes():
 
 
 def test_storage_capacity_is_published():
+    # Only classes that wait for the first consumer use capacity, so only
+    # those get CSIStorageCapacity objects.
     def capacities():
         items = get("csistoragecapacities", namespace="ballast-system")["items"]
-        return [c for c in items if c.get("storageClassName") == "ballast"] or None
+        return [c for c in items if c.get("storageClassName") == "ballast-wffc"] or None
 
-    published = wait_until("CSIStorageCapacity objects for the ballast class", capacities, timeout=180)
+    published = wait_until("CSIStorageCapacity objects for the ballast-wffc class", capacities, timeout=180)
     status = ballast("status")
     raw_free = sum(s["capacity_bytes"] - s["used_bytes"] for s in status["chunk_servers"] if s["alive"])
     for capacity in published:
