@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         nbd_state_dir: args.nbd_state_dir,
         state_dir: args.state_dir,
         kubelet_registration,
+        log_format: args.log_format,
     };
     csi_plugin::serve(config, ballast_telemetry::shutdown_signal()).await?;
     Ok(())

@@ -9,16 +9,20 @@
 //! on it.
 //!
 //! - [`attach`]: the `nbd-client` contract.
+//! - [`host`]: how volumes attach on this node, reported at startup.
 //! - [`mounts`]: the mount table and the mount syscalls.
 //! - [`recovery`]: new serving processes for devices that lost theirs.
 //! - [`registration`]: announcing the node to the metadata service.
+//! - [`serving_logs`]: the serving processes' logs, relayed to the plugin's.
 //! - [`state`]: the per-volume state files.
 //! - [`tools`]: blkid, mkfs, resize2fs, xfs_growfs.
 
 pub mod attach;
+pub mod host;
 pub mod mounts;
 pub mod recovery;
 pub mod registration;
+pub mod serving_logs;
 pub mod state;
 pub mod tools;
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use ballast_proto::csi::controller_server::ControllerServer;
 use ballast_proto::csi::identity_server::IdentityServer;
 use ballast_proto::csi::node_server::NodeServer;
+use ballast_telemetry::LogFormat;
 use meta_raft::MetaClient;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -68,6 +69,8 @@ pub struct Config {
     /// leaves nbd-client's default.
     pub nbd_state_dir: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// The plugin's log format, passed on to the serving processes.
+    pub log_format: LogFormat,
     /// Register with the kubelet (node mode, without a registrar sidecar).
     pub kubelet_registration: Option<KubeletRegistration>,
 }
@@ -159,7 +162,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
         kubelet_registration::check_dir(&registration.dir)?;
     }
     let inflight = InFlight::default();
-    let nbd = NbdClient::new(config.nbd_client_bin.clone(), config.nbd_state_dir.clone());
+    let nbd = NbdClient::new(config.nbd_client_bin.clone(), config.nbd_state_dir.clone(), config.log_format);
 
     let controller = config.mode.controller().then(|| {
         let local_node = if config.mode == Mode::All { node_id.clone() } else { None };
@@ -188,8 +191,14 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
         let request = crate::node::registration::request(node_id, config.max_volumes, &config.topology);
         crate::node::registration::register(meta.clone(), request).await;
         match nbd.binary() {
-            Ok(binary) => tracing::info!(nbd_client = %binary.display(), "attaching volumes with nbd-client"),
+            Ok(binary) => {
+                tracing::info!(nbd_client = %binary.display(), "attaching volumes with nbd-client");
+                crate::node::host::report_attach_method(&nbd).await;
+            }
             Err(err) => tracing::warn!("{err}; volumes cannot be staged until it is installed"),
+        }
+        if let Err(err) = crate::node::serving_logs::Relay::new(nbd.state_dir()).spawn() {
+            tracing::warn!("cannot relay the serving processes' logs: {err}");
         }
         // Within the kernel's dead-connection timeout, while calls are
         // already served.

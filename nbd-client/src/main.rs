@@ -119,6 +119,16 @@ enum Command {
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: String,
     },
+    /// Say how `map` would attach a device on this host, and why.
+    ///
+    /// Exits non-zero when no way works.
+    Probe {
+        /// Run `modprobe nbd` first when the kernel's nbd driver is missing.
+        #[arg(long)]
+        load_module: bool,
+        #[arg(short = 'o', long = "output", default_value = "text")]
+        output: String,
+    },
     /// The serving process `map` starts (not for direct use).
     #[command(hide = true)]
     ServeDevice {
@@ -328,7 +338,8 @@ async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow
         .arg("--state-dir")
         .arg(&state_dir)
         .args(["--method", device.method.to_possible_value().expect("named").get_name()])
-        .args(["--io-timeout", &device.io_timeout.to_string()]);
+        .args(["--io-timeout", &device.io_timeout.to_string()])
+        .args(["--log-format", args.log_format.to_possible_value().expect("named").get_name()]);
     if let Some(epoch) = args.epoch {
         command.args(["--epoch", &epoch.to_string()]);
     }
@@ -477,6 +488,37 @@ fn list(state_dir: PathBuf, output: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn probe(load_module: bool, output: &str) -> anyhow::Result<()> {
+    let mut found = attach::Probe::run();
+    let module = if load_module && found.netlink.is_err() {
+        let loaded = attach::load_nbd_module();
+        found = attach::Probe::run();
+        Some(loaded.err().unwrap_or_else(|| "loaded".into()))
+    } else {
+        None
+    };
+    let chosen = found.choose(AttachMethod::Auto);
+    if output == "json" {
+        let (method, reason) = match &chosen {
+            Ok((kind, why)) => (Some(kind.to_string()), why.clone()),
+            Err(e) => (None, e.to_string()),
+        };
+        println!("{}", serde_json::json!({"method": method, "reason": reason, "module": module}));
+    } else {
+        if let Some(module) = &module {
+            println!("modprobe nbd: {module}");
+        }
+        match &chosen {
+            Ok((kind, why)) => println!("{kind}: {why}"),
+            Err(e) => println!("no way to attach: {e}"),
+        }
+    }
+    if chosen.is_err() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -493,6 +535,7 @@ fn main() -> anyhow::Result<()> {
             Command::Unmap { target, state_dir } => unmap(target, state_dir).await,
             Command::Resize { target, meta, state_dir } => resize(target, meta, state_dir).await,
             Command::List { state_dir, output } => list(state_dir, &output),
+            Command::Probe { load_module, output } => probe(load_module, &output),
             Command::ServeDevice { volume, device, state_dir } => serve_device(volume, device, state_dir).await,
         }
     })

@@ -395,9 +395,19 @@ addons() {
   log "add-ons: CoreDNS, local volumes for the metadata service, snapshot CRDs and controller"
   sed -e "s/@COREDNS_VERSION@/$COREDNS_VERSION/" -e "s/@DNS_IP@/$DNS_IP/" "$HERE/addons/coredns.yaml" | kubectl apply -f - >/dev/null
   kubectl apply -f "$HERE/addons/local-storage.yaml" >/dev/null
-  local n
+  local n volume pv
   for ((n = 1; n <= NODES; n++)); do
-    mkdir -p "$(node_dir "$n")/root/var/lib/ballast/meta-volume"
+    volume=$(node_dir "$n")/root/var/lib/ballast/meta-volume
+    pv=local-meta-$(node_name "$n")
+    # Released by an uninstall: wiped and offered again, as the local
+    # volume provisioner does, so the next install starts empty. The
+    # node's chunks went with that metadata: chunk servers rightly refuse
+    # to join another cluster with them.
+    if [[ $(kubectl get pv "$pv" -o jsonpath='{.status.phase}' 2>/dev/null) == Released ]]; then
+      kubectl delete pv "$pv" --wait=true >/dev/null
+      rm -rf "$volume" "$(node_dir "$n")/root/var/lib/ballast/storage"
+    fi
+    mkdir -p "$volume"
     sed -e "s/@NODE@/$(node_name "$n")/g" -e "s|@PATH@|/var/lib/ballast/meta-volume|" \
       "$HERE/addons/local-pv.yaml" | kubectl apply -f - >/dev/null
   done

@@ -16,10 +16,13 @@ NAMESPACE = "ballast-test"
 WORKLOAD_IMAGE = "ballast-test/workload:1"
 
 
+def kubectl_run(*args, input=None, timeout=300):
+    """kubectl's whole answer: exit status, stdout and stderr."""
+    return subprocess.run([KUBECTL, *args], input=input, capture_output=True, text=True, timeout=timeout)
+
+
 def kubectl(*args, input=None, check=True, timeout=300):
-    result = subprocess.run(
-        [KUBECTL, *args], input=input, capture_output=True, text=True, timeout=timeout
-    )
+    result = kubectl_run(*args, input=input, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
     return result.stdout
@@ -139,3 +142,24 @@ spec:
       {mount}
   volumes: {volumes}
 """
+
+
+def ballast(*args):
+    """The ballast CLI inside a metadata pod, against the cluster's metadata
+    service; JSON output, parsed."""
+    out = kubectl(
+        "exec", "-n", "ballast-system", "ballast-meta-0", "--", "ballast", *args, "--meta", "127.0.0.1:7101", "-o", "json"
+    )
+    return json.loads(out) if out.strip() else None
+
+
+def node_plugin_on(node):
+    """The name of the node plugin's pod on `node`, None if there is none."""
+    return next(
+        (
+            p["metadata"]["name"]
+            for p in get("pod", namespace="ballast-system")["items"]
+            if p["metadata"]["name"].startswith("ballast-csi-node-") and p["spec"]["nodeName"] == node
+        ),
+        None,
+    )

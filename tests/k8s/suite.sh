@@ -28,11 +28,13 @@ report() {
 
 install() {
   log "install: kubectl apply -k deploy/kubernetes"
-  kubectl apply -k "$ROOT/deploy/kubernetes"
-  kubectl -n ballast-system rollout status statefulset/ballast-meta --timeout=300s
-  kubectl -n ballast-system rollout status daemonset/ballast-storage --timeout=300s
-  kubectl -n ballast-system rollout status deployment/ballast-csi-controller --timeout=300s
-  kubectl -n ballast-system rollout status daemonset/ballast-csi-node --timeout=300s
+  # `|| return`: set -e does not apply inside a function called with ||.
+  kubectl apply -k "$ROOT/deploy/kubernetes" || return
+  local workload
+  for workload in statefulset/ballast-meta daemonset/ballast-storage deployment/ballast-csi-controller \
+    daemonset/ballast-csi-node; do
+    kubectl -n ballast-system rollout status "$workload" --timeout=300s || return
+  done
   # Every node's kubelet has registered the driver.
   local deadline=$((SECONDS + 120))
   until [[ $(kubectl get csinodes -o jsonpath='{range .items[*]}{.spec.drivers[*].name}{"\n"}{end}' | grep -c csi.ballast.io) == \
@@ -52,7 +54,7 @@ uninstall() {
 status=0
 install || status=$?
 if ((status == 0)); then
-  (cd "$HERE" && "$("$ROOT/scripts/deps.sh" --python)" -m pytest -v -p no:cacheprovider "$@" test_kubernetes.py) || status=$?
+  (cd "$HERE" && "$("$ROOT/scripts/deps.sh" --python)" -m pytest -v -p no:cacheprovider "$@" test_kubernetes.py test_operations.py) || status=$?
 fi
 ((status == 0)) || report
 uninstall || status=1

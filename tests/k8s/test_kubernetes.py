@@ -3,7 +3,8 @@
 Run by `make k8s-test` on the cluster `tests/k8s/cluster.sh up` starts,
 after `kubectl apply -k deploy/kubernetes`. Tests run in file order; each
 cleans up the objects it made, and the last one checks that deleting
-everything leaves no volume and no chunk behind.
+everything leaves no volume and no chunk behind. test_operations.py then
+checks the install's operational parts, which make no volumes.
 """
 
 import json
@@ -14,10 +15,12 @@ import pytest
 from kube import (
     NAMESPACE,
     apply,
+    ballast,
     delete,
     exec_in,
     get,
     kubectl,
+    node_plugin_on,
     pod,
     pvc,
     pvc_bound,
@@ -85,15 +88,6 @@ def clean_namespace():
     yield
     for kind in ("pods", "volumesnapshots", "pvc"):
         kubectl("delete", kind, "--all", "-n", NAMESPACE, "--wait=true", timeout=600)
-
-
-def ballast(*args):
-    """The ballast CLI inside a metadata pod, against the cluster's metadata
-    service; JSON output, parsed."""
-    out = kubectl(
-        "exec", "-n", "ballast-system", "ballast-meta-0", "--", "ballast", *args, "--meta", "127.0.0.1:7101", "-o", "json"
-    )
-    return json.loads(out) if out.strip() else None
 
 
 def volume_handle(claim):
@@ -247,14 +241,6 @@ spec:
     ballast("volume", "delete", handle)
 
 
-def node_plugin_on(node):
-    return next(
-        p["metadata"]["name"]
-        for p in get("pod", namespace="ballast-system")["items"]
-        if p["metadata"]["name"].startswith("ballast-csi-node-") and p["spec"]["nodeName"] == node
-    )
-
-
 def test_the_node_plugin_restarts_under_a_writing_pod():
     apply(pvc("steady", "1Gi"))
     # Verifies as it writes (verify_backlog), for long enough to span the restart.
@@ -265,8 +251,17 @@ def test_the_node_plugin_restarts_under_a_writing_pod():
     mappings = kubectl("exec", "-n", "ballast-system", plugin, "--", "nbd-client", "list")
     time.sleep(5)
     kubectl("delete", "pod", "-n", "ballast-system", plugin, "--wait=true")
-    wait_until("a new node plugin on the node", lambda: node_plugin_on(node) != plugin, timeout=120)
-    kubectl("wait", "-n", "ballast-system", f"pod/{node_plugin_on(node)}", "--for=condition=Ready", "--timeout=120s")
+    wait_until("a new node plugin on the node", lambda: node_plugin_on(node) not in (None, plugin), timeout=120)
+    successor = node_plugin_on(node)
+    kubectl("wait", "-n", "ballast-system", f"pod/{successor}", "--for=condition=Ready", "--timeout=120s")
+    # The serving process outlived the old plugin; its log is relayed
+    # into the new one's.
+    volume = volume_handle("steady")
+    wait_until(
+        "the serving process's log in the new node plugin's",
+        lambda: any(json.loads(line).get("fields", {}).get("volume") == volume for line in plugin_log_lines(successor)),
+        timeout=30,
+    )
     report = fio_report(wait_pod_done("steady", timeout=300))
     job = report["jobs"][0]
     assert job["error"] == 0, job
@@ -275,6 +270,10 @@ def test_the_node_plugin_restarts_under_a_writing_pod():
     print(f"node plugin deleted under fio on {node}; mapping was: {mappings.strip()}")
     delete("pod", "steady")
     delete("pvc", "steady")
+
+
+def plugin_log_lines(plugin):
+    return [line for line in kubectl("logs", "-n", "ballast-system", plugin, "-c", "csi-plugin").splitlines() if line.startswith("{")]
 
 
 def attachment_epoch(volume, node):

@@ -18,6 +18,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ballast_telemetry::LogFormat;
+use clap::ValueEnum;
 use serde::Deserialize;
 
 use crate::error::{CsiError, Result};
@@ -28,6 +30,7 @@ const MAP_LIMIT: Duration = Duration::from_secs(120);
 const UNMAP_LIMIT: Duration = Duration::from_secs(120);
 const LIST_LIMIT: Duration = Duration::from_secs(30);
 const RESIZE_LIMIT: Duration = Duration::from_secs(60);
+const PROBE_LIMIT: Duration = Duration::from_secs(30);
 
 /// One attached volume, as `nbd-client list` reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -52,17 +55,31 @@ impl Mapping {
     }
 }
 
+/// How `nbd-client probe` says devices attach on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct AttachProbe {
+    /// `netlink`, `ioctl` or `fuse-loop`; none when nothing works.
+    pub method: Option<String>,
+    pub reason: String,
+    /// What `modprobe nbd` said, when it was tried.
+    #[serde(default)]
+    pub module: Option<String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct NbdClient {
     /// `--nbd-client-bin`, if given.
     configured: Option<PathBuf>,
     /// `--nbd-state-dir`, passed on as `nbd-client --state-dir`.
     state_dir: Option<PathBuf>,
+    /// The plugin's own log format, which the serving processes then use
+    /// too: their logs are relayed into the plugin's.
+    log_format: LogFormat,
 }
 
 impl NbdClient {
-    pub fn new(configured: Option<PathBuf>, state_dir: Option<PathBuf>) -> Self {
-        Self { configured, state_dir }
+    pub fn new(configured: Option<PathBuf>, state_dir: Option<PathBuf>, log_format: LogFormat) -> Self {
+        Self { configured, state_dir, log_format }
     }
 
     /// The binary to run: the configured one (a bare name is looked up in
@@ -87,6 +104,11 @@ impl NbdClient {
         })
     }
 
+    /// Where `nbd-client` keeps its records and the serving processes' logs.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| PathBuf::from(nbd_client::mapping::DEFAULT_STATE_DIR))
+    }
+
     /// `--state-dir DIR`, when configured.
     fn state_args(&self) -> Vec<OsString> {
         match &self.state_dir {
@@ -101,6 +123,10 @@ impl NbdClient {
             ["map", volume, "--meta", meta, "--epoch", &epoch.to_string()].into_iter().map(OsString::from).collect();
         if readonly {
             args.push("--readonly".into());
+        }
+        if self.log_format != LogFormat::default() {
+            let format = self.log_format.to_possible_value().expect("named");
+            args.extend(["--log-format".into(), format.get_name().into()]);
         }
         args.extend(self.state_args());
         args
@@ -138,6 +164,20 @@ impl NbdClient {
         args.extend(self.state_args());
         let stdout = tools::run(&self.binary()?, args, LIST_LIMIT).await?;
         parse_list(&stdout)
+    }
+
+    /// How devices attach on this host, loading the nbd driver if it can.
+    /// A host where nothing works is an answer too (`method` is `None`).
+    pub async fn probe(&self) -> Result<AttachProbe> {
+        let args: Vec<OsString> = ["probe", "--load-module", "-o", "json"].into_iter().map(OsString::from).collect();
+        let binary = self.binary()?;
+        // It exits 1 when nothing works, still printing its answer.
+        let output = tools::run_status(&binary, args, PROBE_LIMIT).await?;
+        if output.stdout.trim().is_empty() {
+            return Err(tools::failure(&binary, &output));
+        }
+        serde_json::from_str(output.stdout.trim())
+            .map_err(|e| CsiError::Tool { tool: BINARY.into(), detail: format!("probe printed invalid JSON: {e}") })
     }
 
     /// The mapping of `volume`, if attached.
@@ -190,21 +230,21 @@ mod tests {
 
     #[test]
     fn a_missing_binary_is_a_failed_precondition() {
-        let client = NbdClient::new(Some("/nonexistent/nbd-client".into()), None);
+        let client = NbdClient::new(Some("/nonexistent/nbd-client".into()), None, LogFormat::Human);
         assert!(matches!(client.binary(), Err(CsiError::FailedPrecondition(_))));
     }
 
     #[test]
     fn map_arguments_and_its_device() {
-        let plain = NbdClient::new(None, None);
+        let plain = NbdClient::new(None, None, LogFormat::Human);
         assert_eq!(
             plain.map_args("vol-1", "a:1,b:2", 7, true),
             ["map", "vol-1", "--meta", "a:1,b:2", "--epoch", "7", "--readonly"]
         );
-        let private = NbdClient::new(None, Some("/run/test/nbd".into()));
+        let private = NbdClient::new(None, Some("/run/test/nbd".into()), LogFormat::Json);
         assert_eq!(
             private.map_args("vol-1", "a:1", 3, false),
-            ["map", "vol-1", "--meta", "a:1", "--epoch", "3", "--state-dir", "/run/test/nbd"]
+            ["map", "vol-1", "--meta", "a:1", "--epoch", "3", "--log-format", "json", "--state-dir", "/run/test/nbd"]
         );
         assert_eq!(parse_device("/dev/loop3\n").unwrap(), PathBuf::from("/dev/loop3"));
         assert_eq!(parse_device("attaching\n/dev/nbd7\n\n").unwrap(), PathBuf::from("/dev/nbd7"));

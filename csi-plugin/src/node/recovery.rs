@@ -1,8 +1,9 @@
 //! After the node plugin restarts: volumes staged here whose serving
 //! process is gone get a new one.
 //!
-//! In Kubernetes, restarting the plugin's container ends the serving
-//! processes it started, since they share its cgroup. A kernel nbd device
+//! Serving processes leave the plugin container's cgroup, so a restart of
+//! the container does not end them; a crash of one, or a host where it
+//! could not leave the cgroup, does. A kernel nbd device
 //! attached over netlink outlives its process for the dead-connection
 //! timeout, and a successor hands it new sockets (`NBD_CMD_RECONFIGURE`):
 //! the filesystem on it sees a pause, not an I/O error. Devices attached

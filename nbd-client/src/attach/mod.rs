@@ -177,6 +177,21 @@ impl Probe {
     }
 }
 
+/// Runs `modprobe nbd`; the error says why the driver could not be loaded
+/// (modprobe missing, no such module for this kernel, no permission).
+pub fn load_nbd_module() -> Result<(), String> {
+    let output = std::process::Command::new("modprobe")
+        .arg("nbd")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run modprobe: {e}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    Err(format!("modprobe nbd failed ({}): {}", output.status, stderr.trim()))
+}
+
 /// A block device backed by an export. Call [`detach`](Self::detach) (or,
 /// for a netlink device handed to a successor, [`release`](Self::release));
 /// dropping it stops serving as a crash would.

@@ -1,0 +1,46 @@
+//! What this node's kernel offers for attaching volumes, found once at
+//! startup (loading the nbd driver if it is missing) and reported in the
+//! log and as a metric, so an operator sees at once whether volumes get
+//! kernel NBD or the FUSE + loop fallback.
+
+use std::sync::LazyLock;
+
+use prometheus::{register_int_gauge_vec, IntGaugeVec};
+
+use crate::node::attach::{AttachProbe, NbdClient};
+
+static ATTACH_METHOD: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "ballast_csi_node_attach_method",
+        "1 for the way volumes attach on this node: netlink, ioctl, fuse-loop or none",
+        &["method"]
+    )
+    .unwrap()
+});
+
+/// Probes the host through `nbd-client probe` and reports the answer.
+pub async fn report_attach_method(nbd: &NbdClient) {
+    match nbd.probe().await {
+        Ok(probe) => {
+            log(&probe);
+            ATTACH_METHOD.with_label_values(&[probe.method.as_deref().unwrap_or("none")]).set(1);
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot tell how volumes attach on this node"),
+    }
+}
+
+fn log(probe: &AttachProbe) {
+    let module = probe.module.as_deref().unwrap_or("not needed");
+    match probe.method.as_deref() {
+        Some("netlink") => tracing::info!(method = "netlink", module, "volumes attach through kernel NBD"),
+        Some(method) => tracing::warn!(
+            method,
+            module,
+            reason = %probe.reason,
+            "kernel NBD (netlink) is not available on this node: volumes attach through {method}; \
+             load the nbd module: a kernel NBD device survives the death of its serving process, \
+             this one does not"
+        ),
+        None => tracing::error!(module, reason = %probe.reason, "volumes cannot be attached on this node"),
+    }
+}
