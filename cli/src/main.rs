@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use ballast_cli::output::{self, Format};
-use ballast_cli::{chunks, dev, size};
+use ballast_cli::{chunks, dev, pki, size};
 use ballast_proto::meta as pb;
 use clap::{Parser, Subcommand};
 use meta_raft::client::META_ENV;
@@ -40,6 +40,9 @@ enum Top {
     /// A local cluster of processes on loopback, for development and demos.
     #[command(subcommand)]
     Dev(Dev),
+    /// The cluster's certificate authority and its certificates.
+    #[command(subcommand)]
+    Pki(Pki),
     /// Leader, members, chunk servers, volumes and degraded chunks.
     Status {
         #[command(flatten)]
@@ -71,6 +74,43 @@ enum Top {
         /// metadata lists; without --meta, metadata is not asked at all.
         #[arg(long, value_delimiter = ',')]
         servers: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Pki {
+    /// Create the cluster's certificate authority (ca.crt, ca.key) in DIR.
+    ///
+    /// Example: ballast pki init --dir /etc/ballast/ca
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A name for the cluster, in the authority's certificate.
+        #[arg(long, default_value = "ballast")]
+        cluster: String,
+    },
+    /// Issue a component its certificate (tls.crt, tls.key, ca.crt in OUT).
+    ///
+    /// Roles: meta (a metadata member), storage (a chunk server, named by
+    /// its server id), node (a CSI node, named by its node id), controller,
+    /// admin. Issuing into a directory a component loads renews its
+    /// certificate without a restart.
+    ///
+    /// Example: ballast pki issue --ca /etc/ballast/ca --role node --name worker-1 --out /etc/ballast/tls
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        role: ballast_tls::Role,
+        #[arg(long)]
+        name: String,
+        /// A DNS name or IP address it serves as (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -378,6 +418,17 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!("stopped {}", stopped.join(", "));
             }
+            Ok(())
+        }
+        Top::Pki(Pki::Init { dir, cluster }) => {
+            pki::init(&dir, &cluster)?;
+            println!("certificate authority of cluster {cluster:?} created in {}", dir.display());
+            println!("keep {} secret: whoever holds it can join the cluster as anyone", dir.join("ca.key").display());
+            Ok(())
+        }
+        Top::Pki(Pki::Issue { ca, role, name, hosts, days, out }) => {
+            let identity = pki::issue(&pki::IssueRequest { ca, role, name, hosts, days, out: out.clone() })?;
+            println!("issued {identity} into {}", out.display());
             Ok(())
         }
         Top::Status { target } => status(target).await,
