@@ -27,11 +27,19 @@ struct Target {
     /// Output format of read commands.
     #[arg(short = 'o', long = "output", value_enum, global = true, default_value_t = Format::Table)]
     output: Format,
+    /// Certificate directory (tls.crt, tls.key, ca.crt) for a cluster that
+    /// serves mutual TLS; an admin certificate for changes.
+    #[arg(long, env = "BALLAST_TLS_DIR", global = true)]
+    tls_dir: Option<PathBuf>,
 }
 
 impl Target {
     fn client(&self) -> anyhow::Result<MetaClient> {
-        Ok(MetaClient::from_list(&self.meta)?)
+        let client = MetaClient::from_list(&self.meta)?;
+        Ok(match &self.tls_dir {
+            Some(dir) => client.with_tls(&ballast_tls::TlsDir::open(dir)?)?,
+            None => client,
+        })
     }
 }
 

@@ -11,6 +11,9 @@ use std::time::Duration;
 use ballast_proto::meta as pb;
 use ballast_proto::meta::cluster_client::ClusterClient;
 use ballast_proto::meta::meta_client::MetaClient as MetaGrpc;
+use ballast_tls::connect::grpc_connector;
+use ballast_tls::rustls::ClientConfig;
+use ballast_tls::{Role, TlsDir};
 use rand::Rng;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -32,6 +35,8 @@ pub enum ClientError {
     NoEndpoints,
     #[error("invalid metadata endpoint {0:?}: {1}")]
     BadEndpoint(String, String),
+    #[error("TLS: {0}")]
+    Tls(#[from] ballast_tls::TlsError),
 }
 
 /// A handle to the metadata cluster; cheap to clone.
@@ -46,6 +51,8 @@ struct Inner {
     /// The member believed to be the leader.
     leader: Mutex<Option<String>>,
     deadline: Duration,
+    /// Mutual TLS to the members; `None`: plaintext.
+    tls: Option<Arc<ClientConfig>>,
 }
 
 /// Splits `a:1,b:2` into endpoints, ignoring blanks.
@@ -78,6 +85,7 @@ impl MetaClient {
                 channels: Mutex::new(HashMap::new()),
                 leader: Mutex::new(None),
                 deadline: DEFAULT_DEADLINE,
+                tls: None,
             }),
         })
     }
@@ -94,8 +102,22 @@ impl MetaClient {
             channels: Mutex::new(self.inner.channels.lock().expect("lock").clone()),
             leader: Mutex::new(self.inner.leader.lock().expect("lock").clone()),
             deadline,
+            tls: self.inner.tls.clone(),
         };
         Self { inner: Arc::new(inner) }
+    }
+
+    /// The same cluster over mutual TLS, presenting the certificate in
+    /// `dir` and talking only to metadata members of its authority.
+    pub fn with_tls(&self, dir: &TlsDir) -> Result<Self, ClientError> {
+        let inner = Inner {
+            endpoints: self.inner.endpoints.clone(),
+            channels: Mutex::new(HashMap::new()),
+            leader: Mutex::new(None),
+            deadline: self.inner.deadline,
+            tls: Some(ballast_tls::client_config(dir, &[Role::Meta])?),
+        };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -107,11 +129,14 @@ impl MetaClient {
         channels
             .entry(endpoint.to_string())
             .or_insert_with(|| {
-                Endpoint::from_shared(format!("http://{endpoint}"))
+                let endpoint = Endpoint::from_shared(format!("http://{endpoint}"))
                     .expect("endpoints are validated in new()")
                     .connect_timeout(Duration::from_millis(500))
-                    .tcp_nodelay(true)
-                    .connect_lazy()
+                    .tcp_nodelay(true);
+                match &self.inner.tls {
+                    Some(tls) => endpoint.connect_with_connector_lazy(grpc_connector(tls.clone())),
+                    None => endpoint.connect_lazy(),
+                }
             })
             .clone()
     }

@@ -8,10 +8,12 @@
 //!   published volume's epoch to the chunk servers.
 //! - [`store`]: the sled-backed Raft log and state machine.
 //! - [`network`]: Raft RPCs between members.
-//! - [`service`] and [`cluster`]: the client and membership APIs.
+//! - [`service`] and [`cluster`]: the client and membership APIs;
+//!   [`access`]: which roles may call them, over mutual TLS.
 //! - [`node`]: runs a member. [`client`]: talks to the cluster.
 //!   [`recovery`]: a survivor of a lost majority becomes a cluster again.
 
+pub mod access;
 pub mod client;
 pub mod cluster;
 mod convert;

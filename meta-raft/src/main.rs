@@ -122,6 +122,11 @@ struct ServeArgs {
     /// given up and rebuilt elsewhere.
     #[arg(long, env = "BALLAST_META_REPAIR_AFTER", default_value_t = 60)]
     repair_after: u64,
+    /// This member's certificate directory (tls.crt, tls.key, ca.crt from
+    /// `ballast pki issue --role meta`): mutual TLS with clients and peers,
+    /// and calls authorised by the caller's role.
+    #[arg(long, env = "BALLAST_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
 }
 
 fn parse_members(list: &str) -> anyhow::Result<Vec<(u64, String)>> {
@@ -149,6 +154,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(list) => parse_members(list)?,
         None => Vec::new(),
     };
+    let tls = match args.tls_dir {
+        Some(dir) => {
+            let dir = ballast_tls::TlsDir::open(dir)?;
+            tracing::info!(identity = %dir.identity()?, "mutual TLS; calls authorised by role");
+            Some(dir)
+        }
+        None => {
+            tracing::warn!("serving WITHOUT TLS: anyone who reaches this port can read and change all metadata");
+            None
+        }
+    };
     let config = MemberConfig {
         id: args.id,
         listen: args.listen,
@@ -161,6 +177,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             interval: Duration::from_secs(args.repair_interval.max(1)),
             dead_after: Duration::from_secs(args.repair_after),
         },
+        tls,
     };
     meta_raft::run(config, ballast_telemetry::shutdown_signal()).await?;
     Ok(())

@@ -3,7 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge, HistogramVec, IntCounterVec, IntGauge,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge,
 };
 
 use crate::types::Raft;
@@ -42,6 +43,30 @@ pub static COPIED_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "ballast_meta_copied_bytes_total",
         "Bytes copied between chunk servers to repair replicas, by reason (rebuild, resync)",
         &["reason"]
+    )
+    .unwrap()
+});
+
+/// Connections refused before any call: no TLS, a certificate of another
+/// authority, or one that names no identity.
+pub static REFUSED_CONNECTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "ballast_meta_refused_connections_total",
+        "Connections refused in the TLS handshake (no TLS, unknown authority, no identity)"
+    )
+    .unwrap()
+});
+
+pub fn refused_connection() {
+    REFUSED_CONNECTIONS.inc();
+}
+
+/// Calls refused because the caller's role may not make them.
+pub static DENIED_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ballast_meta_denied_calls_total",
+        "Calls refused with PERMISSION_DENIED, by the caller's role and the method",
+        &["role", "method"]
     )
     .unwrap()
 });

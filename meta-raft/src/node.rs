@@ -11,10 +11,12 @@ use std::time::Duration;
 use ballast_proto::meta::cluster_server::ClusterServer;
 use ballast_proto::meta::meta_server::MetaServer;
 use ballast_proto::meta::raft_server::RaftServer;
+use ballast_tls::{Acceptor, Role, TlsDir};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
+use crate::access::Authorize;
 use crate::cluster::ClusterService;
 use crate::network::{PeerNetwork, RaftService};
 use crate::repair::{RepairConfig, Repairer};
@@ -42,6 +44,9 @@ pub struct MemberConfig {
     pub keep_logs: u64,
     /// The repair loop (runs on whichever member leads).
     pub repair: RepairConfig,
+    /// This member's certificate directory: mutual TLS for clients and
+    /// peers. `None` serves plaintext (`--insecure`).
+    pub tls: Option<TlsDir>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] ballast_tls::TlsError),
 }
 
 fn raft_config(config: &MemberConfig) -> Result<Arc<Config>, StartError> {
@@ -79,7 +86,11 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
     let (log_store, state_machine) =
         store::open(&config.data_dir).map_err(|source| StartError::Storage { dir: config.data_dir.clone(), source })?;
     let shared = state_machine.shared();
-    let raft = Raft::new(config.id, raft_config(&config)?, PeerNetwork, log_store, state_machine)
+    let peers = match &config.tls {
+        Some(dir) => PeerNetwork::new(Some(ballast_tls::client_config(dir, &[Role::Meta])?)),
+        None => PeerNetwork::new(None),
+    };
+    let raft = Raft::new(config.id, raft_config(&config)?, peers, log_store, state_machine)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
     tokio::spawn(metrics::follow_raft(raft.clone()));
@@ -99,11 +110,23 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
         let _ = stopping.send(());
     };
     let repair = tokio::spawn(Repairer::new(config.id, raft.clone(), shared.clone(), config.repair).run());
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
+        .layer(tower::layer::layer_fn(Authorize::new))
         .add_service(RaftServer::new(RaftService::new(raft.clone())).max_decoding_message_size(usize::MAX))
         .add_service(MetaServer::new(MetaService::new(raft.clone(), shared)))
-        .add_service(ClusterServer::new(ClusterService::new(raft.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .add_service(ClusterServer::new(ClusterService::new(raft.clone())));
+    let tls = config.tls.clone();
+    let server = async move {
+        match &tls {
+            Some(dir) => {
+                let acceptor = Acceptor::new(ballast_tls::server_config(dir)?);
+                let incoming = acceptor.incoming(listener, |_, _| metrics::refused_connection());
+                router.serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown).await?
+            }
+            None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?,
+        }
+        Ok::<(), StartError>(())
+    };
     // Graceful shutdown waits for every connection to close, and peers and
     // clients keep theirs open: give calls in flight a moment, no more.
     let grace = async {
@@ -125,7 +148,7 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
-    result.map_err(StartError::from)
+    result
 }
 
 async fn bootstrap(raft: &Raft, members: &[(NodeId, String)]) {

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ballast_proto::meta as pb;
+use ballast_tls::TlsDir;
 
 use crate::MetaClient;
 
@@ -37,11 +38,32 @@ pub struct LocalMetaCluster {
     bootstrap: String,
     extra_args: Vec<String>,
     pub members: Vec<MetaMember>,
+    /// The certificate [`client`](Self::client) presents, when the members
+    /// serve mutual TLS.
+    client_tls: Option<TlsDir>,
 }
 
 impl LocalMetaCluster {
     /// Starts `count` members under `dir` and waits for a leader.
     pub async fn start(binary: &Path, dir: &Path, count: usize, extra_args: &[&str]) -> Self {
+        Self::launch(binary, dir, count, extra_args, None).await
+    }
+
+    /// Like [`start`](Self::start), the members serving mutual TLS with the
+    /// certificate in `member_tls`; [`client`](Self::client) presents
+    /// `client_tls`.
+    pub async fn start_with_tls(
+        binary: &Path,
+        dir: &Path,
+        count: usize,
+        member_tls: &Path,
+        client_tls: TlsDir,
+    ) -> Self {
+        let tls_arg = member_tls.to_str().expect("utf-8 path");
+        Self::launch(binary, dir, count, &["--tls-dir", tls_arg], Some(client_tls)).await
+    }
+
+    async fn launch(binary: &Path, dir: &Path, count: usize, extra_args: &[&str], client_tls: Option<TlsDir>) -> Self {
         let ports = free_ports(count);
         let members: Vec<MetaMember> = ports
             .iter()
@@ -59,6 +81,7 @@ impl LocalMetaCluster {
             bootstrap,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             members,
+            client_tls,
         };
         for id in 1..=count as u64 {
             cluster.start_member(id);
@@ -72,7 +95,11 @@ impl LocalMetaCluster {
     }
 
     pub fn client(&self) -> MetaClient {
-        MetaClient::new(self.endpoints()).expect("valid endpoints")
+        let client = MetaClient::new(self.endpoints()).expect("valid endpoints");
+        match &self.client_tls {
+            Some(tls) => client.with_tls(tls).expect("a usable certificate directory"),
+            None => client,
+        }
     }
 
     fn member(&mut self, id: u64) -> &mut MetaMember {

@@ -24,6 +24,7 @@ pub use accept::{Acceptor, Peer, TlsConnection};
 pub use config::{client_config, server_config};
 pub use files::TlsDir;
 pub use identity::{Identity, Role};
+pub use rustls;
 
 /// What can go wrong with certificates and TLS set-up.
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,12 @@
 //! The sending side of the Raft RPCs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::meta::raft_client::RaftClient;
 use ballast_proto::meta::RaftMessage;
+use ballast_tls::connect::grpc_connector;
+use ballast_tls::rustls::ClientConfig;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -21,14 +24,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Creates one [`PeerClient`] per replication target.
 #[derive(Clone, Default)]
-pub struct PeerNetwork;
+pub struct PeerNetwork {
+    /// Mutual TLS to peers that must be metadata members; `None` with
+    /// `--insecure`.
+    tls: Option<Arc<ClientConfig>>,
+}
+
+impl PeerNetwork {
+    pub fn new(tls: Option<Arc<ClientConfig>>) -> Self {
+        Self { tls }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         let channel = Endpoint::from_shared(format!("http://{}", node.addr))
-            .map(|endpoint| endpoint.connect_timeout(CONNECT_TIMEOUT).connect_lazy())
+            .map(|endpoint| {
+                let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
+                match &self.tls {
+                    Some(tls) => endpoint.connect_with_connector_lazy(grpc_connector(tls.clone())),
+                    None => endpoint.connect_lazy(),
+                }
+            })
             .map_err(|e| format!("peer {target} has an invalid address {:?}: {e}", node.addr));
         PeerClient { target, channel }
     }

@@ -1,0 +1,131 @@
+//! Who may call what. Over mutual TLS every connection carries its
+//! caller's [`Peer`] identity, and [`Authorize`] checks the role against
+//! [`allowed`] before a call reaches a service: a refused call gets
+//! PERMISSION_DENIED and is counted. A member serving without TLS
+//! (`--insecure`) has no identities to check and lets every call through.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use ballast_tls::{Peer, Role};
+use tonic::Status;
+
+use crate::metrics::DENIED_CALLS;
+
+const ANY: &[Role] = &[Role::Meta, Role::Storage, Role::Node, Role::Controller, Role::Admin];
+const OPERATORS: &[Role] = &[Role::Controller, Role::Admin];
+
+/// The roles that may call `method` (the last part of the gRPC path) of
+/// `service`; none for a method not listed.
+pub fn allowed(service: &str, method: &str) -> &'static [Role] {
+    match (service, method) {
+        // Only members vote and replicate.
+        ("Raft", _) => &[Role::Meta],
+        ("Cluster", "Status") => ANY,
+        ("Cluster", "Initialize" | "AddLearner" | "ChangeMembership") => &[Role::Admin],
+        (
+            "Meta",
+            "GetVolume" | "ListVolumes" | "ListSnapshots" | "ListAttachments" | "GetChunkMap" | "ListChunkServers"
+            | "GetNode",
+        ) => ANY,
+        (
+            "Meta",
+            "CreateVolume" | "DeleteVolume" | "ExpandVolume" | "CreateSnapshot" | "DeleteSnapshot" | "CompleteSnapshot"
+            | "MarkVolumeReady",
+        ) => OPERATORS,
+        // A node attaches volumes (nbd-client map publishes to itself
+        // when not given an epoch); the controller publishes for nodes.
+        ("Meta", "PublishVolume" | "UnpublishVolume") => &[Role::Node, Role::Controller, Role::Admin],
+        // Writers of volumes: the node's engine, the controller's copies.
+        ("Meta", "AllocateChunk" | "ReportFailedReplica") => &[Role::Node, Role::Controller, Role::Admin],
+        ("Meta", "RegisterChunkServer" | "Heartbeat") => &[Role::Storage],
+        ("Meta", "SetDraining") => &[Role::Admin],
+        ("Meta", "RegisterNode") => &[Role::Node, Role::Admin],
+        _ => &[],
+    }
+}
+
+/// Splits `/ballast.meta.v1.Meta/CreateVolume` into `("Meta", "CreateVolume")`.
+fn service_and_method(path: &str) -> (&str, &str) {
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    (service.rsplit('.').next().unwrap_or(service), method)
+}
+
+/// Whether `peer` may call `path`; the refusal says who and what.
+pub fn check(path: &str, peer: Option<&Peer>) -> Result<(), Status> {
+    let Some(peer) = peer else { return Ok(()) };
+    let (service, method) = service_and_method(path);
+    let roles = allowed(service, method);
+    if roles.contains(&peer.identity.role) {
+        return Ok(());
+    }
+    DENIED_CALLS.with_label_values(&[peer.identity.role.name(), method]).inc();
+    tracing::warn!(peer = %peer.identity, addr = %peer.addr, %service, %method, "call refused: role not allowed");
+    let wanted: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+    Err(Status::permission_denied(if wanted.is_empty() {
+        format!("{service}/{method} is not a call anyone may make")
+    } else {
+        format!("{} may not call {service}/{method} (needs {})", peer.identity, wanted.join(" or "))
+    }))
+}
+
+/// The tower layer in front of every service of a member.
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+}
+
+impl<S> Authorize<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S, B> tower::Service<http::Request<B>> for Authorize<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        match check(request.uri().path(), request.extensions().get::<Peer>()) {
+            Ok(()) => Box::pin(self.inner.call(request)),
+            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballast_tls::Identity;
+
+    fn peer(role: Role) -> Peer {
+        Peer { identity: Identity::new(role, "x").unwrap(), addr: "127.0.0.1:1".parse().unwrap() }
+    }
+
+    #[test]
+    fn roles_decide() {
+        let delete = "/ballast.meta.v1.Meta/DeleteVolume";
+        assert!(check(delete, Some(&peer(Role::Controller))).is_ok());
+        let denied = check(delete, Some(&peer(Role::Node))).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(denied.message().contains("node/x may not call Meta/DeleteVolume (needs controller or admin)"));
+        assert!(check("/ballast.meta.v1.Raft/Vote", Some(&peer(Role::Admin))).is_err());
+        assert!(check("/ballast.meta.v1.Raft/Vote", Some(&peer(Role::Meta))).is_ok());
+        assert!(check("/ballast.meta.v1.Meta/Heartbeat", Some(&peer(Role::Node))).is_err());
+        assert!(check("/ballast.meta.v1.Meta/Unknown", Some(&peer(Role::Admin))).is_err());
+        // Without TLS there is nobody to check.
+        assert!(check(delete, None).is_ok());
+    }
+}

@@ -1,0 +1,101 @@
+//! The metadata service attacked from the network: three `meta-raft`
+//! processes serving mutual TLS, and callers without a certificate, with a
+//! certificate of another authority, or with a role that may not make the
+//! call. Against a member serving plaintext, the same calls succeed: that
+//! is what `--tls-dir` closes.
+
+use std::path::Path;
+
+use ballast_proto::meta as pb;
+use ballast_tls::pki::{Authority, DEFAULT_VALIDITY};
+use ballast_tls::{Identity, Role, TlsDir};
+use meta_raft::testing::LocalMetaCluster;
+use meta_raft::MetaClient;
+use tonic::Code;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_meta-raft");
+
+fn issue(ca: &Authority, root: &Path, role: Role, name: &str) -> TlsDir {
+    let out = root.join(format!("{role}-{name}"));
+    ca.issue(&Identity::new(role, name).unwrap(), &[], DEFAULT_VALIDITY, &out).unwrap();
+    TlsDir::open(out).unwrap()
+}
+
+fn volume(name: &str) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest { name: name.into(), size_bytes: 1 << 30, replicas: 1, ..Default::default() }
+}
+
+fn get(id: &str) -> pb::GetVolumeRequest {
+    pb::GetVolumeRequest { key: Some(pb::get_volume_request::Key::Id(id.into())) }
+}
+
+fn delete(id: &str) -> pb::DeleteVolumeRequest {
+    pb::DeleteVolumeRequest { id: id.into() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tls_anyone_deletes_a_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalMetaCluster::start(Path::new(BINARY), dir.path(), 1, &[]).await;
+    let stranger = cluster.client();
+    let created = stranger.create_volume(volume("db")).await.unwrap();
+    stranger.delete_volume(delete(&created.id)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_tls_only_the_right_roles_change_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::create(&dir.path().join("ca"), "test").unwrap();
+    let members = issue(&ca, dir.path(), Role::Meta, "members");
+    let admin = issue(&ca, dir.path(), Role::Admin, "ops");
+    // Three members: Raft itself runs over mutual TLS, or no leader is elected.
+    let cluster = LocalMetaCluster::start_with_tls(Path::new(BINARY), dir.path(), 3, members.path(), admin).await;
+    let admin = cluster.client();
+    let created = admin.create_volume(volume("db")).await.unwrap();
+
+    // No certificate at all: the connection is refused, the call never made.
+    let plaintext = MetaClient::new(cluster.endpoints()).unwrap().with_deadline(std::time::Duration::from_secs(3));
+    let err = plaintext.delete_volume(delete(&created.id)).await.unwrap_err();
+    // The member answers a plaintext HTTP/2 preface with a TLS alert,
+    // which the client reads as a broken HTTP/2 stream.
+    assert!(matches!(err.code(), Code::Unavailable | Code::Internal), "{err}");
+
+    // An admin certificate of another authority: refused the same way.
+    let intruders = Authority::create(&dir.path().join("intruders"), "test").unwrap();
+    let forged = issue(&intruders, &dir.path().join("forged"), Role::Admin, "ops");
+    let forged = MetaClient::new(cluster.endpoints())
+        .unwrap()
+        .with_deadline(std::time::Duration::from_secs(3))
+        .with_tls(&forged)
+        .unwrap();
+    let err = forged.delete_volume(delete(&created.id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+
+    // A node of this cluster may read, not delete, and may not vote.
+    let node = MetaClient::new(cluster.endpoints())
+        .unwrap()
+        .with_tls(&issue(&ca, dir.path(), Role::Node, "worker-1"))
+        .unwrap();
+    assert_eq!(node.get_volume(get(&created.id)).await.unwrap().id, created.id);
+    let err = node.delete_volume(delete(&created.id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("node/worker-1 may not call Meta/DeleteVolume"), "{err}");
+    let err = node
+        .change_membership(pb::ChangeMembershipRequest { voters: vec![1], retain_learners: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+
+    // A chunk server may not register as anyone but a chunk server, and a
+    // controller may not heartbeat.
+    let controller = MetaClient::new(cluster.endpoints())
+        .unwrap()
+        .with_tls(&issue(&ca, dir.path(), Role::Controller, "csi"))
+        .unwrap();
+    let err = controller.heartbeat(pb::HeartbeatRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+
+    // The volume is still there; the admin deletes it.
+    assert_eq!(admin.get_volume(get(&created.id)).await.unwrap().id, created.id);
+    admin.delete_volume(delete(&created.id)).await.unwrap();
+}
