@@ -70,6 +70,19 @@ pub fn check(path: &str, peer: Option<&Peer>) -> Result<(), Status> {
     }))
 }
 
+/// A caller of `role` may act only as itself: a chunk server registers and
+/// heartbeats for its own id, a node registers and attaches volumes for
+/// its own node id. Other roles allowed the call act for anyone.
+pub fn check_acting_as<T>(request: &tonic::Request<T>, role: Role, claimed: &str) -> Result<(), Status> {
+    let Some(peer) = request.extensions().get::<Peer>() else { return Ok(()) };
+    if peer.identity.role != role || peer.identity.name == claimed {
+        return Ok(());
+    }
+    DENIED_CALLS.with_label_values(&[peer.identity.role.name(), "ActAsAnother"]).inc();
+    tracing::warn!(peer = %peer.identity, addr = %peer.addr, claimed, "call refused: acting as another");
+    Err(Status::permission_denied(format!("{} may act only as itself, not as {claimed:?}", peer.identity)))
+}
+
 /// The tower layer in front of every service of a member.
 #[derive(Clone)]
 pub struct Authorize<S> {

@@ -7,9 +7,11 @@ use std::time::Instant;
 
 use ballast_proto::meta as pb;
 use ballast_proto::meta::meta_server::Meta;
+use ballast_tls::Role;
 use openraft::error::{ClientWriteError, RaftError};
 use tonic::{Request, Response, Status};
 
+use crate::access::check_acting_as;
 use crate::convert;
 use crate::error::{not_leader, MetaError};
 use crate::fence;
@@ -346,6 +348,7 @@ impl Meta for MetaService {
 
     async fn register_chunk_server(&self, request: Request<pb::RegisterChunkServerRequest>) -> Reply<pb::ChunkServer> {
         timed("RegisterChunkServer", async {
+            check_acting_as(&request, Role::Storage, &request.get_ref().id)?;
             let r = request.into_inner();
             // The first registration names the cluster (once: a concurrent
             // proposal's id loses and the applied one is returned).
@@ -374,6 +377,7 @@ impl Meta for MetaService {
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatResponse> {
         timed("Heartbeat", async {
+            check_acting_as(&request, Role::Storage, &request.get_ref().server_id)?;
             let r = request.into_inner();
             required("server id", &r.server_id)?;
             let held = r.reports_chunks.then(|| {
@@ -495,6 +499,7 @@ impl Meta for MetaService {
 
     async fn publish_volume(&self, request: Request<pb::PublishVolumeRequest>) -> Reply<pb::Attachment> {
         timed("PublishVolume", async {
+            check_acting_as(&request, Role::Node, &request.get_ref().node_id)?;
             let r = request.into_inner();
             let command = Command::Publish { volume_id: r.volume_id, node_id: r.node_id, readonly: r.readonly };
             match self.propose(command).await? {
@@ -515,6 +520,7 @@ impl Meta for MetaService {
         request: Request<pb::UnpublishVolumeRequest>,
     ) -> Reply<pb::UnpublishVolumeResponse> {
         timed("UnpublishVolume", async {
+            check_acting_as(&request, Role::Node, &request.get_ref().node_id)?;
             let r = request.into_inner();
             match self.propose(Command::Unpublish { volume_id: r.volume_id, node_id: r.node_id }).await? {
                 Outcome::Existed(existed) => Ok(Response::new(pb::UnpublishVolumeResponse { existed })),
@@ -526,6 +532,7 @@ impl Meta for MetaService {
 
     async fn register_node(&self, request: Request<pb::RegisterNodeRequest>) -> Reply<pb::CsiNode> {
         timed("RegisterNode", async {
+            check_acting_as(&request, Role::Node, &request.get_ref().node_id)?;
             let r = request.into_inner();
             required("node id", &r.node_id)?;
             let command = Command::RegisterNode {

@@ -95,6 +95,42 @@ async fn over_tls_only_the_right_roles_change_metadata() {
     let err = controller.heartbeat(pb::HeartbeatRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
 
+    // A chunk server heartbeats and registers only as itself, a node
+    // attaches volumes and registers only for itself.
+    let storage =
+        MetaClient::new(cluster.endpoints()).unwrap().with_tls(&issue(&ca, dir.path(), Role::Storage, "ss-1")).unwrap();
+    let as_another = pb::HeartbeatRequest { server_id: "ss-2".into(), ..Default::default() };
+    let err = storage.heartbeat(as_another).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("storage/ss-1 may act only as itself, not as \"ss-2\""), "{err}");
+    let err = storage
+        .register_chunk_server(pb::RegisterChunkServerRequest {
+            id: "ss-2".into(),
+            address: "127.0.0.1:1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let registered = storage
+        .register_chunk_server(pb::RegisterChunkServerRequest {
+            id: "ss-1".into(),
+            address: "127.0.0.1:1".into(),
+            capacity_bytes: 1 << 30,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(registered.id, "ss-1");
+    let steal = pb::PublishVolumeRequest { volume_id: created.id.clone(), node_id: "worker-2".into(), readonly: false };
+    let err = node.publish_volume(steal).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let err = node
+        .register_node(pb::RegisterNodeRequest { node_id: "worker-2".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+
     // The volume is still there; the admin deletes it.
     assert_eq!(admin.get_volume(get(&created.id)).await.unwrap().id, created.id);
     admin.delete_volume(delete(&created.id)).await.unwrap();
