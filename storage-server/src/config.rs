@@ -36,6 +36,9 @@ pub struct Config {
     pub meta: Vec<String>,
     /// How long a chunk metadata no longer references waits in the trash.
     pub orphan_grace: Duration,
+    /// Certificate directory (role storage, named by the server id): the
+    /// server's id, and mutual TLS with the metadata service.
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -54,6 +57,7 @@ impl Config {
             scrub_rate: 0,
             meta: Vec::new(),
             orphan_grace: DEFAULT_ORPHAN_GRACE,
+            tls_dir: None,
         }
     }
 }
@@ -131,6 +135,11 @@ pub struct ServeArgs {
     /// before it is deleted (`storage-server trash restore` brings it back).
     #[arg(long, env = "BALLAST_STORAGE_ORPHAN_GRACE", default_value_t = DEFAULT_ORPHAN_GRACE.as_secs())]
     pub orphan_grace: u64,
+    /// Certificate directory (tls.crt, tls.key, ca.crt from `ballast pki
+    /// issue --role storage --name SERVER_ID`): the server's id, and mutual
+    /// TLS with the metadata service.
+    #[arg(long, env = "BALLAST_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -147,6 +156,7 @@ impl ServeArgs {
             scrub_rate: self.scrub_rate,
             meta: self.meta.into_iter().filter(|m| !m.trim().is_empty()).collect(),
             orphan_grace: Duration::from_secs(self.orphan_grace),
+            tls_dir: self.tls_dir,
         }
     }
 }

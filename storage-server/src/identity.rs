@@ -11,13 +11,7 @@ const CLUSTER_FILE: &str = "cluster-id";
 /// Returns `explicit` if given, else the id stored in `data_dir`, creating
 /// and durably storing a random one on first start.
 pub fn load_or_create(data_dir: &Path, explicit: Option<&str>) -> io::Result<String> {
-    let path = data_dir.join(FILE);
-    let stored = match std::fs::read_to_string(&path) {
-        Ok(id) => Some(id.trim().to_string()).filter(|id| !id.is_empty()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
-    };
-    match (explicit, stored) {
+    match (explicit, stored(data_dir)?) {
         (Some(id), Some(stored)) if id != stored => {
             tracing::warn!(%id, %stored, "--server-id differs from the id stored in the data directory");
             Ok(id.to_string())
@@ -29,6 +23,36 @@ pub fn load_or_create(data_dir: &Path, explicit: Option<&str>) -> io::Result<Str
             write_durably(data_dir, FILE, &id)?;
             Ok(id)
         }
+    }
+}
+
+/// The id of a server that presents a certificate: the name the
+/// certificate gives it. A `--server-id` or a data directory that says
+/// otherwise is refused (the chunks here belong to that other server).
+pub fn for_certificate(data_dir: &Path, explicit: Option<&str>, certified: &str) -> io::Result<String> {
+    if let Some(id) = explicit.filter(|id| *id != certified) {
+        return Err(io::Error::other(format!(
+            "--server-id is {id:?} but the certificate names {certified:?}; issue a certificate for {id:?}"
+        )));
+    }
+    match stored(data_dir)? {
+        Some(stored) if stored != certified => Err(io::Error::other(format!(
+            "this data directory belongs to chunk server {stored:?} but the certificate names {certified:?}; \
+             issue a certificate for {stored:?}"
+        ))),
+        Some(_) => Ok(certified.to_string()),
+        None => {
+            write_durably(data_dir, FILE, certified)?;
+            Ok(certified.to_string())
+        }
+    }
+}
+
+fn stored(data_dir: &Path) -> io::Result<Option<String>> {
+    match std::fs::read_to_string(data_dir.join(FILE)) {
+        Ok(id) => Ok(Some(id.trim().to_string()).filter(|id| !id.is_empty())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::meta as pb;
+use ballast_tls::TlsDir;
 use meta_raft::MetaClient;
 use tokio::sync::watch;
 
@@ -63,6 +64,7 @@ impl Registration {
 /// consecutive reconciliations agree.
 pub async fn register_and_heartbeat(
     meta: Vec<String>,
+    tls: Option<TlsDir>,
     info: Registration,
     store: Arc<Store>,
     mut stop: watch::Receiver<bool>,
@@ -75,7 +77,11 @@ pub async fn register_and_heartbeat(
         tracing::warn!("no listener to announce; not registering with the metadata service");
         return;
     };
-    let client = match MetaClient::new(meta) {
+    let client = MetaClient::new(meta).and_then(|client| match &tls {
+        Some(dir) => client.with_tls(dir),
+        None => Ok(client),
+    });
+    let client = match client {
         Ok(client) => client.with_deadline(Duration::from_secs(5)),
         Err(e) => {
             tracing::error!(error = %e, "invalid metadata endpoints; running standalone");

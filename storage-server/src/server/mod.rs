@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ballast_tls::{Role, TlsDir};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
@@ -35,6 +36,10 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] ballast_tls::TlsError),
+    #[error("{0}")]
+    Certificate(String),
 }
 
 /// Longest a graceful shutdown waits for connections to finish their requests.
@@ -63,8 +68,21 @@ pub struct RunningServer {
 /// serving (plus background scrub, metrics and registration).
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     std::fs::create_dir_all(&config.data_dir).map_err(io_error("creating the data directory"))?;
-    let server_id = crate::identity::load_or_create(&config.data_dir, config.server_id.as_deref())
-        .map_err(io_error("reading the server id"))?;
+    let tls = match &config.tls_dir {
+        Some(dir) => Some(TlsDir::open(dir)?),
+        None => None,
+    };
+    let server_id = match &tls {
+        Some(dir) => {
+            let identity = dir.identity()?;
+            if identity.role != Role::Storage {
+                return Err(ServerError::Certificate(format!("the certificate names {identity}, not a chunk server")));
+            }
+            crate::identity::for_certificate(&config.data_dir, config.server_id.as_deref(), &identity.name)
+        }
+        None => crate::identity::load_or_create(&config.data_dir, config.server_id.as_deref()),
+    }
+    .map_err(io_error("the server id"))?;
     let backend = backend::select(config.io_backend, &config.data_dir).await?;
     let kind = backend.kind();
     for k in [BackendKind::Uring, BackendKind::ThreadPool] {
@@ -109,7 +127,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         data_dir: config.data_dir.clone(),
         orphan_grace: config.orphan_grace,
     };
-    tasks.push(tokio::spawn(register_and_heartbeat(config.meta.clone(), registration, store.clone(), stop_rx)));
+    tasks.push(tokio::spawn(register_and_heartbeat(config.meta.clone(), tls, registration, store.clone(), stop_rx)));
     tracing::info!(tcp = ?tcp_addr, unix = ?config.unix, metrics = ?metrics_addr, "serving");
     Ok(RunningServer {
         server_id,
