@@ -7,7 +7,9 @@
 //! waits a full repair delay before anything counts as silent. And when
 //! half the servers or more are silent at once, the metadata side is the
 //! one cut off (a partition, a stalled disk): nobody is given up. Ceph's
-//! monitors hold back in the same way (`mon_osd_min_in_ratio`).
+//! monitors hold back in the same way (`mon_osd_min_in_ratio`). When the
+//! cut heals, listening starts afresh: the servers heard last are a
+//! heartbeat behind, not dead.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -85,7 +87,14 @@ impl Liveness {
             }
             return BTreeSet::new();
         }
-        self.holding_back = false;
+        if std::mem::replace(&mut self.holding_back, false) {
+            // The cut healed. Heartbeats come back a beat apart, and the
+            // last server heard must not be given up for that beat: every
+            // server gets a full delay from now.
+            tracing::info!("most chunk servers are heard again; listening afresh");
+            self.listening_since = Some(now);
+            return BTreeSet::new();
+        }
         silent
     }
 
@@ -144,5 +153,32 @@ mod tests {
         // A leader change: whatever the old one heard is forgotten.
         liveness.forget();
         assert!(liveness.silent(at(53), &servers(&[1, 53, 53, 53])).is_empty());
+    }
+
+    #[test]
+    fn a_healed_partition_gives_every_server_a_full_delay_to_be_heard_again() {
+        let (dead_after, interval) = (Duration::from_secs(3), Duration::from_secs(1));
+        let mut liveness = Liveness::new(dead_after, interval);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        for t in 0..=2 {
+            liveness.silent(at(t), &servers(&[t, t, t, t]));
+        }
+        // The partition: nobody is heard, nobody is given up.
+        for t in 3..=12 {
+            assert!(liveness.silent(at(t), &servers(&[2, 2, 2, 2])).is_empty());
+        }
+        // Healed: heartbeats come back a beat apart; s3's is the last.
+        assert!(liveness.silent(at(13), &servers(&[13, 2, 2, 2])).is_empty());
+        assert!(liveness.silent(at(14), &servers(&[14, 14, 2, 2])).is_empty());
+        let silent = liveness.silent(at(15), &servers(&[15, 15, 15, 2]));
+        assert!(silent.is_empty(), "{silent:?} given up a beat after the partition healed");
+        assert!(liveness.silent(at(16), &servers(&[16, 16, 16, 16])).is_empty());
+        // A server that really stays silent is given up, a full delay later.
+        let mut silent = BTreeSet::new();
+        for t in 17..=21 {
+            silent = liveness.silent(at(t), &servers(&[t, t, t, 16]));
+        }
+        assert_eq!(silent, BTreeSet::from(["s3".to_string()]));
     }
 }
