@@ -4,7 +4,7 @@
 //! outlives the process, and the container that started it); the relay
 //! follows every such file and passes complete lines on unchanged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -44,13 +44,20 @@ impl Relay {
     /// last pass.
     pub fn pass(&mut self, out: &mut impl Write) -> io::Result<()> {
         let first = !std::mem::replace(&mut self.started, true);
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
             if path.extension().is_none_or(|ext| ext != "log") {
                 continue;
             }
             let offset = *self.offsets.entry(path.clone()).or_insert(if first { u64::MAX } else { 0 });
+            // Logs accumulate, one per volume ever attached here, and most
+            // are quiet: an unchanged length needs no open and no read.
+            if entry.metadata().is_ok_and(|meta| meta.len() == offset) {
+                seen.insert(path);
+                continue;
+            }
             match follow(&path, offset, out) {
                 Ok(next) => {
                     self.offsets.insert(path.clone(), next);
@@ -58,7 +65,7 @@ impl Relay {
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(err),
             }
-            seen.push(path);
+            seen.insert(path);
         }
         self.offsets.retain(|path, _| seen.contains(path));
         Ok(())
