@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ballast_tls::pki::{Authority, CERT};
-use ballast_tls::{Identity, Role, TlsDir};
+use ballast_tls::{Identity, Role};
 
 /// What `ballast pki issue` is asked for.
 pub struct IssueRequest {
@@ -33,8 +33,7 @@ pub fn issue(request: &IssueRequest) -> anyhow::Result<Identity> {
     let identity = Identity::new(request.role, request.name.clone())?;
     let authority = Authority::load(&request.ca)?;
     let lifetime = Duration::from_secs(request.days * 24 * 3600);
-    authority.issue(&identity, &request.hosts, lifetime, &request.out)?;
-    let issued = TlsDir::open(&request.out)?.identity()?;
+    let issued = authority.issue(&identity, &request.hosts, lifetime, &request.out)?.identity()?;
     anyhow::ensure!(issued == identity, "{} names {issued}, not {identity}", request.out.join(CERT).display());
     Ok(issued)
 }

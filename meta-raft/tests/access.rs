@@ -17,8 +17,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_meta-raft");
 
 fn issue(ca: &Authority, root: &Path, role: Role, name: &str) -> TlsDir {
     let out = root.join(format!("{role}-{name}"));
-    ca.issue(&Identity::new(role, name).unwrap(), &[], DEFAULT_VALIDITY, &out).unwrap();
-    TlsDir::open(out).unwrap()
+    ca.issue(&Identity::new(role, name).unwrap(), &[], DEFAULT_VALIDITY, &out).unwrap()
 }
 
 fn volume(name: &str) -> pb::CreateVolumeRequest {

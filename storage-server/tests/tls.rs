@@ -20,8 +20,7 @@ fn meta_raft_binary() -> PathBuf {
 
 fn issue(ca: &Authority, root: &Path, role: Role, name: &str) -> TlsDir {
     let out = root.join(format!("{role}-{name}"));
-    ca.issue(&Identity::new(role, name).unwrap(), &[], DEFAULT_VALIDITY, &out).unwrap();
-    TlsDir::open(out).unwrap()
+    ca.issue(&Identity::new(role, name).unwrap(), &[], DEFAULT_VALIDITY, &out).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

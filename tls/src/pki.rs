@@ -15,6 +15,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
+use crate::files::TlsDir;
 use crate::identity::Identity;
 use crate::TlsError;
 
@@ -72,8 +73,15 @@ impl Authority {
 
     /// Issues `identity` a certificate, also valid as a server for `hosts`
     /// (DNS names or IP addresses), into `out` (`tls.crt`, `tls.key`,
-    /// `ca.crt`). Replaces what `out` held: the component reloads it.
-    pub fn issue(&self, identity: &Identity, hosts: &[String], lifetime: Duration, out: &Path) -> Result<(), TlsError> {
+    /// `ca.crt`), and returns that directory as a component loads it.
+    /// Replaces what `out` held: the component reloads it.
+    pub fn issue(
+        &self,
+        identity: &Identity,
+        hosts: &[String],
+        lifetime: Duration,
+        out: &Path,
+    ) -> Result<TlsDir, TlsError> {
         let key = KeyPair::generate().map_err(rcgen_error)?;
         let mut params = CertificateParams::new(hosts.to_vec()).map_err(rcgen_error)?;
         let uri = identity.uri().try_into().map_err(rcgen_error)?;
@@ -89,7 +97,8 @@ impl Authority {
         // The key first: a reload that sees the new certificate finds its key.
         write_private(&out.join(KEY), &key.serialize_pem())?;
         write_public(&out.join(CERT), &cert.pem())?;
-        write_public(&out.join(CA_CERT), &self.cert_pem)
+        write_public(&out.join(CA_CERT), &self.cert_pem)?;
+        TlsDir::open(out)
     }
 }
 

@@ -28,8 +28,7 @@ impl Cluster {
 
     fn issue(&self, role: Role, name: &str) -> TlsDir {
         let out = self.root.join(format!("{role}-{name}"));
-        self.ca.issue(&Identity::new(role, name).unwrap(), &["127.0.0.1".into()], DEFAULT_VALIDITY, &out).unwrap();
-        TlsDir::open(out).unwrap()
+        self.ca.issue(&Identity::new(role, name).unwrap(), &["127.0.0.1".into()], DEFAULT_VALIDITY, &out).unwrap()
     }
 }
 
