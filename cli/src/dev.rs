@@ -95,15 +95,16 @@ fn is_running(process: &Process) -> bool {
     if process.pid == 0 {
         return false;
     }
-    // Gone, or a zombie: not running. A killed process's leader turns
+    // Gone, a zombie or dead: not running. A killed process's leader turns
     // zombie before its other threads have exited and released its files
     // (and the locks on them): every thread must be.
     let Ok(threads) = fs::read_dir(format!("/proc/{}/task", process.pid)) else {
         return false;
     };
-    let zombie = |stat: String| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    let exited =
+        |stat: String| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
     let live_threads =
-        threads.flatten().filter(|t| fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| !zombie(stat))).count();
+        threads.flatten().filter(|t| fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| !exited(stat))).count();
     if live_threads == 0 {
         return false;
     }
@@ -459,8 +460,13 @@ impl DevCluster {
     /// with the same command line and data.
     pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
         let process = self.process(name);
-        if is_running(process) {
-            bail!("{name} is still running (pid {})", process.pid);
+        // A process killed elsewhere may still be tearing its threads down.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while is_running(process) {
+            if Instant::now() > deadline {
+                bail!("{name} is still running (pid {})", process.pid);
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         let pid = spawn(&self.dir, &self.bin_dir, process)?;
         if let Some(process) = self.state.processes.iter_mut().find(|p| p.name == name) {

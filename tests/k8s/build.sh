@@ -212,6 +212,10 @@ main() {
     [[ " ${STEPS[*]} " == *" $step "* ]] || die "unknown step $step (steps: ${STEPS[*]})"
     "$step"
   done
+  if [[ ${K8S_DROP_GO_BUILD_CACHE:-0} == 1 ]]; then
+    log "dropping the Go build cache ($(du -sh "$GOCACHE" 2>/dev/null | cut -f1))"
+    go clean -cache
+  fi
 }
 
 main "$@"
