@@ -59,8 +59,9 @@ class Cluster:
     def __init__(self, workdir):
         self.dir = Path(workdir) / "cluster"
         self.up()
-        env = dict(line.split("=", 1) for line in (self.dir / "cluster.env").read_text().split() if "=" in line)
-        self.meta = env["BALLAST_META"]
+        # BALLAST_META and BALLAST_TLS_DIR, for every command.
+        cluster_env = dict(l.split("=", 1) for l in (self.dir / "cluster.env").read_text().split() if "=" in l)
+        self.env = os.environ | cluster_env
 
     def up(self):
         ballast("dev", "up", "--dir", self.dir, "--storage", 3)
@@ -94,7 +95,7 @@ class Cluster:
         return total
 
     def degraded(self):
-        status = json.loads(ballast("status", "--meta", self.meta, "-o", "json"))
+        status = json.loads(ballast("status", "-o", "json", env=self.env))
         return len(status["degraded_chunks"])
 
 
@@ -105,13 +106,13 @@ def main():
     cluster = Cluster(workdir)
     serve = None
     try:
-        created = ballast("volume", "--meta", cluster.meta, "-o", "json", "create", "resync", "--size", size, "--replicas", 3)
+        created = ballast("volume", "-o", "json", "create", "resync", "--size", size, "--replicas", 3, env=cluster.env)
         volume = json.loads(created)[0]
         chunk_size = int(volume.get("chunk_size_bytes", 64 * MIB))
         sock = workdir / "resync.sock"
         serve = subprocess.Popen(
-            [BIN / "nbd-client", "serve", "resync", "--listen", f"unix:{sock}", "--meta", cluster.meta],
-            stderr=open(workdir / "serve.log", "w"),
+            [BIN / "nbd-client", "serve", "resync", "--listen", f"unix:{sock}"],
+            stderr=open(workdir / "serve.log", "w"), env=cluster.env,
         )
         while not sock.exists():
             time.sleep(0.1)

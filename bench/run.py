@@ -6,6 +6,13 @@ Targets, all measured in the same run on the same machine:
   qemu-nbd     qemu-nbd serving a file (cache=none), ioengine=nbd (the ceiling behind NBD on loopback)
   ballast-r1   a Ballast volume with replicas=1 served by `nbd-client serve`, ioengine=nbd
   ballast-r3   the same with replicas=3
+  ballast-r3-plain  replicas=3 on a second cluster started --insecure: what mutual TLS costs
+
+Ballast clusters run with mutual TLS (as `ballast dev up` does) unless the
+target says plain. For Ballast targets the report also gives the CPU time
+the serving process and the chunk servers spent per I/O (µs; their
+user+system time over the job divided by IOPS × the job's duration with
+its ramp).
 
 Writes bench/results/<timestamp>.json, .md (table with ratios to qemu-nbd) and
 .svg (chart). Environment: BENCH_RUNTIME (s, default 10), BENCH_SIZE (default
@@ -27,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "bench" / "jobs"
 RESULTS = ROOT / "bench" / "results"
 BIN = ROOT / "target" / "release"
-ALL_TARGETS = ["local-file", "qemu-nbd", "ballast-r1", "ballast-r3"]
+ALL_TARGETS = ["local-file", "qemu-nbd", "ballast-r1", "ballast-r3", "ballast-r3-plain"]
+RAMP_S = 2
 BASELINE = "qemu-nbd"
 DAEMONS = ["meta-raft", "storage-server", "nbd-client"]
 # Where each job's headline figure comes from.
@@ -54,10 +62,22 @@ def wait_for(path, timeout=30):
 class Target:
     """Where fio sends I/O: the [global] lines that point it there."""
 
-    def __init__(self, name, global_lines, processes=()):
+    def __init__(self, name, global_lines, processes=(), cpu_pids=()):
         self.name = name
         self.global_lines = global_lines
         self.processes = list(processes)
+        # Whose CPU time counts as this target's (empty: not measured).
+        self.cpu_pids = list(cpu_pids)
+
+    def cpu_seconds(self):
+        ticks = 0
+        for pid in self.cpu_pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self):
         for p in self.processes:
@@ -72,7 +92,7 @@ class Target:
 def fio(target, job, size, runtime, workdir, time_based=True):
     text = "[global]\n" + "\n".join(target.global_lines) + f"\nsize={size}\n"
     if time_based:
-        text += f"time_based=1\nruntime={runtime}\nramp_time=2\n"
+        text += f"time_based=1\nruntime={runtime}\nramp_time={RAMP_S}\n"
     text += "group_reporting=1\n\n" + job
     jobfile = Path(workdir) / f"{target.name}.fio"
     jobfile.write_text(text)
@@ -127,22 +147,28 @@ def start_qemu_nbd(workdir, size):
 
 
 class Cluster:
-    def __init__(self, workdir):
-        self.dir = Path(workdir) / "cluster"
-        run([BIN / "ballast", "dev", "up", "--dir", self.dir], stdout=subprocess.DEVNULL)
-        env = dict(line.split("=", 1) for line in (self.dir / "cluster.env").read_text().split() if "=" in line)
-        self.meta = env["BALLAST_META"]
+    def __init__(self, workdir, insecure=False):
+        self.dir = Path(workdir) / ("cluster-plain" if insecure else "cluster")
+        run([BIN / "ballast", "dev", "up", "--dir", self.dir] + (["--insecure"] if insecure else []),
+            stdout=subprocess.DEVNULL)
+        # BALLAST_META, and BALLAST_TLS_DIR unless insecure: for every command.
+        cluster_env = dict(l.split("=", 1) for l in (self.dir / "cluster.env").read_text().split() if "=" in l)
+        self.env = {k: v for k, v in os.environ.items() if k != "BALLAST_TLS_DIR"} | cluster_env
+        state = json.loads((self.dir / "cluster.json").read_text())
+        self.storage_pids = [p["pid"] for p in state["processes"] if p["binary"] == "storage-server"]
 
-    def volume_target(self, name, replicas, size, workdir):
-        run([BIN / "ballast", "volume", "create", name, "--size", str(size), "--replicas", str(replicas),
-             "--meta", self.meta], stdout=subprocess.DEVNULL)
+    def volume_target(self, target, replicas, size, workdir):
+        name = f"bench-{target}"
+        run([BIN / "ballast", "volume", "create", name, "--size", str(size), "--replicas", str(replicas)],
+            stdout=subprocess.DEVNULL, env=self.env)
         sock = Path(workdir) / f"{name}.sock"
         proc = subprocess.Popen(
-            [BIN / "nbd-client", "serve", name, "--listen", f"unix:{sock}", "--meta", self.meta],
-            stderr=open(Path(workdir) / f"{name}.log", "w"),
+            [BIN / "nbd-client", "serve", name, "--listen", f"unix:{sock}"],
+            stderr=open(Path(workdir) / f"{name}.log", "w"), env=self.env,
         )
         wait_for(sock)
-        return Target(f"ballast-r{replicas}", ["ioengine=nbd", f"uri=nbd+unix:///?socket={sock}"], [proc])
+        return Target(target, ["ioengine=nbd", f"uri=nbd+unix:///?socket={sock}"], [proc],
+                      [proc.pid] + self.storage_pids)
 
     def down(self):
         subprocess.run([BIN / "ballast", "dev", "down", "--dir", self.dir], stdout=subprocess.DEVNULL)
@@ -197,8 +223,26 @@ def markdown(report):
             else:
                 row += ["-", "-"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += tls_cost(report)
     lines += ["", "Peak RSS (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(report["peak_rss_mib"].items()))]
     return "\n".join(lines) + "\n"
+
+
+def tls_cost(report):
+    """ballast-r3 (mutual TLS) beside ballast-r3-plain, when both ran."""
+    secured, plain = (report["results"].get(t) for t in ("ballast-r3", "ballast-r3-plain"))
+    if not secured or not plain:
+        return []
+    lines = ["", "Mutual TLS: `ballast-r3` beside `ballast-r3-plain` (same run).", "",
+             "| job | IOPS TLS | IOPS plain | TLS/plain | CPU µs/IO TLS | CPU µs/IO plain |", "|---|---|---|---|---|---|"]
+    for job in JOB_ORDER:
+        s, p = secured.get(job), plain.get(job)
+        if not s or not p:
+            continue
+        ratio = s["headline"]["iops"] / p["headline"]["iops"] if p["headline"]["iops"] else 0
+        cpu = [f"{r['cpu_us_per_io']:.1f}" if "cpu_us_per_io" in r else "-" for r in (s, p)]
+        lines.append(f"| {job} | {s['headline']['iops']:.0f} | {p['headline']['iops']:.0f} | {ratio:.2f} | {cpu[0]} | {cpu[1]} |")
+    return lines
 
 
 def svg(report):
@@ -258,7 +302,7 @@ def main():
         "peak_rss_mib": {},
     }
     jobs = {name: (JOBS / f"{name}.fio").read_text() for name in JOB_ORDER}
-    cluster = None
+    clusters = {}
     targets = []
     try:
         for name in wanted:
@@ -266,11 +310,12 @@ def main():
                 targets.append(start_local_file(workdir, size_bytes))
             elif name == "qemu-nbd":
                 targets.append(start_qemu_nbd(workdir, size_bytes))
-            elif name in ("ballast-r1", "ballast-r3"):
-                if cluster is None:
-                    cluster = Cluster(workdir)
-                replicas = int(name[-1])
-                targets.append(cluster.volume_target(f"bench-r{replicas}", replicas, size_bytes, workdir))
+            elif name in ("ballast-r1", "ballast-r3", "ballast-r3-plain"):
+                insecure = name.endswith("-plain")
+                if insecure not in clusters:
+                    clusters[insecure] = Cluster(workdir, insecure)
+                replicas = int(name.removesuffix("-plain")[-1])
+                targets.append(clusters[insecure].volume_target(name, replicas, size_bytes, workdir))
             else:
                 sys.exit(f"unknown target {name}")
         for target in targets:
@@ -279,14 +324,18 @@ def main():
             results = {}
             for job in JOB_ORDER:
                 log(f"{target.name}: {job}")
+                cpu_before = target.cpu_seconds()
                 results[job] = summarize(fio(target, jobs[job], size_bytes, runtime, workdir))
                 results[job]["headline"] = headline(results[job])
+                ios = results[job]["headline"]["iops"] * (runtime + RAMP_S)
+                if target.cpu_pids and ios:
+                    results[job]["cpu_us_per_io"] = (target.cpu_seconds() - cpu_before) * 1e6 / ios
             report["results"][target.name] = results
         report["peak_rss_mib"] = peak_rss_mib()
     finally:
         for target in targets:
             target.stop()
-        if cluster is not None:
+        for cluster in clusters.values():
             cluster.down()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / report["timestamp"]

@@ -11,9 +11,11 @@ case "${1:-up}" in
   up)
     command -v fio >/dev/null || { echo "fio is needed for the demo: make deps installs it" >&2; exit 1; }
     "$BIN/ballast" dev up --dir "$DEMO_DIR"
+    # BALLAST_META and BALLAST_TLS_DIR (the cluster's admin certificate).
+    set -a
     # shellcheck disable=SC1091
     . "$DEMO_DIR/cluster.env"
-    export BALLAST_META
+    set +a
     "$BIN/ballast" volume get demo >/dev/null 2>&1 ||
       "$BIN/ballast" volume create demo --size 256MiB --replicas 3 >/dev/null
     sock="$DEMO_DIR/demo.sock"

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ballast_proto::frame::DataClient;
+use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
 use meta_raft::MetaClient;
 use serde::Serialize;
@@ -88,10 +88,14 @@ impl Placement {
 
 /// Lists the chunks on each server at `addresses`, classified against
 /// `placement` when given.
-pub async fn held(addresses: &[String], placement: Option<&Placement>) -> anyhow::Result<Vec<HeldChunk>> {
+pub async fn held(
+    connector: &Connector,
+    addresses: &[String],
+    placement: Option<&Placement>,
+) -> anyhow::Result<Vec<HeldChunk>> {
     let mut out = Vec::new();
     for address in addresses {
-        let client = DataClient::connect(address).await.map_err(|e| anyhow::anyhow!("{address}: {e}"))?;
+        let client = connector.connect(address).await.map_err(|e| anyhow::anyhow!("{address}: {e}"))?;
         let chunks = client.list_chunks(None).await.map_err(|e| anyhow::anyhow!("{address}: {e}"))?;
         for c in chunks {
             let (owner, state) = match placement {

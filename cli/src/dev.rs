@@ -3,10 +3,13 @@
 //! chunk servers in network namespaces of their own: [`Layout`].)
 //!
 //! Layout of DIR: `cluster.json` (what runs: name, pid, address),
-//! `cluster.env` (`BALLAST_META=...`, `BALLAST_CSI_SOCKET=...`), `logs/`,
-//! and one data directory per process. `up` on a directory that holds a
-//! cluster starts what is not running with the same command lines (ports,
-//! data), so `up` twice or after `down` gives back the same cluster.
+//! `cluster.env` (`BALLAST_META=...`, `BALLAST_TLS_DIR=...`,
+//! `BALLAST_CSI_SOCKET=...`), `logs/`, `tls/` (the cluster's certificate
+//! authority and a certificate for each process, plus `tls/admin` for
+//! clients) and one data directory per process. `up` on a directory that
+//! holds a cluster starts what is not running with the same command lines
+//! (ports, data), so `up` twice or after `down` gives back the same cluster.
+//! Every connection is mutual TLS unless the cluster is started insecure.
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -16,7 +19,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
+use ballast_tls::pki::{Authority, DEFAULT_VALIDITY};
+use ballast_tls::{Identity, Role, TlsDir};
 use meta_raft::testing::free_ports;
 use meta_raft::MetaClient;
 use nix::sys::signal::{kill, Signal};
@@ -49,6 +55,27 @@ pub struct ClusterState {
     pub processes: Vec<Process>,
     pub meta: Vec<String>,
     pub csi_socket: Option<String>,
+    /// The certificate directory clients use (role admin); none: the
+    /// cluster runs without TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+}
+
+impl ClusterState {
+    /// A metadata client, over TLS with the admin certificate if the
+    /// cluster has one.
+    pub fn meta_client(&self) -> anyhow::Result<MetaClient> {
+        self.meta_client_of(self.meta.clone())
+    }
+
+    /// A metadata client of some of the members.
+    pub fn meta_client_of(&self, endpoints: Vec<String>) -> anyhow::Result<MetaClient> {
+        let client = MetaClient::new(endpoints)?;
+        Ok(match &self.tls_dir {
+            Some(dir) => client.with_tls(&TlsDir::open(dir)?)?,
+            None => client,
+        })
+    }
 }
 
 pub struct UpOptions {
@@ -58,6 +85,29 @@ pub struct UpOptions {
     /// Where the daemons' binaries are; defaults to this executable's directory.
     pub bin_dir: PathBuf,
     pub layout: Layout,
+    /// Plaintext everywhere, no certificates.
+    pub insecure: bool,
+}
+
+/// The certificates of a development cluster, under `DIR/tls`.
+struct DevCertificates {
+    dir: PathBuf,
+    authority: Authority,
+}
+
+impl DevCertificates {
+    fn create(cluster_dir: &Path) -> anyhow::Result<DevCertificates> {
+        let dir = cluster_dir.join("tls");
+        let authority = Authority::create(&dir.join("ca"), "dev").context("creating the cluster's authority")?;
+        Ok(DevCertificates { dir, authority })
+    }
+
+    /// Issues `role`/`name` a certificate; returns `--tls-dir DIR`.
+    fn issue(&self, role: Role, name: &str) -> anyhow::Result<Vec<String>> {
+        let out = self.dir.join(name);
+        self.authority.issue(&Identity::new(role, name)?, &[], DEFAULT_VALIDITY, &out)?;
+        Ok(vec!["--tls-dir".into(), out.display().to_string()])
+    }
 }
 
 /// Where a kind of daemon runs: a network namespace (none: this one) and
@@ -189,6 +239,27 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
     fs::create_dir_all(dir.join("logs"))?;
     let dir = fs::canonicalize(dir)?;
     let mut state = ClusterState::default();
+    let certificates = if options.insecure {
+        eprintln!(
+            "warning: starting the cluster without TLS: anyone who reaches its ports can read and change every volume"
+        );
+        None
+    } else {
+        Some(DevCertificates::create(&dir)?)
+    };
+    // `--tls-dir` for a process, or `--insecure` for a server of an
+    // insecure cluster (clients need no flag).
+    let tls_args = |role: Role, name: &str| -> anyhow::Result<Vec<String>> {
+        match &certificates {
+            Some(c) => c.issue(role, name),
+            None if matches!(role, Role::Meta | Role::Storage) => Ok(vec!["--insecure".into()]),
+            None => Ok(Vec::new()),
+        }
+    };
+    if certificates.is_some() {
+        tls_args(Role::Admin, "admin")?;
+        state.tls_dir = Some(dir.join("tls").join("admin"));
+    }
 
     // Metadata members' gRPC, each chunk server's data and metrics, then
     // the members' metrics.
@@ -202,7 +273,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
     for (i, addr) in meta_addrs.iter().enumerate() {
         let name = format!("meta{}", i + 1);
         let metrics = SocketAddr::new(meta_host.ip, ports[options.meta + 2 * options.storage + i]).to_string();
-        let args = vec![
+        let mut args = vec![
             "serve".into(),
             "--id".into(),
             (i + 1).to_string(),
@@ -215,6 +286,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
             "--metrics-addr".into(),
             metrics,
         ];
+        args.extend(tls_args(Role::Meta, &name)?);
         let process = Process::new(name, "meta-raft", addr, args, meta_host);
         start(&dir, &options.bin_dir, &mut state, process)?;
     }
@@ -224,7 +296,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
         let host = options.layout.storage(i);
         let addr = SocketAddr::new(host.ip, ports[options.meta + 2 * i]).to_string();
         let metrics = SocketAddr::new(host.ip, ports[options.meta + 2 * i + 1]).to_string();
-        let args = vec![
+        let mut args = vec![
             "serve".into(),
             "--listen".into(),
             addr.clone(),
@@ -237,6 +309,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
             "--labels".into(),
             format!("host={name}"),
         ];
+        args.extend(tls_args(Role::Storage, &name)?);
         let process = Process::new(name, "storage-server", &addr, args, &host);
         start(&dir, &options.bin_dir, &mut state, process)?;
     }
@@ -245,7 +318,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
     fs::create_dir_all(&csi_dir)?;
     let socket = csi_dir.join("csi.sock");
     let csi_metrics = format!("127.0.0.1:{}", free_ports(1)[0]);
-    let args = vec![
+    let mut args = vec![
         "--mode".into(),
         "all".into(),
         "--endpoint".into(),
@@ -263,6 +336,9 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
         "--metrics-addr".into(),
         csi_metrics,
     ];
+    // Controller and node in one process: a certificate names one role,
+    // and only the admin role covers both.
+    args.extend(tls_args(Role::Admin, "csi")?);
     let process =
         Process::new("csi".into(), "csi-plugin", &format!("unix://{}", socket.display()), args, &Host::default());
     start(&dir, &options.bin_dir, &mut state, process)?;
@@ -277,6 +353,9 @@ pub async fn up(options: UpOptions) -> anyhow::Result<ClusterState> {
 /// `cluster.env`: what a shell needs to talk to the running cluster.
 fn write_env(dir: &Path, state: &ClusterState) -> anyhow::Result<()> {
     let mut env = format!("BALLAST_META={}\n", state.meta.join(","));
+    if let Some(tls) = &state.tls_dir {
+        env.push_str(&format!("BALLAST_TLS_DIR={}\n", tls.display()));
+    }
     if let Some(socket) = &state.csi_socket {
         env.push_str(&format!("BALLAST_CSI_SOCKET={socket}\n"));
     }
@@ -313,7 +392,7 @@ async fn resume(dir: &Path, mut state: ClusterState, options: &UpOptions) -> any
 }
 
 async fn wait_ready(state: &ClusterState, storage: usize) -> anyhow::Result<()> {
-    let client = MetaClient::new(state.meta.clone())?.with_deadline(Duration::from_secs(2));
+    let client = state.meta_client()?.with_deadline(Duration::from_secs(2));
     let started = Instant::now();
     let mut last_problem = String::from("not checked yet");
     while started.elapsed() < READY_TIMEOUT {
@@ -419,7 +498,8 @@ impl DevCluster {
     /// Like [`DevCluster::start`], with the daemons where `layout` puts them.
     pub async fn start_in(dir: &Path, meta: usize, storage: usize, layout: Layout) -> anyhow::Result<DevCluster> {
         let bin_dir = workspace_bin_dir();
-        let options = UpOptions { dir: dir.to_path_buf(), meta, storage, bin_dir: bin_dir.clone(), layout };
+        let options =
+            UpOptions { dir: dir.to_path_buf(), meta, storage, bin_dir: bin_dir.clone(), layout, insecure: false };
         match up(options).await {
             Ok(state) => Ok(DevCluster { dir: dir.to_path_buf(), state, bin_dir }),
             Err(e) => {
@@ -433,8 +513,38 @@ impl DevCluster {
         self.state.meta.join(",")
     }
 
+    /// A metadata client with the admin certificate.
     pub fn meta(&self) -> MetaClient {
-        MetaClient::new(self.state.meta.clone()).expect("valid endpoints")
+        self.state.meta_client().expect("valid endpoints and certificate")
+    }
+
+    /// A metadata client of one member, with the admin certificate.
+    pub fn meta_at(&self, endpoint: &str) -> MetaClient {
+        self.state.meta_client_of(vec![endpoint.to_string()]).expect("valid endpoint and certificate")
+    }
+
+    /// `--meta ENDPOINTS --tls-dir ADMIN`: how a `ballast` or `nbd-client`
+    /// command reaches this cluster.
+    pub fn client_args(&self) -> Vec<String> {
+        let mut args = vec!["--meta".to_string(), self.meta_endpoints()];
+        args.extend(self.tls_args());
+        args
+    }
+
+    /// `--tls-dir ADMIN`, if the cluster has certificates.
+    pub fn tls_args(&self) -> Vec<String> {
+        match &self.state.tls_dir {
+            Some(dir) => vec!["--tls-dir".to_string(), dir.display().to_string()],
+            None => Vec::new(),
+        }
+    }
+
+    /// Connects to chunk servers with the admin certificate.
+    pub fn chunk_servers(&self) -> Connector {
+        match &self.state.tls_dir {
+            Some(dir) => Connector::tls(&TlsDir::open(dir).expect("the admin certificate")).expect("TLS set-up"),
+            None => Connector::plaintext(),
+        }
     }
 
     /// Where `name` serves its Prometheus metrics, if it does.

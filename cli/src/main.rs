@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use ballast_cli::output::{self, Format};
 use ballast_cli::{chunks, dev, pki, size};
+use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
 use clap::{Parser, Subcommand};
 use meta_raft::client::META_ENV;
+use meta_raft::client_args::ClientArgs;
 use meta_raft::MetaClient;
 use serde_json::json;
 
@@ -35,10 +37,14 @@ struct Target {
 
 impl Target {
     fn client(&self) -> anyhow::Result<MetaClient> {
-        let client = MetaClient::from_list(&self.meta)?;
+        Ok(ClientArgs { meta: self.meta.clone(), tls_dir: self.tls_dir.clone() }.client()?)
+    }
+
+    /// How to reach chunk servers: with the same certificate, if any.
+    fn chunk_servers(&self) -> anyhow::Result<Connector> {
         Ok(match &self.tls_dir {
-            Some(dir) => client.with_tls(&ballast_tls::TlsDir::open(dir)?)?,
-            None => client,
+            Some(dir) => Connector::tls(&ballast_tls::TlsDir::open(dir)?)?,
+            None => Connector::plaintext(),
         })
     }
 }
@@ -137,6 +143,10 @@ enum Dev {
         /// Directory holding meta-raft, storage-server, ... (default: next to `ballast`).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// No TLS and no certificates: anyone who reaches the ports can read
+        /// and change every volume.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Stop everything `dev up` started under DIR.
     Down {
@@ -305,7 +315,7 @@ async fn list_chunks(target: Target, servers: Vec<String>) -> anyhow::Result<()>
         }
         None => (servers, None),
     };
-    let held = chunks::held(&addresses, placement.as_ref()).await?;
+    let held = chunks::held(&target.chunk_servers()?, &addresses, placement.as_ref()).await?;
     match target.output {
         Format::Json => println!("{}", serde_json::to_string(&held)?),
         Format::Table => {
@@ -402,20 +412,29 @@ async fn status(target: Target) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Top::Dev(Dev::Up { dir, meta, storage, bin_dir }) => {
+        Top::Dev(Dev::Up { dir, meta, storage, bin_dir, insecure }) => {
             let bin_dir = match bin_dir {
                 Some(d) => d,
                 None => std::env::current_exe()?.parent().context("executable has no directory")?.to_path_buf(),
             };
-            let state =
-                dev::up(dev::UpOptions { dir: dir.clone(), meta, storage, bin_dir, layout: Default::default() })
-                    .await?;
+            let state = dev::up(dev::UpOptions {
+                dir: dir.clone(),
+                meta,
+                storage,
+                bin_dir,
+                layout: Default::default(),
+                insecure,
+            })
+            .await?;
             println!(
                 "cluster up: {} processes; environment in {}",
                 state.processes.len(),
                 dir.join("cluster.env").display()
             );
             println!("BALLAST_META={}", state.meta.join(","));
+            if let Some(tls) = &state.tls_dir {
+                println!("BALLAST_TLS_DIR={}", tls.display());
+            }
             println!("stop it with: ballast dev down --dir {}", dir.display());
             Ok(())
         }

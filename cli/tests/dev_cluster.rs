@@ -5,11 +5,12 @@ use std::process::{Command, Output};
 
 const BALLAST: &str = env!("CARGO_BIN_EXE_ballast");
 
-fn ballast(args: &[&str], meta: Option<&str>) -> Output {
+/// Runs `ballast ARGS` in the environment `cluster.env` sets, if given.
+fn ballast(args: &[&str], cluster_env: Option<&str>) -> Output {
     let mut command = Command::new(BALLAST);
-    command.args(args).env_remove("BALLAST_META");
-    if let Some(meta) = meta {
-        command.env("BALLAST_META", meta);
+    command.args(args).env_remove("BALLAST_META").env_remove("BALLAST_TLS_DIR");
+    for (key, value) in cluster_env.unwrap_or_default().lines().filter_map(|l| l.split_once('=')) {
+        command.env(key, value);
     }
     command.output().expect("running ballast")
 }
@@ -49,37 +50,42 @@ fn dev_up_serves_volume_commands_and_dev_down_stops_everything() {
     assert!(!other_shape.status.success());
     assert!(String::from_utf8_lossy(&other_shape.stderr).contains("holds a cluster of 3"), "{other_shape:?}");
 
-    ok(ballast(&["volume", "create", "data", "--size", "64MiB", "--replicas", "3"], Some(meta)));
+    // Without the certificate the cluster answers nothing, and says why.
+    let plaintext = ballast(&["volume", "list"], Some(&format!("BALLAST_META={meta}")));
+    assert!(!plaintext.status.success());
+    assert!(String::from_utf8_lossy(&plaintext.stderr).contains("--tls-dir"), "{plaintext:?}");
+
+    ok(ballast(&["volume", "create", "data", "--size", "64MiB", "--replicas", "3"], Some(&env)));
     let listed: serde_json::Value =
-        serde_json::from_str(&ok(ballast(&["volume", "list", "-o", "json"], Some(meta)))).unwrap();
+        serde_json::from_str(&ok(ballast(&["volume", "list", "-o", "json"], Some(&env)))).unwrap();
     assert_eq!(listed[0]["name"], "data");
     assert_eq!(listed[0]["size_bytes"], 64 << 20);
 
-    ok(ballast(&["volume", "expand", "data", "--size", "128MiB"], Some(meta)));
+    ok(ballast(&["volume", "expand", "data", "--size", "128MiB"], Some(&env)));
     let got: serde_json::Value =
-        serde_json::from_str(&ok(ballast(&["volume", "get", "data", "-o", "json"], Some(meta)))).unwrap();
+        serde_json::from_str(&ok(ballast(&["volume", "get", "data", "-o", "json"], Some(&env)))).unwrap();
     assert_eq!(got[0]["size_bytes"], 128 << 20);
 
-    ok(ballast(&["snapshot", "create", "snap1", "--volume", "data"], Some(meta)));
+    ok(ballast(&["snapshot", "create", "snap1", "--volume", "data"], Some(&env)));
     let snaps: serde_json::Value =
-        serde_json::from_str(&ok(ballast(&["snapshot", "list", "--volume", "data", "-o", "json"], Some(meta))))
+        serde_json::from_str(&ok(ballast(&["snapshot", "list", "--volume", "data", "-o", "json"], Some(&env))))
             .unwrap();
     assert_eq!(snaps[0]["name"], "snap1");
 
-    let status: serde_json::Value = serde_json::from_str(&ok(ballast(&["status", "-o", "json"], Some(meta)))).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&ok(ballast(&["status", "-o", "json"], Some(&env)))).unwrap();
     assert_ne!(status["leader"]["id"], 0);
     assert_eq!(status["volumes"].as_array().unwrap().len(), 1);
 
-    let shrink = ballast(&["volume", "expand", "data", "--size", "4KiB"], Some(meta));
+    let shrink = ballast(&["volume", "expand", "data", "--size", "4KiB"], Some(&env));
     assert!(!shrink.status.success());
     assert!(String::from_utf8_lossy(&shrink.stderr).contains("OutOfRange"), "{shrink:?}");
 
-    ok(ballast(&["volume", "delete", "data"], Some(meta)));
+    ok(ballast(&["volume", "delete", "data"], Some(&env)));
     let listed: serde_json::Value =
-        serde_json::from_str(&ok(ballast(&["volume", "list", "-o", "json"], Some(meta)))).unwrap();
+        serde_json::from_str(&ok(ballast(&["volume", "list", "-o", "json"], Some(&env)))).unwrap();
     assert_eq!(listed, serde_json::json!([]));
 
-    ok(ballast(&["volume", "create", "kept", "--size", "64MiB", "--replicas", "3"], Some(meta)));
+    ok(ballast(&["volume", "create", "kept", "--size", "64MiB", "--replicas", "3"], Some(&env)));
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("cluster.json")).unwrap()).unwrap();
     let pids: Vec<i32> =
@@ -98,6 +104,6 @@ fn dev_up_serves_volume_commands_and_dev_down_stops_everything() {
     ok(ballast(&["dev", "up", "--dir", dir_arg, "--storage", "0"], None));
     assert_eq!(std::fs::read_to_string(dir.path().join("cluster.env")).unwrap(), env);
     let kept: serde_json::Value =
-        serde_json::from_str(&ok(ballast(&["volume", "get", "kept", "-o", "json"], Some(meta)))).unwrap();
+        serde_json::from_str(&ok(ballast(&["volume", "get", "kept", "-o", "json"], Some(&env)))).unwrap();
     assert_eq!(kept[0]["name"], "kept");
 }

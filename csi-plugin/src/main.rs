@@ -62,6 +62,12 @@ struct Args {
     kubelet_registration_path: Option<PathBuf>,
     #[arg(long, value_enum, env = "BALLAST_CSI_LOG_FORMAT", default_value = "human")]
     log_format: LogFormat,
+    /// This plugin's certificate directory (tls.crt, tls.key, ca.crt from
+    /// `ballast pki issue`, role node or controller): mutual TLS to the
+    /// cluster, for the plugin and the serving processes it starts.
+    /// Without it, plaintext.
+    #[arg(long, env = "BALLAST_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -94,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
         state_dir: args.state_dir,
         kubelet_registration,
         log_format: args.log_format,
+        tls_dir: args.tls_dir,
     };
     csi_plugin::serve(config, ballast_telemetry::shutdown_signal()).await?;
     Ok(())

@@ -14,6 +14,7 @@ use ballast_proto::csi::controller_server::ControllerServer;
 use ballast_proto::csi::identity_server::IdentityServer;
 use ballast_proto::csi::node_server::NodeServer;
 use ballast_telemetry::LogFormat;
+use ballast_tls::TlsDir;
 use meta_raft::MetaClient;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -71,6 +72,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The plugin's log format, passed on to the serving processes.
     pub log_format: LogFormat,
+    /// The plugin's certificate directory (a node's or the controller's),
+    /// for mutual TLS to the cluster; passed on to the serving processes.
+    /// `None`: plaintext.
+    pub tls_dir: Option<PathBuf>,
     /// Register with the kubelet (node mode, without a registrar sidecar).
     pub kubelet_registration: Option<KubeletRegistration>,
 }
@@ -151,6 +156,10 @@ pub async fn prepare_socket(path: &Path) -> Result<(), ServerError> {
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
     let path = socket_path(&config.endpoint)?;
     let meta = MetaClient::new(config.meta.clone())?;
+    let meta = match &config.tls_dir {
+        Some(dir) => meta.with_tls(&TlsDir::open(dir).map_err(meta_raft::client::ClientError::from)?)?,
+        None => meta,
+    };
     let node_id = config.node_id.clone().filter(|id| !id.is_empty());
     if config.mode.node() && node_id.is_none() {
         return Err(ServerError::Config(format!("--node-id is required in {:?} mode", config.mode)));
@@ -162,7 +171,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
         kubelet_registration::check_dir(&registration.dir)?;
     }
     let inflight = InFlight::default();
-    let nbd = NbdClient::new(config.nbd_client_bin.clone(), config.nbd_state_dir.clone(), config.log_format);
+    let nbd = NbdClient::new(config.nbd_client_bin.clone(), config.nbd_state_dir.clone(), config.log_format)
+        .with_tls_dir(config.tls_dir.clone());
 
     let controller = config.mode.controller().then(|| {
         let local_node = if config.mode == Mode::All { node_id.clone() } else { None };

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
 use ballast_proto::meta::cluster_client::ClusterClient;
 use ballast_proto::meta::meta_client::MetaClient as MetaGrpc;
@@ -53,6 +54,9 @@ struct Inner {
     deadline: Duration,
     /// Mutual TLS to the members; `None`: plaintext.
     tls: Option<Arc<ClientConfig>>,
+    /// How this client's process reaches chunk servers: with the same
+    /// certificate, or in plaintext.
+    chunk_servers: Connector,
 }
 
 /// Splits `a:1,b:2` into endpoints, ignoring blanks.
@@ -86,6 +90,7 @@ impl MetaClient {
                 leader: Mutex::new(None),
                 deadline: DEFAULT_DEADLINE,
                 tls: None,
+                chunk_servers: Connector::plaintext(),
             }),
         })
     }
@@ -103,6 +108,7 @@ impl MetaClient {
             leader: Mutex::new(self.inner.leader.lock().expect("lock").clone()),
             deadline,
             tls: self.inner.tls.clone(),
+            chunk_servers: self.inner.chunk_servers.clone(),
         };
         Self { inner: Arc::new(inner) }
     }
@@ -116,8 +122,15 @@ impl MetaClient {
             leader: Mutex::new(None),
             deadline: self.inner.deadline,
             tls: Some(ballast_tls::client_config(dir, &[Role::Meta])?),
+            chunk_servers: Connector::tls(dir)?,
         };
         Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Connects to chunk servers as this client does to the metadata
+    /// service: over mutual TLS with its certificate, or in plaintext.
+    pub fn chunk_servers(&self) -> &Connector {
+        &self.inner.chunk_servers
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -162,7 +175,7 @@ impl MetaClient {
                     *self.inner.leader.lock().expect("lock") = Some(target);
                     return Ok(response.into_inner());
                 }
-                Ok(Err(status)) if !is_retryable(&status) => return Err(status),
+                Ok(Err(status)) if !is_retryable(&status) => return Err(self.explained(status)),
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded(format!("metadata member {target} did not answer in time")),
             };
@@ -170,10 +183,10 @@ impl MetaClient {
             let follow_hint = hint.is_some();
             *self.inner.leader.lock().expect("lock") = hint;
             if Instant::now() >= deadline {
-                return Err(Status::new(
+                return Err(self.explained(Status::new(
                     status.code(),
                     format!("metadata service unavailable after {:?}: {}", self.inner.deadline, status.message()),
-                ));
+                )));
             }
             if !follow_hint {
                 let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
@@ -181,6 +194,19 @@ impl MetaClient {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+
+    /// A plaintext request to a member that serves TLS fails as garbled
+    /// HTTP/2: say what is likely missing.
+    fn explained(&self, status: Status) -> Status {
+        if self.inner.tls.is_some() || !status.message().contains("h2 protocol error") {
+            return status;
+        }
+        let message = format!(
+            "{} (the cluster may require TLS: give this client a certificate with --tls-dir or BALLAST_TLS_DIR)",
+            status.message()
+        );
+        Status::new(status.code(), message)
     }
 
     /// Asks one member directly (no leader following), e.g. for its status.

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use ballast_proto::frame::{DataClient, DirtyRegion};
+use ballast_proto::frame::{Connector, DataClient, DirtyRegion};
 use futures::future::join_all;
 
 use crate::{metrics, CHUNK_SERVER_ANSWER};
@@ -20,11 +20,16 @@ pub struct Unfenced {
 
 /// Sends `epoch` of volume `data_id` to every server of `servers` (id,
 /// address) at once; returns those that did not confirm it.
-pub async fn push_epoch(servers: Vec<(String, String)>, data_id: u64, epoch: u64) -> Vec<Unfenced> {
+pub async fn push_epoch(
+    connector: &Connector,
+    servers: Vec<(String, String)>,
+    data_id: u64,
+    epoch: u64,
+) -> Vec<Unfenced> {
     let results = join_all(servers.into_iter().map(|(server_id, address)| async move {
         // Connect, persist the epoch, drain the changes in flight.
         let fenced = tokio::time::timeout(CHUNK_SERVER_ANSWER, async {
-            let client = DataClient::connect(&address).await?;
+            let client = connector.connect(&address).await?;
             client.fence_volume(data_id, epoch).await
         })
         .await;
@@ -67,12 +72,17 @@ pub struct Diverged {
 /// or lost, but the same way on every member. Regions recovered after a
 /// crash are the repair loop's (the whole chunk is rebuilt there).
 /// Returns the bytes copied and the members that could not be resynced.
-pub async fn resync_unflushed(chunks: &[ChunkMembers], data_id: u64, epoch: u64) -> (u64, Vec<Diverged>) {
+pub async fn resync_unflushed(
+    connector: &Connector,
+    chunks: &[ChunkMembers],
+    data_id: u64,
+    epoch: u64,
+) -> (u64, Vec<Diverged>) {
     let mut addresses: Vec<(String, String)> = chunks.iter().flat_map(|c| c.members.iter().cloned()).collect();
     addresses.sort();
     addresses.dedup();
     let clients: Vec<(String, Option<DataClient>)> = join_all(addresses.into_iter().map(|(id, address)| async move {
-        let client = DataClient::connect_within(&address, CHUNK_SERVER_ANSWER).await.ok();
+        let client = connector.connect_within(&address, CHUNK_SERVER_ANSWER).await.ok();
         (id, client)
     }))
     .await;

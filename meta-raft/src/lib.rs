@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod client;
+pub mod client_args;
 pub mod cluster;
 mod convert;
 pub mod error;

@@ -8,9 +8,9 @@ use anyhow::{bail, Context};
 use ballast_proto::meta as pb;
 use ballast_telemetry::LogFormat;
 use clap::{Parser, Subcommand};
-use meta_raft::client::META_ENV;
+use meta_raft::client_args::ClientArgs;
 use meta_raft::repair::RepairConfig;
-use meta_raft::{MemberConfig, MetaClient};
+use meta_raft::MemberConfig;
 
 #[derive(Parser)]
 #[command(name = "meta-raft", version, about = "Ballast metadata service member and cluster administration")]
@@ -31,16 +31,16 @@ enum Command {
     ///
     /// Example: meta-raft init --meta 127.0.0.1:7101 --members 1=127.0.0.1:7101,2=127.0.0.1:7102
     Init {
-        #[arg(long, env = META_ENV)]
-        meta: String,
+        #[command(flatten)]
+        meta: ClientArgs,
         /// Voters as `id=host:port,...`.
         #[arg(long)]
         members: String,
     },
     /// Add a member as a learner (it replicates but does not vote yet).
     AddLearner {
-        #[arg(long, env = META_ENV)]
-        meta: String,
+        #[command(flatten)]
+        meta: ClientArgs,
         #[arg(long)]
         id: u64,
         #[arg(long)]
@@ -53,22 +53,22 @@ enum Command {
     ///
     /// Example, promote learner 4: meta-raft set-voters --voters 1,2,3,4
     SetVoters {
-        #[arg(long, env = META_ENV)]
-        meta: String,
+        #[command(flatten)]
+        meta: ClientArgs,
         #[arg(long, value_delimiter = ',')]
         voters: Vec<u64>,
     },
     /// Remove a member from the cluster entirely.
     Remove {
-        #[arg(long, env = META_ENV)]
-        meta: String,
+        #[command(flatten)]
+        meta: ClientArgs,
         #[arg(long)]
         id: u64,
     },
     /// Print each member's view of the cluster as JSON lines.
     Status {
-        #[arg(long, env = META_ENV)]
-        meta: String,
+        #[command(flatten)]
+        meta: ClientArgs,
     },
     /// After losing a majority of the members: make a stopped survivor the
     /// only member of its cluster, keeping everything it knew. Start it
@@ -122,11 +122,9 @@ struct ServeArgs {
     /// given up and rebuilt elsewhere.
     #[arg(long, env = "BALLAST_META_REPAIR_AFTER", default_value_t = 60)]
     repair_after: u64,
-    /// This member's certificate directory (tls.crt, tls.key, ca.crt from
-    /// `ballast pki issue --role meta`): mutual TLS with clients and peers,
-    /// and calls authorised by the caller's role.
-    #[arg(long, env = "BALLAST_TLS_DIR")]
-    tls_dir: Option<PathBuf>,
+    /// The member's certificate (role meta), or --insecure.
+    #[command(flatten)]
+    tls: ballast_tls::ServeTls,
 }
 
 fn parse_members(list: &str) -> anyhow::Result<Vec<(u64, String)>> {
@@ -154,17 +152,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(list) => parse_members(list)?,
         None => Vec::new(),
     };
-    let tls = match args.tls_dir {
-        Some(dir) => {
-            let dir = ballast_tls::TlsDir::open(dir)?;
-            tracing::info!(identity = %dir.identity()?, "mutual TLS; calls authorised by role");
-            Some(dir)
-        }
-        None => {
-            tracing::warn!("serving WITHOUT TLS: anyone who reaches this port can read and change all metadata");
-            None
-        }
-    };
+    let tls = args.tls.resolve()?;
+    if let Some(dir) = &tls {
+        tracing::info!(identity = %dir.identity()?, "mutual TLS; calls authorised by role");
+    }
     let config = MemberConfig {
         id: args.id,
         listen: args.listen,
@@ -209,22 +200,22 @@ async fn main() -> anyhow::Result<()> {
                 .into_iter()
                 .map(|(id, address)| pb::Member { id, address, voter: true })
                 .collect();
-            print_json(&MetaClient::from_list(&meta)?.initialize(members).await?);
+            print_json(&meta.client()?.initialize(members).await?);
             Ok(())
         }
         Command::AddLearner { meta, id, address, no_wait } => {
             let member = pb::Member { id, address, voter: false };
             let request = pb::AddLearnerRequest { member: Some(member), blocking: !no_wait };
-            print_json(&MetaClient::from_list(&meta)?.add_learner(request).await?);
+            print_json(&meta.client()?.add_learner(request).await?);
             Ok(())
         }
         Command::SetVoters { meta, voters } => {
             let request = pb::ChangeMembershipRequest { voters, retain_learners: true };
-            print_json(&MetaClient::from_list(&meta)?.change_membership(request).await?);
+            print_json(&meta.client()?.change_membership(request).await?);
             Ok(())
         }
         Command::Remove { meta, id } => {
-            let client = MetaClient::from_list(&meta)?;
+            let client = meta.client()?;
             let status = client.status(pb::StatusRequest {}).await?;
             let voters: Vec<u64> = status.members.iter().filter(|m| m.voter && m.id != id).map(|m| m.id).collect();
             let request = pb::ChangeMembershipRequest { voters, retain_learners: false };
@@ -244,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { meta } => {
-            let client = MetaClient::from_list(&meta)?;
+            let client = meta.client()?;
             let mut failures = 0;
             for endpoint in client.endpoints().to_vec() {
                 match client.member_status(&endpoint).await {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ballast_proto::frame::Connector;
 use ballast_proto::meta::cluster_server::ClusterServer;
 use ballast_proto::meta::meta_server::MetaServer;
 use ballast_proto::meta::raft_server::RaftServer;
@@ -86,9 +87,9 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
     let (log_store, state_machine) =
         store::open(&config.data_dir).map_err(|source| StartError::Storage { dir: config.data_dir.clone(), source })?;
     let shared = state_machine.shared();
-    let peers = match &config.tls {
-        Some(dir) => PeerNetwork::new(Some(ballast_tls::client_config(dir, &[Role::Meta])?)),
-        None => PeerNetwork::new(None),
+    let (peers, chunk_servers) = match &config.tls {
+        Some(dir) => (PeerNetwork::new(Some(ballast_tls::client_config(dir, &[Role::Meta])?)), Connector::tls(dir)?),
+        None => (PeerNetwork::new(None), Connector::plaintext()),
     };
     let raft = Raft::new(config.id, raft_config(&config)?, peers, log_store, state_machine)
         .await
@@ -109,11 +110,13 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
         shutdown.await;
         let _ = stopping.send(());
     };
-    let repair = tokio::spawn(Repairer::new(config.id, raft.clone(), shared.clone(), config.repair).run());
+    let repair = tokio::spawn(
+        Repairer::new(config.id, raft.clone(), shared.clone(), config.repair, chunk_servers.clone()).run(),
+    );
     let router = tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn(Authorize::new))
         .add_service(RaftServer::new(RaftService::new(raft.clone())).max_decoding_message_size(usize::MAX))
-        .add_service(MetaServer::new(MetaService::new(raft.clone(), shared)))
+        .add_service(MetaServer::new(MetaService::new(raft.clone(), shared, chunk_servers)))
         .add_service(ClusterServer::new(ClusterService::new(raft.clone())));
     let tls = config.tls.clone();
     let server = async move {

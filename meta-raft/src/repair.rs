@@ -26,7 +26,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{
-    holds_clean_copy, sync_chunk, ClientError, CopyTarget, DataClient, DirtyRegion, ErrorCode, HeldPause,
+    holds_clean_copy, sync_chunk, ClientError, Connector, CopyTarget, DataClient, DirtyRegion, ErrorCode, HeldPause,
 };
 use futures::future::join_all;
 
@@ -184,11 +184,12 @@ pub struct Repairer {
     raft: Raft,
     state: SharedState,
     config: RepairConfig,
+    chunk_servers: Connector,
 }
 
 impl Repairer {
-    pub fn new(id: NodeId, raft: Raft, state: SharedState, config: RepairConfig) -> Self {
-        Self { id, raft, state, config }
+    pub fn new(id: NodeId, raft: Raft, state: SharedState, config: RepairConfig, chunk_servers: Connector) -> Self {
+        Self { id, raft, state, config, chunk_servers }
     }
 
     /// Runs passes until the task is dropped; only the leader works.
@@ -400,8 +401,9 @@ impl Repairer {
                 .filter_map(|id| applied.state.servers.get(id).map(|s| (id.clone(), s.address.clone())))
                 .collect()
         };
+        let connector = &self.chunk_servers;
         let connected = join_all(addresses.into_iter().map(|(id, address)| async move {
-            match DataClient::connect_within(&address, CHUNK_SERVER_ANSWER).await {
+            match connector.connect_within(&address, CHUNK_SERVER_ANSWER).await {
                 Ok(client) => Some((id, client)),
                 Err(e) => {
                     tracing::debug!(server = %id, %address, error = %e, "cannot reach chunk server");

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Instant;
 
+use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
 use ballast_proto::meta::meta_server::Meta;
 use ballast_tls::Role;
@@ -24,6 +25,8 @@ use crate::types::{Command, NodeId, Outcome, Raft};
 pub struct MetaService {
     raft: Raft,
     state: SharedState,
+    /// How this member reaches chunk servers (to fence volumes).
+    chunk_servers: Connector,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -46,8 +49,8 @@ where
 }
 
 impl MetaService {
-    pub fn new(raft: Raft, state: SharedState) -> Self {
-        Self { raft, state }
+    pub fn new(raft: Raft, state: SharedState, chunk_servers: Connector) -> Self {
+        Self { raft, state, chunk_servers }
     }
 
     /// Commits `command` and returns what applying it produced.
@@ -94,7 +97,7 @@ impl MetaService {
                 })
                 .unwrap_or_default())
         })?;
-        let (copied, diverged) = fence::resync_unflushed(&chunks, data_id, epoch).await;
+        let (copied, diverged) = fence::resync_unflushed(&self.chunk_servers, &chunks, data_id, epoch).await;
         if copied > 0 {
             tracing::info!(
                 volume = volume_id,
@@ -131,7 +134,7 @@ impl MetaService {
                 .unwrap_or_default();
             Ok((volume.data_id, servers, held))
         })?;
-        for unfenced in fence::push_epoch(servers, data_id, epoch).await {
+        for unfenced in fence::push_epoch(&self.chunk_servers, servers, data_id, epoch).await {
             let chunks: Vec<&(u64, ReplicaSet)> =
                 held.iter().filter(|(_, set)| set.servers.contains(&unfenced.server_id)).collect();
             if chunks.is_empty() {

@@ -111,6 +111,8 @@ impl LocalMetaCluster {
         let binary = self.binary.clone();
         let bootstrap = self.bootstrap.clone();
         let extra = self.extra_args.clone();
+        // Without a certificate the members are told to serve plaintext.
+        let insecure = (!extra.iter().any(|a| a == "--tls-dir")).then_some("--insecure");
         let member = self.member(id);
         std::fs::create_dir_all(&member.data_dir).expect("creating member dir");
         let log = std::fs::File::create(member.data_dir.with_extension("log")).expect("creating member log");
@@ -119,6 +121,7 @@ impl LocalMetaCluster {
             .arg("--data-dir")
             .arg(&member.data_dir)
             .args(extra)
+            .args(insecure)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -41,7 +41,7 @@ async fn add_a_learner_promote_it_and_remove_a_member() {
     let address = format!("127.0.0.1:{}", free_ports(1)[0]);
     let _fourth = Reaper(
         Command::new(BINARY)
-            .args(["serve", "--id", "4", "--listen", &address])
+            .args(["serve", "--id", "4", "--listen", &address, "--insecure"])
             .arg("--data-dir")
             .arg(dir.path().join("meta4"))
             .stderr(Stdio::null())

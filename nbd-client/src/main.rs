@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ballast_telemetry::LogFormat;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use meta_raft::client::META_ENV;
+use meta_raft::client_args::ClientArgs;
 use meta_raft::MetaClient;
 use nbd_client::attach::{self, AttachMethod, AttachOptions, AttachedDevice};
 use nbd_client::engine::Volume;
@@ -29,9 +29,8 @@ struct Cli {
 struct VolumeArgs {
     /// Volume id or name.
     volume: String,
-    /// Metadata endpoints, comma-separated host:port.
-    #[arg(long, env = META_ENV)]
-    meta: String,
+    #[command(flatten)]
+    meta: ClientArgs,
     /// Fencing epoch of this node's attachment (from ControllerPublish); without it the
     /// volume is published to --node-id and unpublished again on exit.
     #[arg(long)]
@@ -107,8 +106,8 @@ enum Command {
     Resize {
         /// Volume id, name or device path.
         target: String,
-        #[arg(long, env = META_ENV)]
-        meta: String,
+        #[command(flatten)]
+        meta: ClientArgs,
         #[arg(long, env = "BALLAST_NBD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -163,7 +162,7 @@ async fn start_daemon_side(args: &VolumeArgs) -> anyhow::Result<(MetaClient, Ope
     if let Some(addr) = args.metrics_addr {
         ballast_telemetry::serve_metrics(addr).await.context("serving metrics")?;
     }
-    let meta = MetaClient::from_list(&args.meta)?;
+    let meta = args.meta.client()?;
     let opened = volume_service::open(&meta, &args.volume, &open_options(args)).await?;
     let info = opened.volume.info();
     tracing::info!(volume = %info.id, name = %info.name, size = info.size_bytes, replicas = info.replicas,
@@ -320,7 +319,7 @@ async fn grow_device(volume: &Volume, device: &AttachedDevice<Volume>, error_fil
 /// Starts the serving process and waits until it reports the device.
 async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow::Result<()> {
     let state = StateDir::new(&state_dir)?;
-    let meta = MetaClient::from_list(&args.meta)?;
+    let meta = args.meta.client()?;
     let info = nbd_client::engine::find_volume(&meta, &args.volume).await?;
     if let Some(existing) = state.load(&info.id)? {
         if existing.is_served() {
@@ -332,7 +331,9 @@ async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow
     let log = std::fs::OpenOptions::new().create(true).append(true).open(state.log_path(&info.id))?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
-        .args(["serve-device", &info.id, "--meta", &args.meta, "--node-id", &args.node_id])
+        .args(["serve-device", &info.id])
+        .args(args.meta.to_args())
+        .args(["--node-id", &args.node_id])
         .args(["--min-replicas", &args.min_replicas.to_string()])
         .args(["--replica-timeout", &args.replica_timeout.to_string()])
         .arg("--state-dir")
@@ -406,7 +407,7 @@ async fn unmap(target: String, state_dir: PathBuf) -> anyhow::Result<()> {
 
 /// Signals the serving process to grow the device and waits until the
 /// kernel reports the volume's size (rounded down to whole blocks).
-async fn resize(target: String, meta: String, state_dir: PathBuf) -> anyhow::Result<()> {
+async fn resize(target: String, meta: ClientArgs, state_dir: PathBuf) -> anyhow::Result<()> {
     let state = StateDir::new(&state_dir)?;
     let Some(mapping) = state.find(&target)? else {
         bail!("{target} is not mapped on this node");
@@ -421,7 +422,7 @@ async fn resize(target: String, meta: String, state_dir: PathBuf) -> anyhow::Res
             mapping.device
         );
     }
-    let meta = MetaClient::from_list(&meta)?;
+    let meta = meta.client()?;
     let volume = nbd_client::engine::find_volume(&meta, &mapping.volume_id).await?;
     let wanted = volume.size_bytes / u64::from(DEVICE_BLOCK_SIZE) * u64::from(DEVICE_BLOCK_SIZE);
     let name = mapping.device.trim_start_matches("/dev/").to_owned();

@@ -44,8 +44,9 @@ pub enum SnapshotError {
     PauseLapsed,
 }
 
-async fn connect(address: &str) -> Result<DataClient, SnapshotError> {
-    DataClient::connect(address).await.map_err(|source| SnapshotError::Server { address: address.into(), source })
+async fn connect(meta: &MetaClient, address: &str) -> Result<DataClient, SnapshotError> {
+    let connected = meta.chunk_servers().connect(address).await;
+    connected.map_err(|source| SnapshotError::Server { address: address.into(), source })
 }
 
 async fn get_snapshot(meta: &MetaClient, id: &str) -> Result<pb::Snapshot, SnapshotError> {
@@ -67,7 +68,7 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
     addresses.dedup();
     let mut clients = BTreeMap::new();
     for address in &addresses {
-        clients.insert(address.clone(), connect(address).await?);
+        clients.insert(address.clone(), connect(meta, address).await?);
     }
 
     // Pause everywhere first; clone only once every server has paused. The
@@ -225,7 +226,7 @@ async fn copy_from_replica(
     chunk: u64,
     base: u64,
 ) -> Result<(), SnapshotError> {
-    let client = connect(address).await?;
+    let client = connect(target.meta(), address).await?;
     let server_error = |source| SnapshotError::Server { address: address.into(), source };
     let mut stream = client.read_chunk_stream(data_id, chunk, 0, 0, 0).await.map_err(server_error)?;
     while let Some(segment) = stream.next().await {

@@ -205,7 +205,7 @@ async fn members_behind_the_sets_generation_are_brought_up_by_writers() {
     second.write_at(0, pattern(9, 4096), false).await.unwrap();
     assert_eq!(second.read_at(0, 4096).await.unwrap(), pattern(9, 4096));
     for replica in &moved.replicas {
-        let client = ballast_proto::frame::DataClient::connect(&replica.address).await.unwrap();
+        let client = cluster.chunk_servers().connect(&replica.address).await.unwrap();
         let chunk = client.chunk_info(info.data_id, 0).await.unwrap();
         assert_eq!(chunk.generation, moved.generation, "{} moved up", replica.server_id);
     }

@@ -27,9 +27,10 @@ impl Drop for Unmap<'_> {
     }
 }
 
-fn map(meta: &str, volume: &str, state_dir: &Path) -> String {
+/// `nbd-client map VOLUME` with `meta`: `--meta ... --tls-dir ...`.
+fn map(meta: &[String], volume: &str, state_dir: &Path) -> String {
     let out =
-        Command::new(NBD_CLIENT).args(["map", volume, "--meta", meta, "--state-dir"]).arg(state_dir).output().unwrap();
+        Command::new(NBD_CLIENT).args(["map", volume]).args(meta).arg("--state-dir").arg(state_dir).output().unwrap();
     ok(out, "nbd-client map").trim().to_string()
 }
 
@@ -48,7 +49,7 @@ async fn map_mkfs_mount_unmap_map_again_and_grow_online_keeps_the_files() {
     let cluster = DevCluster::start(&dir.path().join("cluster"), 3, 3).await.unwrap();
     let volume = create_volume(&cluster, "fs", 128 * MIB, 3).await;
     let state_dir = dir.path().join("nbd-state");
-    let meta = cluster.meta_endpoints();
+    let meta = cluster.client_args();
     let _unmap = Unmap { volume: "fs", state_dir: &state_dir };
 
     let device = map(&meta, "fs", &state_dir);
@@ -94,7 +95,7 @@ async fn map_mkfs_mount_unmap_map_again_and_grow_online_keeps_the_files() {
     // Online growth: expand the volume, grow the mapped device under the
     // mounted filesystem, then the filesystem; the files stay intact.
     let resize =
-        || Command::new(NBD_CLIENT).args(["resize", "fs", "--meta", &meta, "--state-dir"]).arg(&state_dir).output();
+        || Command::new(NBD_CLIENT).args(["resize", "fs"]).args(&meta).arg("--state-dir").arg(&state_dir).output();
     assert_eq!(ok(resize().unwrap(), "resize without growth").trim(), (128 * MIB).to_string());
     let request = ballast_proto::meta::ExpandVolumeRequest { id: volume.id.clone(), size_bytes: 200 * MIB };
     cluster.meta().expand_volume(request).await.unwrap();
@@ -117,7 +118,9 @@ async fn map_mkfs_mount_unmap_map_again_and_grow_online_keeps_the_files() {
 
     // A volume that is not mapped here cannot be resized here.
     let absent = Command::new(NBD_CLIENT)
-        .args(["resize", "no-such-volume", "--meta", &meta, "--state-dir"])
+        .args(["resize", "no-such-volume"])
+        .args(&meta)
+        .arg("--state-dir")
         .arg(&state_dir)
         .output()
         .unwrap();

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 mod common;
 
 use ballast_cli::dev::DevCluster;
-use ballast_proto::frame::DataClient;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 
@@ -35,11 +34,13 @@ fn meta_raft_bin() -> std::path::PathBuf {
 }
 
 /// `ballast chunks -o json` with `args`: the state of each chunk held.
-fn chunk_states(args: &[&str]) -> Vec<String> {
+fn chunk_states(cluster: &DevCluster, args: &[&str]) -> Vec<String> {
     let output = Command::new(ballast_cli::dev::workspace_bin_dir().join("ballast"))
         .args(["chunks", "-o", "json"])
         .args(args)
+        .args(cluster.tls_args())
         .env_remove("BALLAST_META")
+        .env_remove("BALLAST_TLS_DIR")
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
@@ -98,7 +99,7 @@ async fn a_wiped_metadata_cluster_makes_no_chunk_server_delete_its_chunks() {
 
     // The data is intact on every server.
     for (address, _) in &before {
-        let client = DataClient::connect(address).await.unwrap();
+        let client = cluster.chunk_servers().connect(address).await.unwrap();
         let (data, _) = client.read(info.data_id, 3, 0, MIB as u32, epoch, 0).await.unwrap();
         assert!(data[..] == written[3 * MIB as usize..4 * MIB as usize], "chunk 3 on {address}");
     }
@@ -108,7 +109,8 @@ async fn a_wiped_metadata_cluster_makes_no_chunk_server_delete_its_chunks() {
     let log = std::fs::read_to_string(cluster.dir.join("logs/storage1.log")).unwrap();
     assert!(log.contains("belongs to metadata cluster"), "storage1 says why it refuses the new cluster");
     // An admin sees that the new cluster knows none of the 24 chunks.
-    let states = chunk_states(&["--meta", &cluster.meta_endpoints(), "--servers", &storage_addresses(&cluster)]);
+    let states =
+        chunk_states(&cluster, &["--meta", &cluster.meta_endpoints(), "--servers", &storage_addresses(&cluster)]);
     assert_eq!(states.len(), 24);
     assert!(states.iter().all(|s| s == "unknown"), "{states:?}");
 }
@@ -150,7 +152,7 @@ async fn orphans_wait_in_the_trash_and_an_admin_restores_them() {
     let address = cluster.process("storage1").address.clone();
     let deadline = Instant::now() + Duration::from_secs(20);
     let client = loop {
-        match DataClient::connect(&address).await {
+        match cluster.chunk_servers().connect(&address).await {
             Ok(client) => break client,
             Err(e) => assert!(Instant::now() < deadline, "storage1 did not come back: {e}"),
         }
@@ -174,7 +176,7 @@ async fn a_survivor_of_a_lost_metadata_majority_becomes_the_cluster_again() {
         std::fs::remove_dir_all(cluster.dir.join(name)).unwrap();
     }
     let survivor = cluster.process("meta1").address.clone();
-    let alone = meta_raft::MetaClient::new(vec![survivor.clone()]).unwrap();
+    let alone = cluster.meta_at(&survivor);
     let create = |name: &str| pb::CreateVolumeRequest {
         name: name.into(),
         size_bytes: MIB,
@@ -186,7 +188,7 @@ async fn a_survivor_of_a_lost_metadata_majority_becomes_the_cluster_again() {
     assert!(!matches!(stuck, Ok(Ok(_))), "a minority member accepted a change: {stuck:?}");
 
     // What the servers hold is listed without metadata.
-    let states = chunk_states(&["--servers", &storage_addresses(&cluster)]);
+    let states = chunk_states(&cluster, &["--servers", &storage_addresses(&cluster)]);
     assert_eq!(states.len(), 24);
     assert!(states.iter().all(|s| s == "unchecked"), "{states:?}");
 
@@ -226,7 +228,7 @@ async fn a_survivor_of_a_lost_metadata_majority_becomes_the_cluster_again() {
     }
     let servers = alone.list_chunk_servers(pb::ListChunkServersRequest {}).await.unwrap().servers;
     assert_eq!(servers.len(), 3, "{servers:?}");
-    let states = chunk_states(&["--meta", &survivor]);
+    let states = chunk_states(&cluster, &["--meta", &survivor]);
     assert_eq!(states.len(), 24);
     assert!(states.iter().all(|s| s == "replica"), "{states:?}");
 }

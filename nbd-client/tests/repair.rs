@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 mod common;
 
 use ballast_cli::dev::DevCluster;
-use ballast_proto::frame::DataClient;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_raft::MetaClient;
@@ -126,7 +125,7 @@ async fn lost_replicas_are_rebuilt_on_a_spare_server_while_writes_go_on() {
     for set in &final_map {
         let base = (set.chunk_index * MIB) as usize;
         for replica in &set.replicas {
-            let client = DataClient::connect(&replica.address).await.unwrap();
+            let client = cluster.chunk_servers().connect(&replica.address).await.unwrap();
             let (data, _checksums) =
                 client.read(info.data_id, set.chunk_index, 0, MIB as u32, volume.epoch(), 0).await.unwrap();
             assert!(
@@ -187,7 +186,7 @@ async fn a_restarted_servers_dirty_chunks_are_rebuilt_from_a_peer() {
         let set = chunk_map(&meta, &info.id).await.remove(0);
         let rebuilt = set.generation >= generation + 2 && set.replicas.len() == 3;
         if rebuilt && set.replicas.iter().any(|r| r.address == victim) {
-            let client = DataClient::connect(&victim).await.unwrap();
+            let client = cluster.chunk_servers().connect(&victim).await.unwrap();
             let regions = client.dirty_regions(Some(info.data_id)).await.unwrap();
             assert!(!regions.iter().any(|r| r.is_recovered()), "{regions:?}");
             break client;
@@ -226,7 +225,7 @@ async fn a_bit_flip_found_by_scrub_is_rewritten_from_a_good_replica() {
     std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 0x01], at).unwrap();
     file.sync_all().unwrap();
 
-    let client = DataClient::connect(&victim.address).await.unwrap();
+    let client = cluster.chunk_servers().connect(&victim.address).await.unwrap();
     let found = client.scrub(Some(info.data_id)).await.unwrap();
     assert_eq!(found.bad.len(), 1, "scrub finds the flipped block: {:?}", found.bad);
 
@@ -306,7 +305,7 @@ async fn a_copy_left_behind_by_a_crash_is_never_a_rebuild_source() {
         let current = chunk_map(&meta, &info.id).await.remove(0);
         let mut clean = current.replicas.len() == 3;
         for replica in &current.replicas {
-            let regions = match DataClient::connect(&replica.address).await {
+            let regions = match cluster.chunk_servers().connect(&replica.address).await {
                 Ok(client) => client.dirty_regions(Some(info.data_id)).await.ok(),
                 Err(_) => None,
             };
@@ -320,7 +319,7 @@ async fn a_copy_left_behind_by_a_crash_is_never_a_rebuild_source() {
     };
     let mut contents = Vec::new();
     for replica in &healed.replicas {
-        let client = DataClient::connect(&replica.address).await.unwrap();
+        let client = cluster.chunk_servers().connect(&replica.address).await.unwrap();
         let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, 0, 0).await.expect("every block verifies");
         assert!(data == newer || data == older, "{} holds neither write", replica.server_id);
         contents.push(data);

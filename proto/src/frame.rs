@@ -141,12 +141,14 @@
 //! with vectored writes. [`DataClient`] is the client side.
 
 mod client;
+mod connector;
 mod copy;
 mod held_pause;
 mod payload;
 mod wire;
 
 pub use client::{ChunkStream, ClientError, DataClient, ScrubReport, Segment};
+pub use connector::Connector;
 pub use copy::{copy_chunk, holds_clean_copy, sync_chunk, CopyTarget};
 pub use held_pause::HeldPause;
 pub use payload::{
@@ -314,10 +316,13 @@ pub enum ErrorCode {
     /// the volume's in-flight changes had finished.
     #[error("interrupted")]
     Interrupted = 15,
+    /// The caller's certificate does not allow this request.
+    #[error("permission denied")]
+    PermissionDenied = 16,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownOpcode,
         ErrorCode::TooLarge,
@@ -333,6 +338,7 @@ impl ErrorCode {
         ErrorCode::Io,
         ErrorCode::ShuttingDown,
         ErrorCode::Interrupted,
+        ErrorCode::PermissionDenied,
     ];
 
     pub fn from_u16(value: u16) -> Option<ErrorCode> {

@@ -135,16 +135,16 @@ pub struct ServeArgs {
     /// before it is deleted (`storage-server trash restore` brings it back).
     #[arg(long, env = "BALLAST_STORAGE_ORPHAN_GRACE", default_value_t = DEFAULT_ORPHAN_GRACE.as_secs())]
     pub orphan_grace: u64,
-    /// Certificate directory (tls.crt, tls.key, ca.crt from `ballast pki
-    /// issue --role storage --name SERVER_ID`): the server's id, and mutual
-    /// TLS with the metadata service.
-    #[arg(long, env = "BALLAST_TLS_DIR")]
-    pub tls_dir: Option<PathBuf>,
+    /// The server's certificate (`ballast pki issue --role storage --name
+    /// SERVER_ID`: also its id), or --insecure.
+    #[command(flatten)]
+    pub tls: ballast_tls::ServeTls,
 }
 
 impl ServeArgs {
-    pub fn into_config(self) -> Config {
-        Config {
+    pub fn into_config(self) -> Result<Config, ballast_tls::TlsError> {
+        let tls_dir = self.tls.resolve()?.map(|dir| dir.path().to_path_buf());
+        Ok(Config {
             listen: Some(self.listen),
             unix: self.unix,
             data_dir: self.data_dir,
@@ -156,8 +156,8 @@ impl ServeArgs {
             scrub_rate: self.scrub_rate,
             meta: self.meta.into_iter().filter(|m| !m.trim().is_empty()).collect(),
             orphan_grace: Duration::from_secs(self.orphan_grace),
-            tls_dir: self.tls_dir,
-        }
+            tls_dir,
+        })
     }
 }
 

@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Trash(command) => return trash(command),
     };
     ballast_telemetry::init_tracing(args.log_format);
-    let server = storage_server::start((*args).into_config()).await.context("starting the storage server")?;
+    let server = storage_server::start((*args).into_config()?).await.context("starting the storage server")?;
     // One machine-readable line on stdout with the bound addresses.
     let mut line = format!("ready server_id={} io_backend={}", server.server_id(), server.backend());
     if let Some(addr) = server.tcp_addr() {

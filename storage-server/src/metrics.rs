@@ -42,6 +42,10 @@ pub struct Metrics {
     pub paused_volumes: IntGauge,
     /// Chunks created by `CHUNK_CLONE`.
     pub chunk_clones: IntCounter,
+    /// TLS connections refused in the handshake.
+    pub refused_connections: IntCounter,
+    /// Requests refused because the caller's role may not send them.
+    pub denied_requests: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -78,6 +82,17 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "ballast_storage_io_backend",
             "Disk I/O backend in use (1 for the active one)",
             &["backend"]
+        )
+        .expect("register metric"),
+        refused_connections: register_int_counter!(
+            "ballast_storage_refused_connections_total",
+            "Connections refused in the TLS handshake (no TLS, unknown authority, no identity)"
+        )
+        .expect("register metric"),
+        denied_requests: register_int_counter_vec!(
+            "ballast_storage_denied_requests_total",
+            "Requests refused with PERMISSION_DENIED, by the caller's role and the opcode",
+            &["role", "op"]
         )
         .expect("register metric"),
         bad_frames: register_int_counter!("ballast_storage_bad_frames_total", "Undecodable request frames")

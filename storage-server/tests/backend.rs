@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 /// Runs the server binary with `io_uring_setup(2)` failing with EPERM.
 fn server_without_io_uring(data_dir: &std::path::Path, backend: &str) -> std::process::Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_storage-server"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--scrub-rate", "0", "--io-backend", backend, "--data-dir"])
+    cmd.args(["serve", "--insecure", "--listen", "127.0.0.1:0", "--scrub-rate", "0", "--io-backend", backend])
+        .arg("--data-dir")
         .arg(data_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

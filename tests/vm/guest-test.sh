@@ -117,7 +117,7 @@ cluster_up() {
     retried=
     for attempt in 1 2 3; do
         if timeout 150 ballast dev up --dir "$C" --storage 3 2>/tmp/devup.err; then
-            . "$C/cluster.env"; META=$BALLAST_META; export BALLAST_META
+            set -a; . "$C/cluster.env"; set +a; META=$BALLAST_META
             result cluster PASS "3 meta + 3 storage up in $(elapsed "$t0") s${retried}; BALLAST_META=$META"
             return 0
         fi
@@ -139,7 +139,7 @@ cluster_up() {
     rm -rf "${C:?}"/*
     t0=$(ts)
     if timeout 120 ballast dev up --dir "$C" --storage 0; then
-        . "$C/cluster.env"; META=$BALLAST_META
+        set -a; . "$C/cluster.env"; set +a; META=$BALLAST_META
         if out=$(timeout 60 ballast volume create v1 --size 256MiB --replicas 3 --meta "$META" 2>&1); then
             result meta-only PASS "dev up --storage 0 in $(elapsed "$t0") s; volume create: $(echo "$out" | tr '\n' ' ')"
         else

@@ -12,6 +12,7 @@
 //! - [`config`]: rustls server and client configurations for mutual TLS.
 //! - [`accept`]: the server side of a connection, with the peer's identity.
 //! - [`connect`]: the client side, also as a connector for tonic.
+//! - [`serving`]: a server's `--tls-dir` or explicit `--insecure`.
 
 pub mod accept;
 pub mod config;
@@ -19,12 +20,14 @@ pub mod connect;
 pub mod files;
 pub mod identity;
 pub mod pki;
+pub mod serving;
 
 pub use accept::{Acceptor, Peer, TlsConnection};
 pub use config::{client_config, server_config};
 pub use files::TlsDir;
 pub use identity::{Identity, Role};
 pub use rustls;
+pub use serving::ServeTls;
 
 /// What can go wrong with certificates and TLS set-up.
 #[derive(Debug, thiserror::Error)]

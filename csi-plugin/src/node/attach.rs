@@ -75,11 +75,18 @@ pub struct NbdClient {
     /// The plugin's own log format, which the serving processes then use
     /// too: their logs are relayed into the plugin's.
     log_format: LogFormat,
+    /// The node's certificate directory, passed on as `--tls-dir`.
+    tls_dir: Option<PathBuf>,
 }
 
 impl NbdClient {
     pub fn new(configured: Option<PathBuf>, state_dir: Option<PathBuf>, log_format: LogFormat) -> Self {
-        Self { configured, state_dir, log_format }
+        Self { configured, state_dir, log_format, tls_dir: None }
+    }
+
+    /// Serving processes reach the cluster with the certificate in `dir`.
+    pub fn with_tls_dir(self, tls_dir: Option<PathBuf>) -> Self {
+        Self { tls_dir, ..self }
     }
 
     /// The binary to run: the configured one (a bare name is looked up in
@@ -117,10 +124,20 @@ impl NbdClient {
         }
     }
 
+    /// `--meta META`, and `--tls-dir DIR` when configured.
+    fn meta_args(&self, meta: &str) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--meta".into(), meta.into()];
+        if let Some(dir) = &self.tls_dir {
+            args.extend(["--tls-dir".into(), dir.clone().into_os_string()]);
+        }
+        args
+    }
+
     /// The arguments of `nbd-client map`.
     pub fn map_args(&self, volume: &str, meta: &str, epoch: u64, readonly: bool) -> Vec<OsString> {
-        let mut args: Vec<OsString> =
-            ["map", volume, "--meta", meta, "--epoch", &epoch.to_string()].into_iter().map(OsString::from).collect();
+        let mut args: Vec<OsString> = vec!["map".into(), volume.into()];
+        args.extend(self.meta_args(meta));
+        args.extend(["--epoch".into(), epoch.to_string().into()]);
         if readonly {
             args.push("--readonly".into());
         }
@@ -150,7 +167,8 @@ impl NbdClient {
     /// Grows the device of a mapped volume to the volume's size in
     /// metadata; returns the device's size in bytes.
     pub async fn resize(&self, volume: &str, meta: &str) -> Result<u64> {
-        let mut args: Vec<OsString> = ["resize", volume, "--meta", meta].into_iter().map(OsString::from).collect();
+        let mut args: Vec<OsString> = vec!["resize".into(), volume.into()];
+        args.extend(self.meta_args(meta));
         args.extend(self.state_args());
         let stdout = tools::run(&self.binary()?, args, RESIZE_LIMIT).await?;
         stdout.trim().parse().map_err(|_| CsiError::Tool {
@@ -245,6 +263,11 @@ mod tests {
         assert_eq!(
             private.map_args("vol-1", "a:1", 3, false),
             ["map", "vol-1", "--meta", "a:1", "--epoch", "3", "--log-format", "json", "--state-dir", "/run/test/nbd"]
+        );
+        let secured = NbdClient::new(None, None, LogFormat::Human).with_tls_dir(Some("/etc/ballast/tls".into()));
+        assert_eq!(
+            secured.map_args("vol-1", "a:1", 3, false),
+            ["map", "vol-1", "--meta", "a:1", "--tls-dir", "/etc/ballast/tls", "--epoch", "3"]
         );
         assert_eq!(parse_device("/dev/loop3\n").unwrap(), PathBuf::from("/dev/loop3"));
         assert_eq!(parse_device("attaching\n/dev/nbd7\n\n").unwrap(), PathBuf::from("/dev/nbd7"));

@@ -102,6 +102,7 @@ impl ClusterHarness {
         harness_args.push(nbd_state.display().to_string());
         harness_args.push("--state-dir".into());
         harness_args.push(state.display().to_string());
+        harness_args.extend(cluster.tls_args());
         let args: Vec<&str> = harness_args.iter().map(String::as_str).collect();
         let plugin = Plugin::start(dir.path(), "csi", &cluster.meta_endpoints(), &args, &[]).await;
         Self { plugin, meta, cluster, nbd_client, nbd_state, dir }

@@ -103,7 +103,7 @@ impl Volume {
         let volume = Volume {
             min_replicas,
             map: chunk_map::ChunkMap::from_meta(&map),
-            pool: pool::ConnectionPool::default(),
+            pool: pool::ConnectionPool::new(meta.chunk_servers().clone()),
             changes: RangeLock::default(),
             allocation: Mutex::new(()),
             read_rotation: AtomicUsize::new(0),
@@ -122,6 +122,11 @@ impl Volume {
     }
 
     /// The size in bytes, including any growth picked up since opening.
+    /// The metadata client the volume was opened with.
+    pub fn meta(&self) -> &MetaClient {
+        &self.meta
+    }
+
     pub fn size_bytes(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }

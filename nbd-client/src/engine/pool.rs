@@ -5,19 +5,23 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use ballast_proto::frame::{ClientError, DataClient};
+use ballast_proto::frame::{ClientError, Connector, DataClient};
 
 /// Connections per server: pipelining does most of the work; a second one
 /// keeps a large transfer from delaying small ones behind it.
 const CONNECTIONS_PER_SERVER: usize = 2;
 
-#[derive(Default)]
 pub struct ConnectionPool {
+    connector: Connector,
     servers: Mutex<HashMap<String, Vec<Option<DataClient>>>>,
     next: AtomicUsize,
 }
 
 impl ConnectionPool {
+    pub fn new(connector: Connector) -> ConnectionPool {
+        ConnectionPool { connector, servers: Mutex::default(), next: AtomicUsize::default() }
+    }
+
     /// A connection to `address`, connecting if needed.
     pub async fn get(&self, address: &str) -> Result<(usize, DataClient), ClientError> {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % CONNECTIONS_PER_SERVER;
@@ -29,7 +33,7 @@ impl ConnectionPool {
             Some(_) => self.discard(address, slot),
             None => {}
         }
-        let client = DataClient::connect(address).await?;
+        let client = self.connector.connect(address).await?;
         let mut servers = self.servers.lock().expect("pool lock");
         let slots = servers.entry(address.to_string()).or_insert_with(|| vec![None; CONNECTIONS_PER_SERVER]);
         // Another task may have connected meanwhile; either connection works.

@@ -23,8 +23,14 @@ impl Volume {
         F: FnOnce(DataClient) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
-        let (slot, client) = self.pool.get(&replica.address).await?;
-        match tokio::time::timeout(self.options.replica_timeout, request(client)).await {
+        // A stopped server completes the TCP handshake in its kernel but
+        // never the TLS one: connecting is bounded as well.
+        let limit = self.options.replica_timeout;
+        let (slot, client) = match tokio::time::timeout(limit, self.pool.get(&replica.address)).await {
+            Ok(connected) => connected?,
+            Err(_) => return Err(ClientError::Closed(format!("no connection within {limit:?}"))),
+        };
+        match tokio::time::timeout(limit, request(client)).await {
             Ok(Err(ClientError::Closed(reason))) => {
                 self.pool.discard(&replica.address, slot);
                 Err(ClientError::Closed(reason))
@@ -33,7 +39,7 @@ impl Volume {
             Err(_) => {
                 // The connection may be stuck; start afresh next time.
                 self.pool.discard(&replica.address, slot);
-                Err(ClientError::Closed(format!("no answer within {:?}", self.options.replica_timeout)))
+                Err(ClientError::Closed(format!("no answer within {limit:?}")))
             }
         }
     }

@@ -58,7 +58,7 @@ pub async fn publish_and_open(meta: &MetaClient, info: &pb::Volume) -> Volume {
 pub async fn held(cluster: &DevCluster) -> Vec<(String, usize)> {
     let mut out = Vec::new();
     for process in cluster.state.processes.iter().filter(|p| p.binary == "storage-server") {
-        let client = ballast_proto::frame::DataClient::connect(&process.address).await.unwrap();
+        let client = cluster.chunk_servers().connect(&process.address).await.unwrap();
         out.push((process.address.clone(), client.list_chunks(None).await.unwrap().len()));
     }
     out
@@ -86,8 +86,8 @@ impl Served {
         let socket = dir.join(format!("{volume}.sock"));
         let log = std::fs::File::create(dir.join(format!("{volume}.serve.log"))).unwrap();
         let child = Command::new(NBD_CLIENT)
-            .args(["serve", volume, "--listen", &format!("unix:{}", socket.display()), "--meta"])
-            .arg(cluster.meta_endpoints())
+            .args(["serve", volume, "--listen", &format!("unix:{}", socket.display())])
+            .args(cluster.client_args())
             .args(["--replica-timeout", "2"])
             .stdout(Stdio::null())
             .stderr(log)

@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_proto::frame::DataClient;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_raft::MetaClient;
@@ -58,7 +57,7 @@ pub async fn replicas(meta: &MetaClient, volume: &pb::Volume, epoch: u64) -> Vec
     let mut out = Vec::new();
     for set in map.chunks {
         for replica in set.replicas {
-            let client = DataClient::connect(&replica.address).await.unwrap();
+            let client = meta.chunk_servers().connect(&replica.address).await.unwrap();
             let (data, _) = client.read(volume.data_id, set.chunk_index, 0, size, epoch, 0).await.unwrap();
             out.push((set.chunk_index, replica.server_id, data));
         }

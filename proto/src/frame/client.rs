@@ -241,25 +241,15 @@ fn volume_scope(header: &mut RequestHeader, volume: Option<u64>) {
 }
 
 impl DataClient {
-    /// Connects to `endpoint`: `unix:/path/to/socket` or `host:port`.
+    /// Connects to `endpoint` (`unix:/path` or `host:port`) in plaintext;
+    /// [`Connector`](super::Connector) connects over TLS as well.
     pub async fn connect(endpoint: &str) -> Result<DataClient, ClientError> {
-        match endpoint.strip_prefix("unix:") {
-            Some(path) => DataClient::connect_unix(path).await,
-            None => DataClient::connect_tcp(endpoint).await,
-        }
+        super::Connector::plaintext().connect(endpoint).await
     }
 
-    /// Connects to `endpoint` within `limit`, and from then on fails any
-    /// request that gets no answer (for a stream or listing: no next frame)
-    /// within `limit`, closing the connection. A server that stops
-    /// answering (its process stopped, its disk hung) accepts connections
-    /// and never replies: this bounds how long it holds its caller up. For
-    /// the metadata service's calls; the volume engine bounds its own.
-    pub async fn connect_within(endpoint: &str, limit: Duration) -> Result<DataClient, ClientError> {
-        let connected = tokio::time::timeout(limit, DataClient::connect(endpoint)).await.map_err(|_| {
-            ClientError::Connect(io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {limit:?}")))
-        })?;
-        Ok(DataClient { answer_within: Some(limit), ..connected? })
+    /// From now on, fails any request that gets no answer within `limit`.
+    pub(super) fn answering_within(self, limit: Duration) -> DataClient {
+        DataClient { answer_within: Some(limit), ..self }
     }
 
     /// Waits for `answer`, within the connection's answer limit if it has one.

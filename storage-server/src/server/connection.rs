@@ -11,6 +11,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
+use super::access::Caller;
 use super::handler::{decode_error_frame, Handler};
 use crate::metrics::metrics;
 use crate::store::buf::{AlignedBuf, BufPool};
@@ -52,6 +53,7 @@ impl Drop for Gauge {
 pub async fn serve<R, W>(
     mut reader: R,
     writer: W,
+    caller: Caller,
     handler: Arc<Handler>,
     mut stop: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
@@ -81,7 +83,7 @@ pub async fn serve<R, W>(
                 break;
             }
             match decode_request(&mut buf) {
-                Ok(Some(req)) => running.push(handler.handle(req, &tx)),
+                Ok(Some(req)) => running.push(handler.handle(req, &caller, &tx)),
                 Ok(None) => break,
                 Err(e) => {
                     if !bad_frame(&e, &tx).await {
@@ -121,7 +123,7 @@ pub async fn serve<R, W>(
         if direct.as_ref().is_some_and(DirectPayload::complete) {
             let d = direct.take().expect("checked");
             match d.prefix.finish(d.payload.into_bytes()) {
-                Ok(req) => running.push(handler.handle(req, &tx)),
+                Ok(req) => running.push(handler.handle(req, &caller, &tx)),
                 Err(e) => reading = bad_frame(&e, &tx).await,
             }
         }

@@ -11,6 +11,7 @@ use ballast_proto::frame::{
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use super::access::{self, Caller};
 use crate::error::StoreError;
 use crate::metrics::metrics;
 use crate::scrub::scrub;
@@ -46,6 +47,7 @@ fn status_label(status: Result<(), ErrorCode>) -> &'static str {
         Err(ErrorCode::Io) => "io",
         Err(ErrorCode::ShuttingDown) => "shutting_down",
         Err(ErrorCode::Interrupted) => "interrupted",
+        Err(ErrorCode::PermissionDenied) => "permission_denied",
     }
 }
 
@@ -68,11 +70,19 @@ impl Handler {
         &self.store
     }
 
-    /// Runs `req` and sends its reply frames (the last flagged END) to `out`.
-    pub async fn handle(&self, req: Request, out: &Out) {
+    /// Runs `req` from `caller` and sends its reply frames (the last
+    /// flagged END) to `out`.
+    pub async fn handle(&self, req: Request, caller: &Caller, out: &Out) {
         let started = Instant::now();
         let opcode = req.header.opcode;
         let request_id = req.header.request_id;
+        if !access::allowed(caller, opcode) {
+            tracing::warn!(op = opcode.name(), ?caller, "request denied");
+            metrics().denied_requests.with_label_values(&[caller.role_label(), opcode.name()]).inc();
+            let message = format!("a {} certificate may not send {}", caller.role_label(), opcode.name());
+            let _ = out.send(error_frame(opcode as u8, request_id, ErrorCode::PermissionDenied, 0, message)).await;
+            return;
+        }
         let status = match self.execute(req, out).await {
             Ok(()) => Ok(()),
             Err(e) => {

@@ -1,6 +1,7 @@
 //! The frame server: TCP and unix listeners, one task per connection, and
 //! the lifecycle of a running chunk server (start, graceful shutdown).
 
+mod access;
 mod connection;
 mod handler;
 
@@ -10,10 +11,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ballast_tls::{Role, TlsDir};
-use tokio::io::{AsyncRead, AsyncWrite};
+use access::Caller;
+use ballast_tls::{Acceptor, Role, TlsConnection, TlsDir};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -99,7 +101,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     if let Some(addr) = config.listen {
         let listener = TcpListener::bind(addr).await.map_err(io_error(format!("binding {addr}")))?;
         tcp_addr = Some(listener.local_addr().map_err(io_error("reading the bound address"))?);
-        tasks.push(tokio::spawn(accept(listener, handler.clone(), stop_rx.clone(), alive.clone())));
+        let (handler, stop_rx, alive) = (handler.clone(), stop_rx.clone(), alive.clone());
+        tasks.push(match &tls {
+            Some(dir) => tokio::spawn(accept(TlsListener::new(listener, dir)?, handler, stop_rx, alive)),
+            None => tokio::spawn(accept(listener, handler, stop_rx, alive)),
+        });
     }
     if let Some(path) = &config.unix {
         let listener = bind_unix(path)?;
@@ -156,18 +162,19 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
 trait Listener: Send + Sync + 'static {
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;
-    fn accept_split(&self) -> impl Future<Output = io::Result<(Self::Read, Self::Write)>> + Send;
+    fn accept_split(&self) -> impl Future<Output = io::Result<(Self::Read, Self::Write, Caller)>> + Send;
 }
 
 impl Listener for TcpListener {
     type Read = tokio::net::tcp::OwnedReadHalf;
     type Write = tokio::net::tcp::OwnedWriteHalf;
 
-    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write)> {
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, Caller)> {
         let (stream, peer) = self.accept().await?;
         tracing::debug!(%peer, "connection");
         let _ = stream.set_nodelay(true);
-        Ok(stream.into_split())
+        let (read, write) = stream.into_split();
+        Ok((read, write, Caller::Unauthenticated))
     }
 }
 
@@ -175,8 +182,42 @@ impl Listener for UnixListener {
     type Read = tokio::net::unix::OwnedReadHalf;
     type Write = tokio::net::unix::OwnedWriteHalf;
 
-    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write)> {
-        Ok(self.accept().await?.0.into_split())
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, Caller)> {
+        let (read, write) = self.accept().await?.0.into_split();
+        Ok((read, write, Caller::Unauthenticated))
+    }
+}
+
+/// TCP with mutual TLS: connections that proved an identity, handshaken
+/// off the accept loop.
+struct TlsListener {
+    incoming: Mutex<mpsc::Receiver<io::Result<TlsConnection>>>,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, dir: &TlsDir) -> Result<TlsListener, ServerError> {
+        let acceptor = Acceptor::new(ballast_tls::server_config(dir)?);
+        let incoming = acceptor.incoming(listener, |_, _| metrics().refused_connections.inc());
+        Ok(TlsListener { incoming: Mutex::new(incoming) })
+    }
+}
+
+impl Listener for TlsListener {
+    type Read = ReadHalf<TlsConnection>;
+    type Write = WriteHalf<TlsConnection>;
+
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, Caller)> {
+        let connection = self
+            .incoming
+            .lock()
+            .await
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::BrokenPipe, "the TLS accept loop stopped")))?;
+        let peer = connection.peer().clone();
+        tracing::debug!(peer = %peer.addr, identity = %peer.identity, "connection");
+        let (read, write) = tokio::io::split(connection);
+        Ok((read, write, Caller::Certified(peer.identity)))
     }
 }
 
@@ -190,8 +231,8 @@ async fn accept<L: Listener>(
     loop {
         tokio::select! {
             accepted = listener.accept_split() => match accepted {
-                Ok((r, w)) => {
-                    tokio::spawn(connection::serve(r, w, handler.clone(), stop.clone(), alive.clone()));
+                Ok((r, w, caller)) => {
+                    tokio::spawn(connection::serve(r, w, caller, handler.clone(), stop.clone(), alive.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },

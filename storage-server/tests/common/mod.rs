@@ -151,6 +151,7 @@ impl Binary {
             .args(["serve", "--listen", "127.0.0.1:0", "--scrub-rate", "0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
+            .args((!extra.contains(&"--tls-dir")).then_some("--insecure"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
