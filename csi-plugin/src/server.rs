@@ -6,6 +6,7 @@
 //! socket would each serve half the calls.
 
 use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -224,6 +225,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
 
     prepare_socket(&path).await?;
     let listener = UnixListener::bind(&path).map_err(io_err("binding", &path))?;
+    // Only the plugin's own user (root: the kubelet and the sidecars) may
+    // call it, whatever the umask says.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io_err("restricting", &path))?;
     tracing::info!(
         endpoint = %path.display(),
         mode = ?config.mode,

@@ -237,3 +237,43 @@ async fn registration_needs_the_kubelets_directory() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("plugins_registry"), "{stderr}");
 }
+
+/// The CSI socket belongs to the plugin's user alone (0600), whatever umask
+/// the plugin was started with: another user on the node cannot call it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_csi_socket_is_closed_to_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !ballast_testkit::machine_has(&[ballast_testkit::ROOT, "python3"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Traversable by anyone: only the socket's own mode may keep them out.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("csi.sock");
+    let endpoint = format!("unix://{}", socket.display());
+    let mut plugin = std::process::Command::new("sh")
+        .args(["-c", "umask 000 && exec \"$@\"", "sh", PLUGIN, "--mode", "controller"])
+        .args(["--endpoint", &endpoint, "--meta", "127.0.0.1:1"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no socket at {}", socket.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    let as_nobody = std::process::Command::new("python3")
+        .args(["-c", "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"])
+        .arg(&socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let _ = plugin.kill();
+    let _ = plugin.wait();
+    assert!(!as_nobody.status.success(), "user nobody connected to the CSI socket (mode {mode:o})");
+    assert!(String::from_utf8_lossy(&as_nobody.stderr).contains("Permission denied"), "{as_nobody:?}");
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+}

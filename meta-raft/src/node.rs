@@ -19,7 +19,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
 use crate::access::Authorize;
 use crate::cluster::ClusterService;
-use crate::network::{PeerNetwork, RaftService};
+use crate::network::{PeerNetwork, RaftService, RAFT_MESSAGE_LIMIT};
 use crate::repair::{RepairConfig, Repairer};
 use crate::service::MetaService;
 use crate::types::{NodeId, Raft};
@@ -115,7 +115,7 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
     );
     let router = tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn(Authorize::new))
-        .add_service(RaftServer::new(RaftService::new(raft.clone())).max_decoding_message_size(usize::MAX))
+        .add_service(RaftServer::new(RaftService::new(raft.clone())).max_decoding_message_size(RAFT_MESSAGE_LIMIT))
         .add_service(MetaServer::new(MetaService::new(raft.clone(), shared, chunk_servers)))
         .add_service(ClusterServer::new(ClusterService::new(raft.clone())));
     let tls = config.tls.clone();

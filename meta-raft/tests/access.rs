@@ -134,3 +134,19 @@ async fn over_tls_only_the_right_roles_change_metadata() {
     assert_eq!(admin.get_volume(get(&created.id)).await.unwrap().id, created.id);
     admin.delete_volume(delete(&created.id)).await.unwrap();
 }
+
+/// A Raft message larger than any a member sends is refused from its
+/// length prefix (before the member buffers it), and the member keeps
+/// serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_raft_message_is_refused_and_the_member_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalMetaCluster::start(Path::new(BINARY), dir.path(), 1, &[]).await;
+    let endpoint = format!("http://{}", cluster.endpoints()[0]);
+    let mut raft = ballast_proto::meta::raft_client::RaftClient::connect(endpoint).await.unwrap();
+    let huge = pb::RaftMessage { payload: vec![b' '; meta_raft::network::RAFT_MESSAGE_LIMIT + (1 << 20)] };
+    let refused = raft.append_entries(huge).await.expect_err("an oversized message was taken");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    let client = cluster.client();
+    client.create_volume(volume("after")).await.expect("the member serves on");
+}

@@ -71,7 +71,7 @@ impl PeerClient {
         let channel =
             self.channel.clone().map_err(|msg| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(msg))))?;
         let payload = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = RaftClient::new(channel).max_decoding_message_size(usize::MAX);
+        let mut client = RaftClient::new(channel).max_decoding_message_size(super::RAFT_MESSAGE_LIMIT);
         let message = tonic::Request::new(RaftMessage { payload });
         let call = async {
             match method {
