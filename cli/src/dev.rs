@@ -378,6 +378,13 @@ async fn resume(dir: &Path, mut state: ClusterState, options: &UpOptions) -> any
         );
     }
     let dir = fs::canonicalize(dir)?;
+    // A cluster made before servers had to be told: it was plaintext.
+    for process in &mut state.processes {
+        let server = matches!(process.binary.as_str(), "meta-raft" | "storage-server");
+        if server && !process.args.iter().any(|a| a == "--tls-dir" || a == "--insecure") {
+            process.args.push("--insecure".into());
+        }
+    }
     for i in 0..state.processes.len() {
         let process = &state.processes[i];
         if !is_running(process) {
