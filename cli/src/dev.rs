@@ -70,11 +70,7 @@ impl ClusterState {
 
     /// A metadata client of some of the members.
     pub fn meta_client_of(&self, endpoints: Vec<String>) -> anyhow::Result<MetaClient> {
-        let client = MetaClient::new(endpoints)?;
-        Ok(match &self.tls_dir {
-            Some(dir) => client.with_tls(&TlsDir::open(dir)?)?,
-            None => client,
-        })
+        Ok(MetaClient::new(endpoints)?.with_tls_dir(self.tls_dir.as_deref())?)
     }
 }
 

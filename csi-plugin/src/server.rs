@@ -15,7 +15,6 @@ use ballast_proto::csi::controller_server::ControllerServer;
 use ballast_proto::csi::identity_server::IdentityServer;
 use ballast_proto::csi::node_server::NodeServer;
 use ballast_telemetry::LogFormat;
-use ballast_tls::TlsDir;
 use meta_raft::MetaClient;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -156,11 +155,7 @@ pub async fn prepare_socket(path: &Path) -> Result<(), ServerError> {
 /// the socket.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
     let path = socket_path(&config.endpoint)?;
-    let meta = MetaClient::new(config.meta.clone())?;
-    let meta = match &config.tls_dir {
-        Some(dir) => meta.with_tls(&TlsDir::open(dir).map_err(meta_raft::client::ClientError::from)?)?,
-        None => meta,
-    };
+    let meta = MetaClient::new(config.meta.clone())?.with_tls_dir(config.tls_dir.as_deref())?;
     let node_id = config.node_id.clone().filter(|id| !id.is_empty());
     if config.mode.node() && node_id.is_none() {
         return Err(ServerError::Config(format!("--node-id is required in {:?} mode", config.mode)));

@@ -127,6 +127,14 @@ impl MetaClient {
         Ok(Self { inner: Arc::new(inner) })
     }
 
+    /// Over mutual TLS with the certificate directory `dir`, if given.
+    pub fn with_tls_dir(self, dir: Option<&std::path::Path>) -> Result<Self, ClientError> {
+        match dir {
+            Some(dir) => self.with_tls(&TlsDir::open(dir)?),
+            None => Ok(self),
+        }
+    }
+
     /// Connects to chunk servers as this client does to the metadata
     /// service: over mutual TLS with its certificate, or in plaintext.
     pub fn chunk_servers(&self) -> &Connector {

@@ -4,8 +4,6 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use ballast_tls::TlsDir;
-
 use crate::client::{ClientError, MetaClient, META_ENV};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -21,11 +19,7 @@ pub struct ClientArgs {
 
 impl ClientArgs {
     pub fn client(&self) -> Result<MetaClient, ClientError> {
-        let client = MetaClient::from_list(&self.meta)?;
-        match &self.tls_dir {
-            Some(dir) => client.with_tls(&TlsDir::open(dir)?),
-            None => Ok(client),
-        }
+        MetaClient::from_list(&self.meta)?.with_tls_dir(self.tls_dir.as_deref())
     }
 
     /// The same options on a command line, for a process started with them.
