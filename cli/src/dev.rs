@@ -98,11 +98,23 @@ impl DevCertificates {
         Ok(DevCertificates { dir, authority })
     }
 
-    /// Issues `role`/`name` a certificate; returns `--tls-dir DIR`.
-    fn issue(&self, role: Role, name: &str) -> anyhow::Result<Vec<String>> {
+    /// The authority of the cluster in `cluster_dir`, made by `create`.
+    fn open(cluster_dir: &Path) -> anyhow::Result<DevCertificates> {
+        let dir = cluster_dir.join("tls");
+        let authority = Authority::load(&dir.join("ca")).context("loading the cluster's authority")?;
+        Ok(DevCertificates { dir, authority })
+    }
+
+    /// Issues `role`/`name` a certificate in `DIR/tls/NAME`.
+    fn issue_into(&self, role: Role, name: &str) -> anyhow::Result<PathBuf> {
         let out = self.dir.join(name);
         self.authority.issue(&Identity::new(role, name)?, &[], DEFAULT_VALIDITY, &out)?;
-        Ok(vec!["--tls-dir".into(), out.display().to_string()])
+        Ok(out)
+    }
+
+    /// Issues `role`/`name` a certificate; returns `--tls-dir DIR`.
+    fn issue(&self, role: Role, name: &str) -> anyhow::Result<Vec<String>> {
+        Ok(vec!["--tls-dir".into(), self.issue_into(role, name)?.display().to_string()])
     }
 }
 
@@ -540,6 +552,13 @@ impl DevCluster {
             Some(dir) => vec!["--tls-dir".to_string(), dir.display().to_string()],
             None => Vec::new(),
         }
+    }
+
+    /// A certificate of this cluster's authority for `role`/`name` (a
+    /// node's, say), issued into `DIR/tls/NAME`.
+    pub fn certificate(&self, role: Role, name: &str) -> anyhow::Result<TlsDir> {
+        let dir = DevCertificates::open(&self.dir)?.issue_into(role, name)?;
+        Ok(TlsDir::open(dir)?)
     }
 
     /// Connects to chunk servers with the admin certificate.

@@ -34,9 +34,13 @@ pub fn allowed(service: &str, method: &str) -> &'static [Role] {
             "CreateVolume" | "DeleteVolume" | "ExpandVolume" | "CreateSnapshot" | "DeleteSnapshot" | "CompleteSnapshot"
             | "MarkVolumeReady",
         ) => OPERATORS,
-        // A node attaches volumes (nbd-client map publishes to itself
-        // when not given an epoch); the controller publishes for nodes.
-        ("Meta", "PublishVolume" | "UnpublishVolume") => &[Role::Node, Role::Controller, Role::Admin],
+        // The controller publishes volumes to nodes: a node publishing to
+        // itself could get a capability for any volume. A node may let go
+        // of its own attachments.
+        ("Meta", "PublishVolume") => OPERATORS,
+        ("Meta", "UnpublishVolume") => &[Role::Node, Role::Controller, Role::Admin],
+        // A node's capabilities, for the volumes published to it.
+        ("Meta", "IssueCapability") => &[Role::Node],
         // Writers of volumes: the node's engine, the controller's copies.
         ("Meta", "AllocateChunk" | "ReportFailedReplica") => &[Role::Node, Role::Controller, Role::Admin],
         ("Meta", "RegisterChunkServer" | "Heartbeat") => &[Role::Storage],

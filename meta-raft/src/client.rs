@@ -14,7 +14,7 @@ use ballast_proto::meta::cluster_client::ClusterClient;
 use ballast_proto::meta::meta_client::MetaClient as MetaGrpc;
 use ballast_tls::connect::grpc_connector;
 use ballast_tls::rustls::ClientConfig;
-use ballast_tls::{Role, TlsDir};
+use ballast_tls::{Identity, Role, TlsDir};
 use rand::Rng;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -54,6 +54,8 @@ struct Inner {
     deadline: Duration,
     /// Mutual TLS to the members; `None`: plaintext.
     tls: Option<Arc<ClientConfig>>,
+    /// Who the certificate says this client is; `None`: plaintext.
+    identity: Option<Identity>,
     /// How this client's process reaches chunk servers: with the same
     /// certificate, or in plaintext.
     chunk_servers: Connector,
@@ -90,6 +92,7 @@ impl MetaClient {
                 leader: Mutex::new(None),
                 deadline: DEFAULT_DEADLINE,
                 tls: None,
+                identity: None,
                 chunk_servers: Connector::plaintext(),
             }),
         })
@@ -108,6 +111,7 @@ impl MetaClient {
             leader: Mutex::new(self.inner.leader.lock().expect("lock").clone()),
             deadline,
             tls: self.inner.tls.clone(),
+            identity: self.inner.identity.clone(),
             chunk_servers: self.inner.chunk_servers.clone(),
         };
         Self { inner: Arc::new(inner) }
@@ -122,6 +126,7 @@ impl MetaClient {
             leader: Mutex::new(None),
             deadline: self.inner.deadline,
             tls: Some(ballast_tls::client_config(dir, &[Role::Meta])?),
+            identity: Some(dir.identity()?),
             chunk_servers: Connector::tls(dir)?,
         };
         Ok(Self { inner: Arc::new(inner) })
@@ -139,6 +144,11 @@ impl MetaClient {
     /// service: over mutual TLS with its certificate, or in plaintext.
     pub fn chunk_servers(&self) -> &Connector {
         &self.inner.chunk_servers
+    }
+
+    /// The identity this client's certificate proves; `None` in plaintext.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.inner.identity.as_ref()
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -265,6 +275,7 @@ rpcs! { MetaGrpc:
     publish_volume(PublishVolumeRequest) -> Attachment;
     unpublish_volume(UnpublishVolumeRequest) -> UnpublishVolumeResponse;
     list_attachments(ListAttachmentsRequest) -> ListAttachmentsResponse;
+    issue_capability(IssueCapabilityRequest) -> VolumeCapability;
     register_node(RegisterNodeRequest) -> CsiNode;
     get_node(GetNodeRequest) -> CsiNode;
 }

@@ -9,11 +9,13 @@
 //! - [`store`]: the sled-backed Raft log and state machine.
 //! - [`network`]: Raft RPCs between members.
 //! - [`service`] and [`cluster`]: the client and membership APIs;
-//!   [`access`]: which roles may call them, over mutual TLS.
+//!   [`access`]: which roles may call them, over mutual TLS;
+//!   [`capability`]: what a node may do to a volume's chunks.
 //! - [`node`]: runs a member. [`client`]: talks to the cluster.
 //!   [`recovery`]: a survivor of a lost majority becomes a cluster again.
 
 pub mod access;
+pub mod capability;
 pub mod client;
 pub mod client_args;
 pub mod cluster;

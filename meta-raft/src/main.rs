@@ -122,6 +122,11 @@ struct ServeArgs {
     /// given up and rebuilt elsewhere.
     #[arg(long, env = "BALLAST_META_REPAIR_AFTER", default_value_t = 60)]
     repair_after: u64,
+    /// Seconds a node's capability for a volume is valid; nodes renew at
+    /// half-life, and a node a volume was unpublished from keeps reaching
+    /// its chunks at most this long.
+    #[arg(long, env = "BALLAST_META_CAPABILITY_LIFETIME", default_value_t = meta_raft::capability::DEFAULT_LIFETIME.as_secs())]
+    capability_lifetime: u64,
     /// The member's certificate (role meta), or --insecure.
     #[command(flatten)]
     tls: ballast_tls::ServeTls,
@@ -169,6 +174,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             dead_after: Duration::from_secs(args.repair_after),
         },
         tls,
+        capability_lifetime: Duration::from_secs(args.capability_lifetime.max(1)),
     };
     meta_raft::run(config, ballast_telemetry::shutdown_signal()).await?;
     Ok(())

@@ -48,6 +48,8 @@ pub struct MemberConfig {
     /// This member's certificate directory: mutual TLS for clients and
     /// peers. `None` serves plaintext (`--insecure`).
     pub tls: Option<TlsDir>,
+    /// How long a node's capabilities are valid (it renews them at half-life).
+    pub capability_lifetime: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +118,7 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
     let router = tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn(Authorize::new))
         .add_service(RaftServer::new(RaftService::new(raft.clone())).max_decoding_message_size(RAFT_MESSAGE_LIMIT))
-        .add_service(MetaServer::new(MetaService::new(raft.clone(), shared, chunk_servers)))
+        .add_service(MetaServer::new(MetaService::new(raft.clone(), shared, chunk_servers, config.capability_lifetime)))
         .add_service(ClusterServer::new(ClusterService::new(raft.clone())));
     let tls = config.tls.clone();
     let server = async move {

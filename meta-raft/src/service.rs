@@ -3,16 +3,17 @@
 //! UNAVAILABLE with the leader's address for the client to follow.
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
 use ballast_proto::meta::meta_server::Meta;
-use ballast_tls::Role;
+use ballast_tls::{CapabilityIssuer, Role};
 use openraft::error::{ClientWriteError, RaftError};
 use tonic::{Request, Response, Status};
 
 use crate::access::check_acting_as;
+use crate::capability;
 use crate::convert;
 use crate::error::{not_leader, MetaError};
 use crate::fence;
@@ -27,6 +28,8 @@ pub struct MetaService {
     state: SharedState,
     /// How this member reaches chunk servers (to fence volumes).
     chunk_servers: Connector,
+    /// How long the capabilities it issues are valid.
+    capability_lifetime: Duration,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -49,8 +52,22 @@ where
 }
 
 impl MetaService {
-    pub fn new(raft: Raft, state: SharedState, chunk_servers: Connector) -> Self {
-        Self { raft, state, chunk_servers }
+    pub fn new(raft: Raft, state: SharedState, chunk_servers: Connector, capability_lifetime: Duration) -> Self {
+        Self { raft, state, chunk_servers, capability_lifetime }
+    }
+
+    /// The cluster's capability key, created by the first caller that
+    /// needs it (once: a concurrent proposal's key loses to the applied one).
+    async fn capability_issuer(&self) -> Result<CapabilityIssuer, Status> {
+        let mut pkcs8 = self.read_local(|state| Ok(state.capability_key.clone()))?;
+        if pkcs8.is_empty() {
+            let fresh = CapabilityIssuer::generate_key().map_err(|e| Status::internal(e.to_string()))?;
+            pkcs8 = match self.propose(Command::SetCapabilityKey { pkcs8: fresh }).await? {
+                Outcome::CapabilityKey(key) => key,
+                other => return Err(unexpected(other)),
+            };
+        }
+        CapabilityIssuer::from_pkcs8(&pkcs8).map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Commits `command` and returns what applying it produced.
@@ -396,8 +413,11 @@ impl Meta for MetaService {
                 held,
                 cluster_id: r.cluster_id,
             };
-            match self.propose(command).await? {
+            let outcome = self.propose(command).await?;
+            let capability_key = self.capability_issuer().await?.public_key();
+            match outcome {
                 Outcome::Orphaned(list) => Ok(Response::new(pb::HeartbeatResponse {
+                    capability_key,
                     orphaned: list
                         .into_iter()
                         .map(|c| pb::HeldChunk {
@@ -529,6 +549,22 @@ impl Meta for MetaService {
                 Outcome::Existed(existed) => Ok(Response::new(pb::UnpublishVolumeResponse { existed })),
                 other => Err(unexpected(other)),
             }
+        })
+        .await
+    }
+
+    async fn issue_capability(&self, request: Request<pb::IssueCapabilityRequest>) -> Reply<pb::VolumeCapability> {
+        timed("IssueCapability", async {
+            check_acting_as(&request, Role::Node, &request.get_ref().node_id)?;
+            let r = request.into_inner();
+            required("volume id", &r.volume_id)?;
+            required("node id", &r.node_id)?;
+            let issuer = self.capability_issuer().await?;
+            let lifetime = self.capability_lifetime;
+            let issued = self
+                .read(|state| capability::issue(state, &issuer, &r.volume_id, &r.node_id, now_ms(), lifetime))
+                .await?;
+            Ok(Response::new(issued))
         })
         .await
     }

@@ -182,6 +182,11 @@ pub struct MetaState {
     /// not have them deleted as orphans.
     #[serde(default)]
     pub cluster_id: String,
+    /// Signs the capabilities nodes present to chunk servers (PKCS#8
+    /// Ed25519); created once, with the first capability or heartbeat that
+    /// needs it, and never replaced: chunk servers keep its public half.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capability_key: Vec<u8>,
     pub volumes: BTreeMap<String, Volume>,
     pub volume_names: BTreeMap<String, String>,
     pub chunk_maps: BTreeMap<String, BTreeMap<u64, ReplicaSet>>,
@@ -267,6 +272,12 @@ impl MetaState {
                     self.cluster_id = id;
                 }
                 Ok(Outcome::ClusterId(self.cluster_id.clone()))
+            }
+            Command::SetCapabilityKey { pkcs8 } => {
+                if self.capability_key.is_empty() {
+                    self.capability_key = pkcs8;
+                }
+                Ok(Outcome::CapabilityKey(self.capability_key.clone()))
             }
             Command::RegisterChunkServer { id, address, capacity_bytes, labels, cluster_id } => {
                 self.check_cluster(&id, &cluster_id)?;

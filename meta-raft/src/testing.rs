@@ -58,9 +58,11 @@ impl LocalMetaCluster {
         count: usize,
         member_tls: &Path,
         client_tls: TlsDir,
+        extra_args: &[&str],
     ) -> Self {
-        let tls_arg = member_tls.to_str().expect("utf-8 path");
-        Self::launch(binary, dir, count, &["--tls-dir", tls_arg], Some(client_tls)).await
+        let mut args = vec!["--tls-dir", member_tls.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra_args);
+        Self::launch(binary, dir, count, &args, Some(client_tls)).await
     }
 
     async fn launch(binary: &Path, dir: &Path, count: usize, extra_args: &[&str], client_tls: Option<TlsDir>) -> Self {

@@ -79,6 +79,11 @@ pub enum Command {
     SetClusterId {
         id: String,
     },
+    /// The key capabilities are signed with (PKCS#8 Ed25519), set once: a
+    /// later key changes nothing (see `MetaState::capability_key`).
+    SetCapabilityKey {
+        pkcs8: Vec<u8>,
+    },
     RegisterChunkServer {
         id: String,
         address: String,
@@ -161,6 +166,7 @@ pub enum Outcome {
     Existed(bool),
     Orphaned(Vec<HeldChunk>),
     ClusterId(String),
+    CapabilityKey(Vec<u8>),
     /// Entries that carry no command (blank and membership entries).
     Empty,
 }

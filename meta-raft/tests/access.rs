@@ -48,7 +48,7 @@ async fn over_tls_only_the_right_roles_change_metadata() {
     let members = issue(&ca, dir.path(), Role::Meta, "members");
     let admin = issue(&ca, dir.path(), Role::Admin, "ops");
     // Three members: Raft itself runs over mutual TLS, or no leader is elected.
-    let cluster = LocalMetaCluster::start_with_tls(Path::new(BINARY), dir.path(), 3, members.path(), admin).await;
+    let cluster = LocalMetaCluster::start_with_tls(Path::new(BINARY), dir.path(), 3, members.path(), admin, &[]).await;
     let admin = cluster.client();
     let created = admin.create_volume(volume("db")).await.unwrap();
 
@@ -129,6 +129,19 @@ async fn over_tls_only_the_right_roles_change_metadata() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    // Nor does a node publish a volume to itself: that would get it a
+    // capability for any volume's data.
+    let to_itself =
+        pb::PublishVolumeRequest { volume_id: created.id.clone(), node_id: "worker-1".into(), readonly: false };
+    assert_eq!(node.publish_volume(to_itself).await.unwrap_err().code(), Code::PermissionDenied);
+    // A node gets capabilities for itself only, for volumes published to it
+    // only; nobody else asks for one.
+    let ask = |node_id: &str| pb::IssueCapabilityRequest { volume_id: created.id.clone(), node_id: node_id.into() };
+    assert_eq!(node.issue_capability(ask("worker-2")).await.unwrap_err().code(), Code::PermissionDenied);
+    let err = node.issue_capability(ask("worker-1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("is not published to node worker-1"), "{err}");
+    assert_eq!(admin.issue_capability(ask("worker-1")).await.unwrap_err().code(), Code::PermissionDenied);
 
     // The volume is still there; the admin deletes it.
     assert_eq!(admin.get_volume(get(&created.id)).await.unwrap().id, created.id);

@@ -69,6 +69,7 @@
 //! | `CHUNK_CLONE`           | source `volume`, `chunk`, `generation` (0 = any); payload: [`CloneTarget`] | -          |
 //! | `VOLUME_FENCE`          | `volume`, `epoch`                        | `aux` = the volume's epoch here afterwards      |
 //! | `CHUNK_HASHES`          | `offset`, `length`, `generation` (0 = any) | one `u64` LE per block: XXH3-64 of its data ([`BAD_BLOCK_HASH`] if it fails its checksum) |
+//! | `AUTHORIZE`             | payload: a capability token (at most [`MAX_CAPABILITY`] bytes) | -                  |
 //!
 //! `WRITE`, `TRIM` and `WRITE_ZEROES` carry the attachment `epoch` and the
 //! chunk's `generation`, both checked. `FLAG_FUA` on them makes the change
@@ -82,6 +83,13 @@
 //! with `FLAG_ACCEPT` too, the server first keeps what its disk holds in
 //! those regions (blocks failing their stored checksum get their data's,
 //! durably): the copy chosen when every replica of the chunk crashed.
+//!
+//! `AUTHORIZE` presents a capability signed by the metadata service
+//! (`ballast_tls::capability`) for the rest of the connection: a node's
+//! certificate reaches only the volumes it holds a capability for, changes
+//! only at the capability's epoch, and only until it expires. A newer one
+//! for the same volume replaces the older. It takes effect for every
+//! request sent after it on the connection.
 //!
 //! An error reply carries a UTF-8 message as payload and in `aux`: the current
 //! epoch for `StaleEpoch`, the chunk's generation for `StaleGeneration`, the
@@ -179,6 +187,9 @@ pub const MAX_HASHED: usize = 64 << 20;
 /// never taken for equal to a good copy's (XXH3 of a block hitting it
 /// is as likely as guessing a 64-bit number).
 pub const BAD_BLOCK_HASH: u64 = u64::MAX;
+/// Largest capability token `AUTHORIZE` carries.
+pub const MAX_CAPABILITY: usize = 2048;
+
 /// Largest payload of any frame: [`MAX_DATA`] plus its checksums.
 pub const MAX_PAYLOAD: usize = MAX_DATA + MAX_DATA / BLOCK_SIZE * 4;
 
@@ -225,10 +236,11 @@ pub enum Opcode {
     ChunkClone = 17,
     VolumeFence = 18,
     ChunkHashes = 19,
+    Authorize = 20,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 19] = [
+    pub const ALL: [Opcode; 20] = [
         Opcode::Ping,
         Opcode::Write,
         Opcode::Read,
@@ -248,6 +260,7 @@ impl Opcode {
         Opcode::ChunkClone,
         Opcode::VolumeFence,
         Opcode::ChunkHashes,
+        Opcode::Authorize,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -276,6 +289,7 @@ impl Opcode {
             Opcode::ChunkClone => "chunk_clone",
             Opcode::VolumeFence => "volume_fence",
             Opcode::ChunkHashes => "chunk_hashes",
+            Opcode::Authorize => "authorize",
         }
     }
 }
@@ -658,6 +672,10 @@ fn validate_request(h: &RequestHeader, payload_len: usize) -> Result<(), DecodeE
             return bad(ErrorCode::BadFrame, "payload is not one clone target");
         }
         Opcode::ChunkClone => {}
+        Opcode::Authorize if payload_len == 0 || payload_len > MAX_CAPABILITY => {
+            return bad(ErrorCode::BadFrame, "payload is not one capability")
+        }
+        Opcode::Authorize => {}
         _ if payload_len != 0 => return bad(ErrorCode::BadFrame, "unexpected payload"),
         Opcode::Read if h.length as usize > MAX_DATA => return bad(ErrorCode::TooLarge, "read larger than MAX_DATA"),
         Opcode::ChunkHashes if h.length as usize > MAX_HASHED => {

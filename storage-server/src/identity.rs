@@ -1,12 +1,14 @@
 //! The server's stable identity: its id, given on the command line or
 //! generated on first start, and the metadata cluster its data belongs to,
-//! learnt at its first registration. Both are kept in the data directory.
+//! learnt at its first registration, with the key that cluster signs
+//! capabilities with. All are kept in the data directory.
 
 use std::io::{self, Write};
 use std::path::Path;
 
 const FILE: &str = "server-id";
 const CLUSTER_FILE: &str = "cluster-id";
+const CAPABILITY_KEY_FILE: &str = "capability-key";
 
 /// Returns `explicit` if given, else the id stored in `data_dir`, creating
 /// and durably storing a random one on first start.
@@ -71,6 +73,28 @@ pub fn set_cluster_id(data_dir: &Path, id: &str) -> io::Result<()> {
     write_durably(data_dir, CLUSTER_FILE, id)
 }
 
+/// The public key the cluster signs capabilities with, as last learnt
+/// from the metadata service: kept so that a restarted server checks
+/// capabilities before it reaches the metadata service again.
+pub fn capability_key(data_dir: &Path) -> io::Result<Option<Vec<u8>>> {
+    let hex = match std::fs::read_to_string(data_dir.join(CAPABILITY_KEY_FILE)) {
+        Ok(hex) => hex,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let hex = hex.trim();
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|at| hex.get(at..at + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+        .collect();
+    bytes.map(Some).ok_or_else(|| io::Error::other(format!("{CAPABILITY_KEY_FILE} is not hexadecimal")))
+}
+
+pub fn set_capability_key(data_dir: &Path, key: &[u8]) -> io::Result<()> {
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    write_durably(data_dir, CAPABILITY_KEY_FILE, &hex)
+}
+
 /// Writes `DATA_DIR/name` whole or not at all, and durably.
 fn write_durably(data_dir: &Path, name: &str, value: &str) -> io::Result<()> {
     let tmp = data_dir.join(format!("{name}.tmp"));
@@ -84,6 +108,16 @@ fn write_durably(data_dir: &Path, name: &str, value: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_capability_key_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(capability_key(dir.path()).unwrap(), None);
+        set_capability_key(dir.path(), &[0, 1, 0xab, 0xff]).unwrap();
+        assert_eq!(capability_key(dir.path()).unwrap(), Some(vec![0, 1, 0xab, 0xff]));
+        std::fs::write(dir.path().join(CAPABILITY_KEY_FILE), "zz").unwrap();
+        assert!(capability_key(dir.path()).is_err());
+    }
 
     #[test]
     fn generated_id_is_kept() {

@@ -21,6 +21,7 @@ use meta_raft::MetaClient;
 use tokio::sync::watch;
 
 use crate::identity;
+use crate::server::access::ClusterKey;
 use crate::store::chunk::ChunkKey;
 use crate::store::Store;
 use crate::trash;
@@ -67,6 +68,7 @@ pub async fn register_and_heartbeat(
     tls: Option<TlsDir>,
     info: Registration,
     store: Arc<Store>,
+    key: Arc<ClusterKey>,
     mut stop: watch::Receiver<bool>,
 ) {
     if meta.is_empty() {
@@ -152,7 +154,11 @@ pub async fn register_and_heartbeat(
                 reports_chunks: reconcile,
                 cluster_id: cluster_id.clone().unwrap_or_default(),
             };
-            match client.heartbeat(request).await {
+            let reply = client.heartbeat(request).await;
+            if let Ok(reply) = &reply {
+                key.learn(&reply.capability_key);
+            }
+            match reply {
                 Ok(reply) if reconcile => {
                     let orphaned: BTreeSet<(u64, u64)> =
                         reply.orphaned.iter().map(|c| (c.data_id, c.chunk_index)).collect();

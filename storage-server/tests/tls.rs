@@ -34,7 +34,8 @@ async fn a_chunk_server_registers_over_tls_as_its_certificate_names() {
     let ca = Authority::create(&dir.path().join("ca"), "test").unwrap();
     let members = issue(&ca, dir.path(), Role::Meta, "members");
     let admin = issue(&ca, dir.path(), Role::Admin, "ops");
-    let cluster = LocalMetaCluster::start_with_tls(&meta_raft_binary(), dir.path(), 1, members.path(), admin).await;
+    let cluster =
+        LocalMetaCluster::start_with_tls(&meta_raft_binary(), dir.path(), 1, members.path(), admin, &[]).await;
 
     let mut config = Config::new(dir.path().join("data"));
     config.meta = cluster.endpoints();
@@ -94,11 +95,12 @@ async fn the_data_plane_refuses_strangers_and_roles_that_may_not() {
     let server = common::Binary::start(&dir.path().join("data"), &["--tls-dir", server_tls.path().to_str().unwrap()]);
     let (volume, chunk, epoch) = (7, 0, 1);
 
-    // A node writes a chunk of its volume over TLS.
-    let node = connect_as(&issue(&ca, dir.path(), Role::Node, "worker-1"), &server).await.expect("node refused");
-    node.create_chunk(volume, chunk, 1 << 20, 1).await.unwrap();
+    // An operator writes a chunk over TLS (a node needs a capability from
+    // the metadata service: see tests/capability.rs).
+    let admin = connect_as(&issue(&ca, dir.path(), Role::Admin, "ops"), &server).await.expect("admin refused");
+    admin.create_chunk(volume, chunk, 1 << 20, 1).await.unwrap();
     let written = common::pattern(1, 0, 4);
-    common::write(&node, volume, chunk, 0, written.clone(), epoch, true).await.unwrap();
+    common::write(&admin, volume, chunk, 0, written.clone(), epoch, true).await.unwrap();
 
     // No TLS at all: the handshake fails and no request is answered.
     let plaintext = DataClient::connect_tcp(server.tcp).await.unwrap();
@@ -118,18 +120,19 @@ async fn the_data_plane_refuses_strangers_and_roles_that_may_not() {
     denied(peer.fence_volume(volume, epoch + 10).await);
 
     // A node neither fences a volume nor lists what the server holds.
+    let node = connect_as(&issue(&ca, dir.path(), Role::Node, "worker-1"), &server).await.expect("node refused");
     denied(node.fence_volume(volume, epoch + 10).await);
     denied(node.list_chunks(None).await);
 
-    // The data and the epoch are as the node left them: the metadata
+    // The data and the epoch are as the operator left them: the metadata
     // service (which may do everything) reads the same bytes at epoch 1.
     let meta = connect_as(&issue(&ca, dir.path(), Role::Meta, "m1"), &server).await.expect("meta refused");
     let listed = meta.list_chunks(Some(volume)).await.unwrap();
     assert_eq!(listed.len(), 1);
     let (read, _) = meta.read(volume, chunk, 0, written.len() as u32, epoch, 1).await.unwrap();
     assert_eq!(read, written, "a refused request changed the chunk");
-    // No epoch was raised: the node still writes at its own.
-    common::write(&node, volume, chunk, 0, written, epoch, true).await.unwrap();
+    // No epoch was raised: the operator still writes at epoch 1.
+    common::write(&admin, volume, chunk, 0, written, epoch, true).await.unwrap();
 }
 
 /// A chunk server or a metadata member told neither its certificate nor

@@ -7,6 +7,7 @@
 //! other's [`Identity`], on which authorisation decides.
 //!
 //! - [`identity`]: roles, identities, and reading them from certificates.
+//! - [`capability`]: signed per-volume capabilities for the data plane.
 //! - [`pki`]: creating the authority and issuing certificates (`ballast pki`).
 //! - [`files`]: a certificate directory, reloaded from disk when it changes.
 //! - [`config`]: rustls server and client configurations for mutual TLS.
@@ -15,6 +16,7 @@
 //! - [`serving`]: a server's `--tls-dir` or explicit `--insecure`.
 
 pub mod accept;
+pub mod capability;
 pub mod config;
 pub mod connect;
 pub mod files;
@@ -23,6 +25,7 @@ pub mod pki;
 pub mod serving;
 
 pub use accept::{Acceptor, Peer, TlsConnection};
+pub use capability::{Capability, CapabilityError, CapabilityIssuer, CapabilityVerifier};
 pub use config::{client_config, server_config};
 pub use files::TlsDir;
 pub use identity::{Identity, Role};

@@ -13,6 +13,10 @@ pub enum EngineError {
     /// A newer attachment exists: this node may no longer write.
     #[error("fenced: the volume was attached elsewhere with a newer epoch than {0}")]
     Fenced(u64),
+    /// A chunk server or the metadata service refused this node's access:
+    /// the volume is not (or no longer) published to it.
+    #[error("access refused: {0}")]
+    Denied(String),
     /// Too few replicas of a chunk are left to acknowledge a change.
     #[error("chunk {chunk} has {have} healthy replicas, at least {need} are required")]
     Degraded { chunk: u64, have: usize, need: usize },

@@ -4,8 +4,10 @@
 //! - [`layout`]: byte ranges → chunk pieces and whole blocks.
 //! - [`chunk_map`]: where each allocated chunk lives.
 //! - [`pool`]: pipelined connections to chunk servers.
+//! - [`capability`]: a node's capability for the volume, kept renewed.
 //! - [`replication`]: fan-out of changes, failure handling, read failover.
 
+mod capability;
 mod chunk_map;
 mod error;
 mod layout;
@@ -71,6 +73,8 @@ pub struct Volume {
     meta: MetaClient,
     map: chunk_map::ChunkMap,
     pool: pool::ConnectionPool,
+    /// A node's capability for the volume, renewed while it is open.
+    _lease: Option<capability::Lease>,
     /// Overlapping changes run one at a time: a request the kernel resent
     /// after a timeout waits for its first copy to finish, so neither lands
     /// after a newer write to the same blocks, and a read-modify-write sees
@@ -100,10 +104,12 @@ impl Volume {
         let info = find_volume(&meta, volume).await?;
         let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: info.id.clone() }).await?;
         let min_replicas = options.min_replicas.clamp(1, info.replicas.max(1) as usize);
+        let lease = capability::Lease::obtain(&meta, &info, options.epoch).await?;
         let volume = Volume {
             min_replicas,
             map: chunk_map::ChunkMap::from_meta(&map),
-            pool: pool::ConnectionPool::new(meta.chunk_servers().clone()),
+            pool: pool::ConnectionPool::new(meta.chunk_servers().clone(), lease.as_ref().map(|l| l.watch())),
+            _lease: lease,
             changes: RangeLock::default(),
             allocation: Mutex::new(()),
             read_rotation: AtomicUsize::new(0),
@@ -121,12 +127,12 @@ impl Volume {
         &self.info
     }
 
-    /// The size in bytes, including any growth picked up since opening.
     /// The metadata client the volume was opened with.
     pub fn meta(&self) -> &MetaClient {
         &self.meta
     }
 
+    /// The size in bytes, including any growth picked up since opening.
     pub fn size_bytes(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }

@@ -76,6 +76,9 @@ impl Volume {
             })
         }))
         .await;
+        if let Some(refusal) = refused(&created) {
+            return Err(refusal);
+        }
         let failed = failures(&view, created);
         let view = if failed.is_empty() { view } else { self.drop_replicas(chunk, view, failed).await? };
         Ok(self.map.update(chunk, view))
@@ -104,8 +107,8 @@ impl Volume {
             let generation = view.generation;
             let results =
                 join_all(view.replicas.iter().map(|r| self.on_replica(r, |client| change(client, generation)))).await;
-            if let Some(epoch) = fenced(&results) {
-                return Err(EngineError::Fenced(epoch));
+            if let Some(refusal) = refused(&results) {
+                return Err(refusal);
             }
             if results.iter().any(|r| matches!(r, Err(e) if e.code() == Some(ErrorCode::StaleGeneration))) {
                 // Our view is older than some replica's, or a replica is
@@ -234,6 +237,9 @@ impl Volume {
                     Err(ClientError::Remote { code: ErrorCode::StaleEpoch, aux, .. }) => {
                         return Err(EngineError::Fenced(aux));
                     }
+                    Err(ClientError::Remote { code: ErrorCode::PermissionDenied, message, .. }) => {
+                        return Err(EngineError::Denied(message));
+                    }
                     Err(e) => {
                         metrics::FAILOVERS.with_label_values(&[&self.info.id]).inc();
                         tracing::warn!(volume = %self.info.id, chunk, server = %replica.server_id, error = %e,
@@ -280,6 +286,9 @@ impl Volume {
         let data_id = self.info.data_id;
         let results =
             join_all(servers.iter().map(|r| self.on_replica(r, |c| async move { c.flush(Some(data_id)).await }))).await;
+        if let Some(refusal) = refused(&results) {
+            return Err(refusal);
+        }
         for (server, result) in servers.iter().zip(results) {
             let Err(error) = result else { continue };
             for (chunk, view) in
@@ -294,10 +303,15 @@ impl Volume {
     }
 }
 
-/// The epoch a replica reported when it refused a change as fenced.
-fn fenced(results: &[Result<(), ClientError>]) -> Option<u64> {
+/// A replica's refusal of this writer, as opposed to a replica's failure:
+/// fenced by a newer epoch, or denied access. Nobody is dropped from a set
+/// for it.
+fn refused(results: &[Result<(), ClientError>]) -> Option<EngineError> {
     results.iter().find_map(|r| match r {
-        Err(ClientError::Remote { code: ErrorCode::StaleEpoch, aux, .. }) => Some(*aux),
+        Err(ClientError::Remote { code: ErrorCode::StaleEpoch, aux, .. }) => Some(EngineError::Fenced(*aux)),
+        Err(ClientError::Remote { code: ErrorCode::PermissionDenied, message, .. }) => {
+            Some(EngineError::Denied(message.clone()))
+        }
         _ => None,
     })
 }

@@ -355,6 +355,11 @@ impl DataClient {
         self.shared.state.lock().expect("client state poisoned").closed.is_some()
     }
 
+    /// Whether `other` is a handle of this very connection.
+    pub fn same_connection(&self, other: &DataClient) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     pub async fn ping(&self) -> Result<(), ClientError> {
         self.call(RequestHeader::new(Opcode::Ping, 0), Bytes::new(), Bytes::new()).await.map(drop)
     }
@@ -643,6 +648,12 @@ impl DataClient {
     pub async fn fence_volume(&self, volume: u64, epoch: u64) -> Result<u64, ClientError> {
         let header = RequestHeader { volume, epoch, ..RequestHeader::new(Opcode::VolumeFence, 0) };
         self.call(header, Bytes::new(), Bytes::new()).await.map(|reply| reply.header.aux)
+    }
+
+    /// Presents a capability token for the rest of the connection: every
+    /// request sent after this call is checked against it.
+    pub async fn authorize(&self, token: Bytes) -> Result<(), ClientError> {
+        self.call(RequestHeader::new(Opcode::Authorize, 0), token, Bytes::new()).await.map(drop)
     }
 
     /// Ends a pause of `volume`; its waiting changes proceed. Succeeds when

@@ -11,7 +11,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
-use super::access::Caller;
+use super::access::{Access, Caller};
 use super::handler::{decode_error_frame, Handler};
 use crate::metrics::metrics;
 use crate::store::buf::{AlignedBuf, BufPool};
@@ -62,6 +62,9 @@ pub async fn serve<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let _gauge = Gauge::new();
+    // Requests are admitted in the order they arrive, so an AUTHORIZE
+    // covers everything sent after it even though requests run concurrently.
+    let mut access = Access::new(caller);
     let (tx, rx) = mpsc::channel::<WireFrame>(REPLY_QUEUE);
     let writer = tokio::spawn(async move {
         if let Err(e) = write_loop(writer, rx).await {
@@ -83,7 +86,10 @@ pub async fn serve<R, W>(
                 break;
             }
             match decode_request(&mut buf) {
-                Ok(Some(req)) => running.push(handler.handle(req, &caller, &tx)),
+                Ok(Some(req)) => {
+                    let admitted = handler.admit(&mut access, &req);
+                    running.push(handler.handle(req, admitted, &tx));
+                }
                 Ok(None) => break,
                 Err(e) => {
                     if !bad_frame(&e, &tx).await {
@@ -123,7 +129,10 @@ pub async fn serve<R, W>(
         if direct.as_ref().is_some_and(DirectPayload::complete) {
             let d = direct.take().expect("checked");
             match d.prefix.finish(d.payload.into_bytes()) {
-                Ok(req) => running.push(handler.handle(req, &caller, &tx)),
+                Ok(req) => {
+                    let admitted = handler.admit(&mut access, &req);
+                    running.push(handler.handle(req, admitted, &tx));
+                }
                 Err(e) => reading = bad_frame(&e, &tx).await,
             }
         }

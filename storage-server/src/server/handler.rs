@@ -11,7 +11,7 @@ use ballast_proto::frame::{
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::access::{self, Caller};
+use super::access::{Access, Circumstances, ClusterKey, Denied};
 use crate::error::StoreError;
 use crate::metrics::metrics;
 use crate::scrub::scrub;
@@ -23,6 +23,7 @@ const STREAM_SEGMENT: u64 = 1 << 20;
 
 pub struct Handler {
     store: Arc<Store>,
+    key: Arc<ClusterKey>,
     stop: watch::Receiver<bool>,
 }
 
@@ -62,25 +63,35 @@ pub fn decode_error_frame(err: &DecodeError, request_id: u64) -> WireFrame {
 }
 
 impl Handler {
-    pub fn new(store: Arc<Store>, stop: watch::Receiver<bool>) -> Handler {
-        Handler { store, stop }
+    pub fn new(store: Arc<Store>, key: Arc<ClusterKey>, stop: watch::Receiver<bool>) -> Handler {
+        Handler { store, key, stop }
+    }
+
+    /// Decides whether the connection of `access` may send `req`, in the
+    /// order its requests arrived.
+    pub fn admit(&self, access: &mut Access, req: &Request) -> Result<(), Denied> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let volume_epoch = self.store.volume_epoch(req.header.volume);
+        access.admit(req, &Circumstances { key: &self.key, now_ms, volume_epoch })
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
-    /// Runs `req` from `caller` and sends its reply frames (the last
-    /// flagged END) to `out`.
-    pub async fn handle(&self, req: Request, caller: &Caller, out: &Out) {
+    /// Runs `req`, if it was `admitted`, and sends its reply frames (the
+    /// last flagged END) to `out`.
+    pub async fn handle(&self, req: Request, admitted: Result<(), Denied>, out: &Out) {
         let started = Instant::now();
         let opcode = req.header.opcode;
         let request_id = req.header.request_id;
-        if !access::allowed(caller, opcode) {
-            tracing::warn!(op = opcode.name(), ?caller, "request denied");
-            metrics().denied_requests.with_label_values(&[caller.role_label(), opcode.name()]).inc();
-            let message = format!("a {} certificate may not send {}", caller.role_label(), opcode.name());
-            let _ = out.send(error_frame(opcode as u8, request_id, ErrorCode::PermissionDenied, 0, message)).await;
+        if let Err(denied) = admitted {
+            tracing::warn!(op = opcode.name(), role = denied.role, reason = %denied.message, "request denied");
+            metrics().denied_requests.with_label_values(&[denied.role, opcode.name()]).inc();
+            let _ =
+                out.send(error_frame(opcode as u8, request_id, ErrorCode::PermissionDenied, 0, denied.message)).await;
             return;
         }
         let status = match self.execute(req, out).await {
@@ -112,7 +123,8 @@ impl Handler {
             WireFrame::reply(&header, data, tail)
         };
         let frame = match h.opcode {
-            Opcode::Ping => reply(Bytes::new(), Bytes::new()),
+            // An AUTHORIZE took effect when it was admitted.
+            Opcode::Ping | Opcode::Authorize => reply(Bytes::new(), Bytes::new()),
             Opcode::Write => {
                 let (data, checksums) = req.write_parts();
                 self.store.write(key, h.offset, data, checksums, fence, fua).await?;

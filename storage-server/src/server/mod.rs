@@ -1,7 +1,7 @@
 //! The frame server: TCP and unix listeners, one task per connection, and
 //! the lifecycle of a running chunk server (start, graceful shutdown).
 
-mod access;
+pub mod access;
 mod connection;
 mod handler;
 
@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use access::Caller;
+use access::{Caller, ClusterKey};
 use ballast_tls::{Acceptor, Role, TlsConnection, TlsDir};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, UnixListener};
@@ -95,7 +95,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 
     let (stop, stop_rx) = watch::channel(false);
     let (alive, drained) = mpsc::channel(1);
-    let handler = Arc::new(Handler::new(store.clone(), stop_rx.clone()));
+    let key = Arc::new(ClusterKey::open(config.data_dir.clone()).map_err(io_error("the capability key"))?);
+    let handler = Arc::new(Handler::new(store.clone(), key.clone(), stop_rx.clone()));
     let mut tasks = Vec::new();
     let mut tcp_addr = None;
     if let Some(addr) = config.listen {
@@ -133,7 +134,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         data_dir: config.data_dir.clone(),
         orphan_grace: config.orphan_grace,
     };
-    tasks.push(tokio::spawn(register_and_heartbeat(config.meta.clone(), tls, registration, store.clone(), stop_rx)));
+    let registered = register_and_heartbeat(config.meta.clone(), tls, registration, store.clone(), key, stop_rx);
+    tasks.push(tokio::spawn(registered));
     tracing::info!(tcp = ?tcp_addr, unix = ?config.unix, metrics = ?metrics_addr, "serving");
     Ok(RunningServer {
         server_id,

@@ -561,6 +561,11 @@ impl Store {
         }
     }
 
+    /// The newest epoch seen for `volume`.
+    pub fn volume_epoch(&self, volume: u64) -> u64 {
+        self.fencing.current(volume)
+    }
+
     /// Raises `volume`'s epoch to `epoch` (persisted first; an older one
     /// changes nothing) and returns once every change admitted under an
     /// older epoch has finished, so none lands afterwards. Returns the
