@@ -5,8 +5,8 @@
   (kubernetes-validate --strict; custom resources such as
   VolumeSnapshotClass have no schema there and are only parsed);
 - the kustomization lists exactly the manifests in its directory;
-- every flag and BALLAST_* variable a Ballast container passes is one its
-  binary accepts (it appears in that binary's --help), so a renamed flag
+- every flag and BALLAST_* variable a Ballast container (init containers
+  too) passes is one its binary accepts (it appears in that binary's --help), so a renamed flag
   breaks this check instead of a rollout;
 - the image (deploy/Dockerfile) carries every binary the containers run,
   and nbd-client, which the node plugin runs.
@@ -78,26 +78,31 @@ def containers():
         for doc in yaml.safe_load_all(path.read_text()):
             spec = (doc or {}).get("spec", {})
             pod = spec.get("template", {}).get("spec") if "template" in spec else spec
-            for container in (pod or {}).get("containers", []):
+            for container in (pod or {}).get("initContainers", []) + (pod or {}).get("containers", []):
                 yield path.name, container
 
 
 def command_line(container):
-    """The binary a Ballast container runs and the words passed to it."""
+    """The binary a Ballast container runs, its subcommand, and the words
+    passed to that."""
     words = list(container.get("command", [])) + list(container.get("args", []))
     if words[:2] == ["/bin/sh", "-c"]:
         script = " ".join(words[2:])
         binary = re.search(r"exec\s+(\S+)", script).group(1)
-        return binary, re.findall(r"(--[a-z][a-z0-9-]*)", script)
-    return words[0], words[1:]
+        return binary, SUBCOMMANDS.get(binary, []), re.findall(r"(--[a-z][a-z0-9-]*)", script)
+    binary, rest = words[0], words[1:]
+    named = 0
+    while named < len(rest) and not rest[named].startswith("-"):
+        named += 1
+    return binary, rest[:named] or SUBCOMMANDS.get(binary, []), rest[named:]
 
 
-def help_text(bin_dir, binary):
+def help_text(bin_dir, binary, subcommand):
     path = bin_dir / binary
     if not path.exists():
         fail(f"{path} is missing: build the workspace first")
         return ""
-    command = [str(path), *SUBCOMMANDS.get(binary, []), "--help"]
+    command = [str(path), *subcommand, "--help"]
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
@@ -109,10 +114,10 @@ def check_flags(bin_dir):
     for file, container in containers():
         if container.get("image") != IMAGE:
             continue
-        binary, words = command_line(container)
+        binary, subcommand, words = command_line(container)
         if binary not in in_image:
             fail(f"{file}: {container['name']} runs {binary}, which the image does not carry")
-        accepted = help_text(bin_dir, binary)
+        accepted = help_text(bin_dir, binary, subcommand)
         for word in words:
             flag = word.split("=", 1)[0]
             if flag.startswith("--") and not re.search(rf"{re.escape(flag)}\b", accepted):

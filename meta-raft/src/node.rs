@@ -12,6 +12,7 @@ use ballast_proto::frame::Connector;
 use ballast_proto::meta::cluster_server::ClusterServer;
 use ballast_proto::meta::meta_server::MetaServer;
 use ballast_proto::meta::raft_server::RaftServer;
+use ballast_tls::accept::HANDSHAKES_IN_FLIGHT;
 use ballast_tls::{Acceptor, Role, TlsDir};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use tokio::net::TcpListener;
@@ -125,7 +126,7 @@ pub async fn run(config: MemberConfig, shutdown: impl Future<Output = ()> + Send
         match &tls {
             Some(dir) => {
                 let acceptor = Acceptor::new(ballast_tls::server_config(dir)?);
-                let incoming = acceptor.incoming(listener, |_, _| metrics::refused_connection());
+                let incoming = acceptor.incoming(listener, HANDSHAKES_IN_FLIGHT, |_, _| metrics::refused_connection());
                 router.serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown).await?
             }
             None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?,

@@ -39,7 +39,14 @@ pub struct Config {
     /// Certificate directory (role storage, named by the server id): the
     /// server's id, and mutual TLS with the metadata service.
     pub tls_dir: Option<PathBuf>,
+    /// Most data-plane connections open at once (TCP and unix together);
+    /// one more is closed as soon as it is accepted.
+    pub max_connections: usize,
 }
+
+/// Room for a volume engine's two connections per volume from many nodes,
+/// well inside a daemon's usual descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
 
 impl Config {
     /// Defaults for a server on `data_dir`, listening on an ephemeral
@@ -58,6 +65,7 @@ impl Config {
             meta: Vec::new(),
             orphan_grace: DEFAULT_ORPHAN_GRACE,
             tls_dir: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -135,6 +143,11 @@ pub struct ServeArgs {
     /// before it is deleted (`storage-server trash restore` brings it back).
     #[arg(long, env = "BALLAST_STORAGE_ORPHAN_GRACE", default_value_t = DEFAULT_ORPHAN_GRACE.as_secs())]
     pub orphan_grace: u64,
+    /// Most data-plane connections open at once; one more is closed as
+    /// soon as it is accepted (`ballast_storage_connections_over_limit_total`),
+    /// so that no client holds every descriptor of the server.
+    #[arg(long, env = "BALLAST_STORAGE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// The server's certificate (`ballast pki issue --role storage --name
     /// SERVER_ID`: also its id), or --insecure.
     #[command(flatten)]
@@ -157,6 +170,7 @@ impl ServeArgs {
             meta: self.meta.into_iter().filter(|m| !m.trim().is_empty()).collect(),
             orphan_grace: Duration::from_secs(self.orphan_grace),
             tls_dir,
+            max_connections: self.max_connections.max(1),
         })
     }
 }

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub chunk_clones: IntCounter,
     /// TLS connections refused in the handshake.
     pub refused_connections: IntCounter,
+    /// Connections closed at once for being over `--max-connections`.
+    pub connections_over_limit: IntCounter,
     /// Requests refused because the caller's role may not send them.
     pub denied_requests: IntCounterVec,
 }
@@ -87,6 +89,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         refused_connections: register_int_counter!(
             "ballast_storage_refused_connections_total",
             "Connections refused in the TLS handshake (no TLS, unknown authority, no identity)"
+        )
+        .expect("register metric"),
+        connections_over_limit: register_int_counter!(
+            "ballast_storage_connections_over_limit_total",
+            "Connections closed as soon as accepted: the server had --max-connections open"
         )
         .expect("register metric"),
         denied_requests: register_int_counter_vec!(

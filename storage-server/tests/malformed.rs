@@ -116,3 +116,33 @@ async fn malformed_frames(backend: BackendChoice) {
 }
 
 both_backends!(malformed_frames);
+
+/// Past `--max-connections` a new connection is closed as soon as it is
+/// accepted, the ones open are served on, and a freed slot is taken again.
+#[tokio::test]
+async fn connections_past_the_limit_are_closed_and_the_rest_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::Binary::start(dir.path(), &["--max-connections", "3"]);
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let client = ballast_proto::frame::DataClient::connect_tcp(server.tcp).await.unwrap();
+        client.ping().await.unwrap();
+        open.push(client);
+    }
+    let one_more = ballast_proto::frame::DataClient::connect_tcp(server.tcp).await.unwrap();
+    assert!(one_more.ping().await.is_err(), "a connection past the limit was served");
+    for client in &open {
+        client.ping().await.unwrap();
+    }
+    drop(open.pop());
+    let mut served = false;
+    for _ in 0..50 {
+        let client = ballast_proto::frame::DataClient::connect_tcp(server.tcp).await.unwrap();
+        if client.ping().await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "the freed slot was never taken again");
+}

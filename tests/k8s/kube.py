@@ -144,12 +144,16 @@ spec:
 """
 
 
+# What an operator runs `ballast` with in a metadata pod: its member's
+# address and the admin certificate the pod's init container issued.
+BALLAST_IN_META_POD = ["exec", "-n", "ballast-system", "ballast-meta-0", "--", "ballast"]
+ADMIN = ["--meta", "127.0.0.1:7101", "--tls-dir", "/etc/ballast/admin"]
+
+
 def ballast(*args):
-    """The ballast CLI inside a metadata pod, against the cluster's metadata
-    service; JSON output, parsed."""
-    out = kubectl(
-        "exec", "-n", "ballast-system", "ballast-meta-0", "--", "ballast", *args, "--meta", "127.0.0.1:7101", "-o", "json"
-    )
+    """The ballast CLI inside a metadata pod, as an admin, against the
+    cluster's metadata service; JSON output, parsed."""
+    out = kubectl(*BALLAST_IN_META_POD, *args, *ADMIN, "-o", "json")
     return json.loads(out) if out.strip() else None
 
 

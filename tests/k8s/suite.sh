@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs Ballast on the running test cluster exactly as the README tells
-# users to (kubectl apply -k deploy/kubernetes), waits until it serves, runs
+# users to (the authority's Secret, kubectl apply -k deploy/kubernetes),
+# waits until it serves, runs
 # the suite (test_kubernetes.py, through kubectl only) and uninstalls it.
 # On a failure it prints what an operator would look at: pods, events and
 # the Ballast pods' logs.
@@ -27,8 +28,15 @@ report() {
 }
 
 install() {
-  log "install: kubectl apply -k deploy/kubernetes"
+  log "install: the authority's Secret, then kubectl apply -k deploy/kubernetes"
   # `|| return`: set -e does not apply inside a function called with ||.
+  local ca
+  ca=$(mktemp -d)
+  "$ROOT/target/release/ballast" pki init --dir "$ca/ballast-ca" || return
+  kubectl get namespace ballast-system >/dev/null 2>&1 || kubectl create namespace ballast-system || return
+  kubectl -n ballast-system create secret generic ballast-ca \
+    --from-file="$ca/ballast-ca/ca.crt" --from-file="$ca/ballast-ca/ca.key" || return
+  rm -rf "$ca"
   kubectl apply -k "$ROOT/deploy/kubernetes" || return
   local workload
   for workload in statefulset/ballast-meta daemonset/ballast-storage deployment/ballast-csi-controller \

@@ -1,12 +1,13 @@
 """The install's operational parts, as a cluster operator meets them: what
-the node plugin says about the host, the metrics Services, taints, and the
+the node plugin says about the host, the metrics Services, taints, the
 disruption budget that keeps the metadata service's majority through a
-drain. Runs after test_kubernetes.py and makes no volumes."""
+drain, and certificates on every connection. Runs after
+test_kubernetes.py and makes no volumes."""
 
 import json
 import tempfile
 
-from kube import ballast, get, kubectl, kubectl_run, node_plugin_on, wait_until
+from kube import BALLAST_IN_META_POD, ballast, get, kubectl, kubectl_run, node_plugin_on, wait_until
 
 SYSTEM = "ballast-system"
 
@@ -115,3 +116,20 @@ def test_a_drain_takes_one_metadata_member_at_a_time():
         interval=2,
     )
     wait_until("a metadata leader", lambda: ballast("status")["leader"]["id"], timeout=60)
+
+
+def test_nothing_serves_callers_without_the_right_certificate():
+    """As installed, the metadata service and the chunk servers refuse a
+    caller without a certificate of the cluster's authority, and a
+    member's own certificate (role meta) may not create a volume."""
+    member = ["--meta", "127.0.0.1:7101"]
+    plaintext = kubectl_run(*BALLAST_IN_META_POD, "status", *member)
+    assert plaintext.returncode != 0 and "--tls-dir" in plaintext.stderr, plaintext.stderr
+    as_member = kubectl_run(
+        *BALLAST_IN_META_POD, "volume", "create", "intruder", "--size", "1GiB", *member, "--tls-dir", "/etc/ballast/tls"
+    )
+    assert as_member.returncode != 0 and "may not call Meta/CreateVolume" in as_member.stderr, as_member.stderr
+    assert all(v["name"] != "intruder" for v in ballast("volume", "list") or [])
+    server = ballast("status")["chunk_servers"][0]["address"]
+    unsecured = kubectl_run(*BALLAST_IN_META_POD, "chunks", "--servers", server)
+    assert unsecured.returncode != 0, unsecured.stdout

@@ -54,7 +54,14 @@ pub enum RefusedConnection {
     Handshake(io::Error),
     #[error("{0}")]
     Identity(crate::TlsError),
+    #[error("{HANDSHAKES_IN_FLIGHT} handshakes already in flight")]
+    Busy,
 }
+
+/// Handshakes a server runs at once. Each holds a descriptor for up to
+/// [`HANDSHAKE_LIMIT`]: without a bound, connections that never handshake
+/// would take every descriptor the process has.
+pub const HANDSHAKES_IN_FLIGHT: usize = 1024;
 
 impl Acceptor {
     pub fn new(config: Arc<ServerConfig>) -> Self {
@@ -78,16 +85,19 @@ impl Acceptor {
     }
 
     /// Accepts on `listener` for ever, handshaking each connection on a
-    /// task of its own (a slow or hostile peer holds up nobody), and
-    /// yields the connections that proved an identity. Refusals are
-    /// logged and passed to `refused`.
+    /// task of its own (a slow or hostile peer holds up nobody), at most
+    /// `handshakes` at once (one more is closed at once), and yields the
+    /// connections that proved an identity. Refusals are logged and passed
+    /// to `refused`.
     pub fn incoming(
         self,
         listener: TcpListener,
+        handshakes: usize,
         refused: impl Fn(&SocketAddr, &RefusedConnection) + Send + Sync + 'static,
     ) -> mpsc::Receiver<io::Result<TlsConnection>> {
         let (tx, rx) = mpsc::channel(BACKLOG);
         let refused = Arc::new(refused);
+        let slots = Arc::new(tokio::sync::Semaphore::new(handshakes));
         tokio::spawn(async move {
             loop {
                 let (tcp, addr) = match listener.accept().await {
@@ -99,9 +109,17 @@ impl Acceptor {
                         continue;
                     }
                 };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    drop(tcp);
+                    tracing::warn!(peer = %addr, "refused a connection: {}", RefusedConnection::Busy);
+                    refused(&addr, &RefusedConnection::Busy);
+                    continue;
+                };
                 let (acceptor, handed_on, refused) = (self.clone(), tx.clone(), refused.clone());
                 tokio::spawn(async move {
-                    match acceptor.accept(tcp, addr).await {
+                    let handshake = acceptor.accept(tcp, addr).await;
+                    drop(slot);
+                    match handshake {
                         Ok(connection) => {
                             let _ = handed_on.send(Ok(connection)).await;
                         }

@@ -40,12 +40,20 @@ struct Server {
 }
 
 async fn serve(dir: &TlsDir) -> Server {
+    serve_handshaking(dir, ballast_tls::accept::HANDSHAKES_IN_FLIGHT).await
+}
+
+/// Like [`serve`], running at most `handshakes` handshakes at once.
+async fn serve_handshaking(dir: &TlsDir, handshakes: usize) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let refused = Arc::new(Mutex::new(Vec::new()));
     let log = refused.clone();
-    let mut incoming = Acceptor::new(server_config(dir).unwrap())
-        .incoming(listener, move |_: &SocketAddr, why: &RefusedConnection| log.lock().unwrap().push(why.to_string()));
+    let mut incoming = Acceptor::new(server_config(dir).unwrap()).incoming(
+        listener,
+        handshakes,
+        move |_: &SocketAddr, why: &RefusedConnection| log.lock().unwrap().push(why.to_string()),
+    );
     tokio::spawn(async move {
         while let Some(Ok(mut connection)) = incoming.recv().await {
             tokio::spawn(async move {
@@ -98,6 +106,38 @@ async fn plaintext_is_refused() {
     assert!(!String::from_utf8_lossy(&answer).contains("meta"), "a plaintext client got an answer");
     let refused = refusals(&server, 1).await;
     assert!(refused.iter().any(|r| r.contains("TLS handshake failed")), "{refused:?}");
+}
+
+/// Connections that never start a handshake hold a descriptor each until
+/// the handshake limit: past the bound on handshakes in flight, one more is
+/// closed at once, and a client whose handshake finished is served.
+#[tokio::test]
+async fn connections_that_never_handshake_cannot_pile_up() {
+    let cluster = Cluster::new();
+    let node = cluster.issue(Role::Node, "a");
+    let server = serve_handshaking(&cluster.issue(Role::Meta, "1"), 4).await;
+    assert_eq!(ask(&node, &[Role::Meta], server.addr).await.unwrap(), "node/a\n");
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let mut one_more = TcpStream::connect(server.addr).await.unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), one_more.read_to_end(&mut answer)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "a connection past the bound was kept open: {closed:?}");
+    let refused = refusals(&server, 1).await;
+    assert!(refused.iter().any(|r| r.contains("handshakes already in flight")), "{refused:?}");
+    // The silent ones are let go; then handshakes are served again.
+    drop(silent);
+    let mut answered = None;
+    for _ in 0..50 {
+        if let Ok(said) = ask(&node, &[Role::Meta], server.addr).await {
+            answered = Some(said);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answered.as_deref(), Some("node/a\n"));
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use meta_raft::MetaClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::Code;
 
 use super::EngineError;
 
@@ -71,9 +72,9 @@ fn now_ms() -> u64 {
 }
 
 /// Asks for a fresh capability at half of the current one's remaining
-/// life, and again every few seconds while that fails. A refusal (the
-/// volume was unpublished from this node) is logged: I/O stops being
-/// admitted when the current capability expires.
+/// life, and again every few seconds while the metadata service cannot be
+/// reached. A refusal (the volume was unpublished from this node) ends the
+/// renewals: I/O stops being admitted when the current capability expires.
 async fn renew(
     meta: MetaClient,
     request: pb::IssueCapabilityRequest,
@@ -92,6 +93,14 @@ async fn renew(
                     return;
                 }
                 wait = half_life(expires_at_ms);
+            }
+            Err(status)
+                if matches!(status.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) =>
+            {
+                let left = Duration::from_millis(expires_at_ms.saturating_sub(now_ms()));
+                tracing::warn!(volume = %request.volume_id, reason = %status.message(), ?left,
+                    "the volume's capability is not renewed: its I/O is refused once it lapses");
+                return;
             }
             Err(status) => {
                 let left = Duration::from_millis(expires_at_ms.saturating_sub(now_ms()));

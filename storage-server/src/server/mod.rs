@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use access::{Caller, ClusterKey};
+use ballast_tls::accept::HANDSHAKES_IN_FLIGHT;
 use ballast_tls::{Acceptor, Role, TlsConnection, TlsDir};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{mpsc, watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -95,6 +96,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 
     let (stop, stop_rx) = watch::channel(false);
     let (alive, drained) = mpsc::channel(1);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
     let key = Arc::new(ClusterKey::open(config.data_dir.clone()).map_err(io_error("the capability key"))?);
     let handler = Arc::new(Handler::new(store.clone(), key.clone(), stop_rx.clone()));
     let mut tasks = Vec::new();
@@ -104,13 +106,13 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         tcp_addr = Some(listener.local_addr().map_err(io_error("reading the bound address"))?);
         let (handler, stop_rx, alive) = (handler.clone(), stop_rx.clone(), alive.clone());
         tasks.push(match &tls {
-            Some(dir) => tokio::spawn(accept(TlsListener::new(listener, dir)?, handler, stop_rx, alive)),
-            None => tokio::spawn(accept(listener, handler, stop_rx, alive)),
+            Some(dir) => tokio::spawn(accept(TlsListener::new(listener, dir)?, handler, slots.clone(), stop_rx, alive)),
+            None => tokio::spawn(accept(listener, handler, slots.clone(), stop_rx, alive)),
         });
     }
     if let Some(path) = &config.unix {
         let listener = bind_unix(path)?;
-        tasks.push(tokio::spawn(accept(listener, handler.clone(), stop_rx.clone(), alive.clone())));
+        tasks.push(tokio::spawn(accept(listener, handler.clone(), slots, stop_rx.clone(), alive.clone())));
     }
     drop(alive);
     if config.scrub_rate > 0 {
@@ -199,7 +201,7 @@ struct TlsListener {
 impl TlsListener {
     fn new(listener: TcpListener, dir: &TlsDir) -> Result<TlsListener, ServerError> {
         let acceptor = Acceptor::new(ballast_tls::server_config(dir)?);
-        let incoming = acceptor.incoming(listener, |_, _| metrics().refused_connections.inc());
+        let incoming = acceptor.incoming(listener, HANDSHAKES_IN_FLIGHT, |_, _| metrics().refused_connections.inc());
         Ok(TlsListener { incoming: Mutex::new(incoming) })
     }
 }
@@ -223,10 +225,12 @@ impl Listener for TlsListener {
     }
 }
 
-/// Accepts connections until `stop`, one task each.
+/// Accepts connections until `stop`, one task each, while a slot is free:
+/// a connection over the limit is closed at once.
 async fn accept<L: Listener>(
     listener: L,
     handler: Arc<Handler>,
+    slots: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
 ) {
@@ -234,7 +238,16 @@ async fn accept<L: Listener>(
         tokio::select! {
             accepted = listener.accept_split() => match accepted {
                 Ok((r, w, caller)) => {
-                    tokio::spawn(connection::serve(r, w, caller, handler.clone(), stop.clone(), alive.clone()));
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        metrics().connections_over_limit.inc();
+                        tracing::warn!(?caller, "too many connections: closing a new one");
+                        continue;
+                    };
+                    let serve = connection::serve(r, w, caller, handler.clone(), stop.clone(), alive.clone());
+                    tokio::spawn(async move {
+                        serve.await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => accept_failed(e).await,
             },
