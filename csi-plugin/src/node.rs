@@ -444,7 +444,14 @@ impl NodeService {
                 size_bytes: size,
                 replicas: volume_params.replicas,
                 chunk_size_bytes: volume_params.chunk_size_bytes,
-                parameters: [(params::FS_TYPE.to_string(), fs.to_string())].into_iter().collect(),
+                // Owned by this node: a node certificate creates, publishes
+                // and deletes only such volumes.
+                parameters: [
+                    (params::FS_TYPE.to_string(), fs.to_string()),
+                    (meta_raft::access::EPHEMERAL_NODE.to_string(), self.node_id.clone()),
+                ]
+                .into_iter()
+                .collect(),
                 content_source: None,
             })
             .await?;

@@ -29,15 +29,14 @@ pub fn allowed(service: &str, method: &str) -> &'static [Role] {
             "GetVolume" | "ListVolumes" | "ListSnapshots" | "ListAttachments" | "GetChunkMap" | "ListChunkServers"
             | "GetNode",
         ) => ANY,
-        (
-            "Meta",
-            "CreateVolume" | "DeleteVolume" | "ExpandVolume" | "CreateSnapshot" | "DeleteSnapshot" | "CompleteSnapshot"
-            | "MarkVolumeReady",
-        ) => OPERATORS,
-        // The controller publishes volumes to nodes: a node publishing to
-        // itself could get a capability for any volume. A node may let go
-        // of its own attachments.
-        ("Meta", "PublishVolume") => OPERATORS,
+        ("Meta", "ExpandVolume" | "CreateSnapshot" | "DeleteSnapshot" | "CompleteSnapshot" | "MarkVolumeReady") => {
+            OPERATORS
+        }
+        // The controller creates and publishes volumes for nodes. A node
+        // does so only for the inline ephemeral volumes it owns (checked in
+        // the handler, `check_node_owns`): publishing any other volume to
+        // itself would get it a capability for that volume's data.
+        ("Meta", "CreateVolume" | "DeleteVolume" | "PublishVolume") => &[Role::Node, Role::Controller, Role::Admin],
         ("Meta", "UnpublishVolume") => &[Role::Node, Role::Controller, Role::Admin],
         // A node's capabilities, for the volumes published to it.
         ("Meta", "IssueCapability") => &[Role::Node],
@@ -85,6 +84,26 @@ pub fn check_acting_as<T>(request: &tonic::Request<T>, role: Role, claimed: &str
     DENIED_CALLS.with_label_values(&[peer.identity.role.name(), "ActAsAnother"]).inc();
     tracing::warn!(peer = %peer.identity, addr = %peer.addr, claimed, "call refused: acting as another");
     Err(Status::permission_denied(format!("{} may act only as itself, not as {claimed:?}", peer.identity)))
+}
+
+/// The volume parameter naming the node an inline ephemeral volume belongs
+/// to: the only volumes a node certificate creates, publishes and deletes.
+pub const EPHEMERAL_NODE: &str = "ephemeralNode";
+
+/// A node certificate acts only on the inline ephemeral volumes it owns:
+/// `owner` is the volume's [`EPHEMERAL_NODE`] (`None`: not ephemeral).
+/// Other roles allowed the call act on any volume.
+pub fn check_node_owns<T>(request: &tonic::Request<T>, volume: &str, owner: Option<&str>) -> Result<(), Status> {
+    let Some(peer) = request.extensions().get::<Peer>() else { return Ok(()) };
+    if peer.identity.role != Role::Node || owner == Some(peer.identity.name.as_str()) {
+        return Ok(());
+    }
+    DENIED_CALLS.with_label_values(&[peer.identity.role.name(), "NotItsVolume"]).inc();
+    tracing::warn!(peer = %peer.identity, addr = %peer.addr, volume, "call refused: not the node's ephemeral volume");
+    Err(Status::permission_denied(format!(
+        "{} acts only on the inline ephemeral volumes it owns ({EPHEMERAL_NODE}={}), not on {volume}",
+        peer.identity, peer.identity.name
+    )))
 }
 
 /// The tower layer in front of every service of a member.
@@ -135,9 +154,10 @@ mod tests {
     fn roles_decide() {
         let delete = "/ballast.meta.v1.Meta/DeleteVolume";
         assert!(check(delete, Some(&peer(Role::Controller))).is_ok());
-        let denied = check(delete, Some(&peer(Role::Node))).unwrap_err();
+        let expand = "/ballast.meta.v1.Meta/ExpandVolume";
+        let denied = check(expand, Some(&peer(Role::Node))).unwrap_err();
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
-        assert!(denied.message().contains("node/x may not call Meta/DeleteVolume (needs controller or admin)"));
+        assert!(denied.message().contains("node/x may not call Meta/ExpandVolume (needs controller or admin)"));
         assert!(check("/ballast.meta.v1.Raft/Vote", Some(&peer(Role::Admin))).is_err());
         assert!(check("/ballast.meta.v1.Raft/Vote", Some(&peer(Role::Meta))).is_ok());
         assert!(check("/ballast.meta.v1.Meta/Heartbeat", Some(&peer(Role::Node))).is_err());

@@ -201,8 +201,11 @@ impl MetaClient {
             let follow_hint = hint.is_some();
             *self.inner.leader.lock().expect("lock") = hint;
             if Instant::now() >= deadline {
+                // tonic reports a failed connection as UNKNOWN: after
+                // retrying to the deadline, the service is unavailable.
+                let code = if status.code() == Code::Unknown { Code::Unavailable } else { status.code() };
                 return Err(self.explained(Status::new(
-                    status.code(),
+                    code,
                     format!("metadata service unavailable after {:?}: {}", self.inner.deadline, status.message()),
                 )));
             }

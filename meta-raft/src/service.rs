@@ -12,7 +12,7 @@ use ballast_tls::{CapabilityIssuer, Role};
 use openraft::error::{ClientWriteError, RaftError};
 use tonic::{Request, Response, Status};
 
-use crate::access::check_acting_as;
+use crate::access::{check_acting_as, check_node_owns, EPHEMERAL_NODE};
 use crate::capability;
 use crate::convert;
 use crate::error::{not_leader, MetaError};
@@ -54,6 +54,24 @@ where
 impl MetaService {
     pub fn new(raft: Raft, state: SharedState, chunk_servers: Connector, capability_lifetime: Duration) -> Self {
         Self { raft, state, chunk_servers, capability_lifetime }
+    }
+
+    /// A node caller acts only on its own inline ephemeral volumes (see
+    /// [`check_node_owns`]); a volume that does not exist is left to the
+    /// call to report.
+    async fn check_node_owns<T>(&self, request: &Request<T>, volume_id: &str) -> Result<(), Status> {
+        let is_node = request.extensions().get::<ballast_tls::Peer>().is_some_and(|p| p.identity.role == Role::Node);
+        if !is_node {
+            return Ok(());
+        }
+        let owner = self.read(|state| match state.volumes.get(volume_id) {
+            Some(volume) => Ok(Some(volume.parameters.get(EPHEMERAL_NODE).cloned())),
+            None => Ok(None),
+        });
+        match owner.await? {
+            Some(owner) => check_node_owns(request, volume_id, owner.as_deref()),
+            None => Ok(()),
+        }
     }
 
     /// The cluster's capability key, created by the first caller that
@@ -226,6 +244,8 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
 impl Meta for MetaService {
     async fn create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> Reply<pb::Volume> {
         timed("CreateVolume", async {
+            let owner = request.get_ref().parameters.get(EPHEMERAL_NODE).cloned();
+            check_node_owns(&request, &request.get_ref().name, owner.as_deref())?;
             let r = request.into_inner();
             let command = Command::CreateVolume {
                 name: r.name,
@@ -245,6 +265,7 @@ impl Meta for MetaService {
 
     async fn delete_volume(&self, request: Request<pb::DeleteVolumeRequest>) -> Reply<pb::DeleteVolumeResponse> {
         timed("DeleteVolume", async {
+            self.check_node_owns(&request, &request.get_ref().id).await?;
             let id = request.into_inner().id;
             required("volume id", &id)?;
             match self.propose(Command::DeleteVolume { id }).await? {
@@ -523,6 +544,7 @@ impl Meta for MetaService {
     async fn publish_volume(&self, request: Request<pb::PublishVolumeRequest>) -> Reply<pb::Attachment> {
         timed("PublishVolume", async {
             check_acting_as(&request, Role::Node, &request.get_ref().node_id)?;
+            self.check_node_owns(&request, &request.get_ref().volume_id).await?;
             let r = request.into_inner();
             let command = Command::Publish { volume_id: r.volume_id, node_id: r.node_id, readonly: r.readonly };
             match self.propose(command).await? {

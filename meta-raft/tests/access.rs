@@ -78,7 +78,7 @@ async fn over_tls_only_the_right_roles_change_metadata() {
     assert_eq!(node.get_volume(get(&created.id)).await.unwrap().id, created.id);
     let err = node.delete_volume(delete(&created.id)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    assert!(err.message().contains("node/worker-1 may not call Meta/DeleteVolume"), "{err}");
+    assert!(err.message().contains("node/worker-1 acts only on the inline ephemeral volumes it owns"), "{err}");
     let err = node
         .change_membership(pb::ChangeMembershipRequest { voters: vec![1], retain_learners: false })
         .await
@@ -142,6 +142,32 @@ async fn over_tls_only_the_right_roles_change_metadata() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("is not published to node worker-1"), "{err}");
     assert_eq!(admin.issue_capability(ask("worker-1")).await.unwrap_err().code(), Code::PermissionDenied);
+
+    // An inline ephemeral volume is the node's own: it creates, publishes
+    // and deletes it, and no other node's, and no ordinary volume.
+    let ephemeral = |name: &str, owner: &str| pb::CreateVolumeRequest {
+        parameters: [(meta_raft::access::EPHEMERAL_NODE.to_string(), owner.to_string())].into_iter().collect(),
+        ..volume(name)
+    };
+    assert_eq!(node.create_volume(volume("plain")).await.unwrap_err().code(), Code::PermissionDenied);
+    let err = node.create_volume(ephemeral("theirs", "worker-2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let theirs = admin.create_volume(ephemeral("theirs", "worker-2")).await.unwrap();
+    let mine = node.create_volume(ephemeral("mine", "worker-1")).await.unwrap();
+    let to_me = |volume: &pb::Volume| pb::PublishVolumeRequest {
+        volume_id: volume.id.clone(),
+        node_id: "worker-1".into(),
+        readonly: false,
+    };
+    assert_eq!(node.publish_volume(to_me(&theirs)).await.unwrap_err().code(), Code::PermissionDenied);
+    let attached = node.publish_volume(to_me(&mine)).await.unwrap();
+    let capability = pb::IssueCapabilityRequest { volume_id: mine.id.clone(), node_id: "worker-1".into() };
+    assert_eq!(node.issue_capability(capability).await.unwrap().epoch, attached.epoch);
+    assert_eq!(node.delete_volume(delete(&theirs.id)).await.unwrap_err().code(), Code::PermissionDenied);
+    let unpublish = pb::UnpublishVolumeRequest { volume_id: mine.id.clone(), node_id: "worker-1".into() };
+    node.unpublish_volume(unpublish).await.unwrap();
+    assert!(node.delete_volume(delete(&mine.id)).await.unwrap().existed);
+    admin.delete_volume(delete(&theirs.id)).await.unwrap();
 
     // The volume is still there; the admin deletes it.
     assert_eq!(admin.get_volume(get(&created.id)).await.unwrap().id, created.id);

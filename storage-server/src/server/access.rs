@@ -85,8 +85,9 @@ pub struct Denied {
 pub struct Circumstances<'a> {
     pub key: &'a ClusterKey,
     pub now_ms: u64,
-    /// The newest epoch this server has seen for the request's volume.
-    pub volume_epoch: u64,
+    /// The newest epoch this server has seen for a volume (asked only of
+    /// a node's changes).
+    pub volume_epoch: &'a dyn Fn(u64) -> u64,
 }
 
 /// What one connection may do: its caller, and the capabilities presented
@@ -174,10 +175,11 @@ impl Access {
         }
         // A capability of an attachment that a newer publish replaced
         // changes nothing, whatever the request claims.
-        if capability.epoch < now.volume_epoch {
+        let volume_epoch = (now.volume_epoch)(h.volume);
+        if capability.epoch < volume_epoch {
             return Err(format!(
-                "the capability for volume {} is for epoch {}, and the volume is at epoch {}",
-                h.volume, capability.epoch, now.volume_epoch
+                "the capability for volume {} is for epoch {}, and the volume is at epoch {volume_epoch}",
+                h.volume, capability.epoch
             ));
         }
         let carries_epoch = matches!(h.opcode, Opcode::Write | Opcode::Trim | Opcode::WriteZeroes);
@@ -234,7 +236,7 @@ mod tests {
         Cluster { issuer, key, _dir: dir }
     }
 
-    fn at(cluster: &Cluster, now_ms: u64, volume_epoch: u64) -> Circumstances<'_> {
+    fn at<'a>(cluster: &'a Cluster, now_ms: u64, volume_epoch: &'a dyn Fn(u64) -> u64) -> Circumstances<'a> {
         Circumstances { key: &cluster.key, now_ms, volume_epoch }
     }
 
@@ -246,7 +248,7 @@ mod tests {
     #[test]
     fn a_node_reaches_only_the_volume_of_its_capability_at_its_epoch() {
         let c = cluster();
-        let now = at(&c, 500, 3);
+        let now = at(&c, 500, &|_| 3);
         let mut node = certified(Role::Node);
         assert!(node.admit(&request(Opcode::Read, 5, 3, Bytes::new()), &now).is_err(), "no capability yet");
         node.admit(&request(Opcode::Authorize, 0, 0, token(&c, "n1", false)), &now).unwrap();
@@ -255,15 +257,15 @@ mod tests {
         assert!(node.admit(&request(Opcode::Read, 6, 3, Bytes::new()), &now).is_err(), "another volume");
         assert!(node.admit(&request(Opcode::Write, 5, u64::MAX, Bytes::new()), &now).is_err(), "another epoch");
         assert!(node.admit(&request(Opcode::ChunkDelete, 5, 3, Bytes::new()), &now).is_err());
-        assert!(node.admit(&request(Opcode::Read, 5, 3, Bytes::new()), &at(&c, 1000, 3)).is_err(), "expired");
-        assert!(node.admit(&request(Opcode::Write, 5, 3, Bytes::new()), &at(&c, 500, 4)).is_err(), "fenced");
-        assert!(node.admit(&request(Opcode::ChunkCreate, 5, 0, Bytes::new()), &at(&c, 500, 4)).is_err());
+        assert!(node.admit(&request(Opcode::Read, 5, 3, Bytes::new()), &at(&c, 1000, &|_| 3)).is_err(), "expired");
+        assert!(node.admit(&request(Opcode::Write, 5, 3, Bytes::new()), &at(&c, 500, &|_| 4)).is_err(), "fenced");
+        assert!(node.admit(&request(Opcode::ChunkCreate, 5, 0, Bytes::new()), &at(&c, 500, &|_| 4)).is_err());
     }
 
     #[test]
     fn a_capability_serves_only_the_node_it_names_and_only_as_issued() {
         let c = cluster();
-        let now = at(&c, 500, 3);
+        let now = at(&c, 500, &|_| 3);
         let mut node = certified(Role::Node);
         let denied = node.admit(&request(Opcode::Authorize, 0, 0, token(&c, "n2", false)), &now).unwrap_err();
         assert!(denied.message.contains("issued to node \"n2\""), "{}", denied.message);
@@ -280,7 +282,7 @@ mod tests {
         let c = cluster();
         let dir = tempfile::tempdir().unwrap();
         let unknown = ClusterKey::open(dir.path().to_owned()).unwrap();
-        let now = Circumstances { key: &unknown, now_ms: 500, volume_epoch: 0 };
+        let now = Circumstances { key: &unknown, now_ms: 500, volume_epoch: &|_| 0 };
         let mut node = certified(Role::Node);
         assert!(node.admit(&request(Opcode::Authorize, 0, 0, token(&c, "n1", false)), &now).is_err());
         // Kept in the data directory: known again after a restart.
@@ -290,7 +292,7 @@ mod tests {
     #[test]
     fn operators_need_no_capability_and_chunk_servers_send_nothing() {
         let c = cluster();
-        let now = at(&c, 500, 3);
+        let now = at(&c, 500, &|_| 3);
         for op in [Opcode::Read, Opcode::ChunkDelete, Opcode::VolumeFence] {
             certified(Role::Meta).admit(&request(op, 5, 3, Bytes::new()), &now).unwrap();
             assert!(certified(Role::Storage).admit(&request(op, 5, 3, Bytes::new()), &now).is_err());

@@ -73,8 +73,8 @@ impl Handler {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let volume_epoch = self.store.volume_epoch(req.header.volume);
-        access.admit(req, &Circumstances { key: &self.key, now_ms, volume_epoch })
+        let volume_epoch = |volume| self.store.volume_epoch(volume);
+        access.admit(req, &Circumstances { key: &self.key, now_ms, volume_epoch: &volume_epoch })
     }
 
     pub fn store(&self) -> &Arc<Store> {
