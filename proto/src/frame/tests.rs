@@ -52,6 +52,7 @@ fn request_for(opcode: Opcode) -> Request {
             header.generation = 0;
             encode_entries(&[CloneTarget { volume: 0x5e7a_0001, chunk: 42, generation: 1 }])
         }
+        Opcode::Authorize => Bytes::from_static(b"a capability token"),
         _ => Bytes::new(),
     };
     Request { header, payload }
@@ -117,8 +118,20 @@ fn pause_resume_and_clone_address_one_volume() {
     assert_eq!(Opcode::from_u8(17), Some(Opcode::ChunkClone));
     assert_eq!(Opcode::from_u8(18), Some(Opcode::VolumeFence));
     assert_eq!(Opcode::from_u8(19), Some(Opcode::ChunkHashes));
-    assert_eq!(Opcode::from_u8(20), None);
+    assert_eq!(Opcode::from_u8(20), Some(Opcode::Authorize));
+    assert_eq!(Opcode::from_u8(21), None);
     assert_eq!(ErrorCode::from_u16(15), Some(ErrorCode::Interrupted));
+}
+
+#[test]
+fn an_authorize_carries_one_capability_token() {
+    for len in [0, MAX_CAPABILITY + 1] {
+        let mut buf = BytesMut::from(&RequestHeader::new(Opcode::Authorize, 1).encode(len)[..]);
+        buf.put_bytes(7, len);
+        let err = decode_request(&mut buf).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadFrame, "payload of {len} bytes");
+        assert!(buf.is_empty());
+    }
 }
 
 #[test]
