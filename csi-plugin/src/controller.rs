@@ -93,8 +93,10 @@ impl ControllerService {
         let mut context = HashMap::new();
         context.insert(params::REPLICAS.to_string(), volume.replicas.to_string());
         context.insert(params::CHUNK_SIZE_MIB.to_string(), (volume.chunk_size_bytes >> 20).to_string());
-        if let Some(fs) = volume.parameters.get(params::FS_TYPE) {
-            context.insert(params::FS_TYPE.to_string(), fs.clone());
+        for key in [params::FS_TYPE, params::ENCRYPTED] {
+            if let Some(value) = volume.parameters.get(key) {
+                context.insert(key.to_string(), value.clone());
+            }
         }
         csi::Volume {
             capacity_bytes: volume.size_bytes as i64,
@@ -188,6 +190,9 @@ impl ControllerService {
         let mut stored: BTreeMap<String, String> = volume_params.labels.clone();
         if let Some(fs) = fs {
             stored.insert(params::FS_TYPE.into(), fs.to_string());
+        }
+        if volume_params.encrypted {
+            stored.insert(params::ENCRYPTED.into(), "true".into());
         }
 
         let existing = found(

@@ -19,6 +19,7 @@
 
 pub mod attach;
 pub mod host;
+pub mod luks;
 pub mod mounts;
 pub mod recovery;
 pub mod registration;
@@ -94,6 +95,10 @@ struct StageSpec<'a> {
     epoch: u64,
     readonly: bool,
     ephemeral: bool,
+    /// The volume context says it is encrypted.
+    encrypted: bool,
+    /// From the node-stage secret ([`luks::PASSPHRASE_KEY`]).
+    passphrase: Option<&'a [u8]>,
 }
 
 fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str> {
@@ -188,6 +193,21 @@ impl NodeService {
             None => self.nbd.map(spec.meta_volume_id, &self.meta_list(), spec.epoch, spec.readonly).await?,
         };
         tracing::info!(device = %device.display(), epoch = spec.epoch, "attached");
+        // A filesystem volume holding a LUKS header is encrypted whatever
+        // its context says: a clone or restore of an encrypted volume. (A
+        // raw block volume's content is the pod's own business.)
+        let encrypted =
+            spec.encrypted || (spec.fs.is_some() && luks::is_container(&tools::probe_content(&device).await?));
+        let data_device = match (encrypted, spec.passphrase) {
+            (false, _) => device.clone(),
+            (true, Some(passphrase)) => luks::open(&device, spec.meta_volume_id, passphrase, spec.readonly).await?,
+            (true, None) => {
+                return Err(CsiError::precondition(format!(
+                    "volume is encrypted: its StorageClass must name a node-stage secret with {}",
+                    luks::PASSPHRASE_KEY
+                )))
+            }
+        };
         let staged = Staged {
             volume_id: spec.volume_id.to_string(),
             meta_volume_id: spec.meta_volume_id.to_string(),
@@ -197,6 +217,7 @@ impl NodeService {
             staging_path: spec.staging_path.to_path_buf(),
             fs_type: spec.fs,
             ephemeral: spec.ephemeral,
+            encrypted,
         };
         self.state.save(&staged)?;
 
@@ -205,7 +226,7 @@ impl NodeService {
             return Ok(staged);
         };
         if let Some(entry) = mounts::mounted_at(spec.staging_path)? {
-            if mounts::is_filesystem_of(spec.staging_path, &device)? {
+            if mounts::is_filesystem_of(spec.staging_path, &data_device)? {
                 return Ok(staged);
             }
             return Err(CsiError::precondition(format!(
@@ -215,13 +236,13 @@ impl NodeService {
             )));
         }
         std::fs::create_dir_all(spec.staging_path).map_err(|e| CsiError::io("creating", spec.staging_path, e))?;
-        match tools::probe_content(&device).await? {
+        match tools::probe_content(&data_device).await? {
             tools::Content::Blank if spec.readonly => {
                 return Err(CsiError::precondition("volume is blank and attached read-only: nothing to mount"))
             }
             tools::Content::Blank => {
                 tracing::info!(%fs, "formatting blank volume");
-                tools::mkfs(&device, fs).await?;
+                tools::mkfs(&data_device, fs).await?;
             }
             tools::Content::Filesystem(found) if found == fs.as_str() => {}
             tools::Content::Filesystem(found) => {
@@ -242,7 +263,7 @@ impl NodeService {
             // mount of a UUID without this.
             options.push("nouuid".into());
         }
-        mounts::mount_filesystem(&device, spec.staging_path, fs.as_str(), &options).await?;
+        mounts::mount_filesystem(&data_device, spec.staging_path, fs.as_str(), &options).await?;
         tracing::info!(path = %spec.staging_path.display(), "staged");
         Ok(staged)
     }
@@ -252,8 +273,8 @@ impl NodeService {
     async fn unstage(&self, volume_id: &str, meta_volume_id: &str, staging_path: &Path) -> Result<()> {
         let staged = self.state.load(volume_id)?;
         // Never detach a device a pod still uses.
-        if let Some(s) = staged.as_ref().filter(|s| s.device.exists()) {
-            let users: Vec<String> = mounts::users_of(&s.device)?
+        if let Some(s) = staged.as_ref().filter(|s| s.data_device().exists()) {
+            let users: Vec<String> = mounts::users_of(&s.data_device())?
                 .into_iter()
                 .filter(|p| !same_path(p, staging_path) && !same_path(p, &s.staging_path))
                 .map(|p| p.display().to_string())
@@ -266,6 +287,9 @@ impl NodeService {
             }
         }
         mounts::unmount_all(staging_path).await?;
+        // Closed whether or not a record says it was opened: a crash may
+        // have come between opening and recording.
+        luks::close(staged.as_ref().map_or(meta_volume_id, |s| s.meta_volume_id.as_str())).await?;
         match &staged {
             Some(s) => self.nbd.unmap(&s.meta_volume_id).await?,
             // Nothing recorded: a crash may have come between attaching and
@@ -298,6 +322,14 @@ impl NodeService {
                 (Some(fs_type.or(context_fs).unwrap_or_default()), mount_flags.clone())
             }
         };
+        let encrypted = req.volume_context.get(params::ENCRYPTED).is_some_and(|v| v == "true");
+        let passphrase = req.secrets.get(luks::PASSPHRASE_KEY).map(String::as_bytes);
+        if encrypted && passphrase.is_none_or(<[u8]>::is_empty) {
+            return Err(CsiError::invalid(format!(
+                "volume is encrypted: the node-stage secret must hold {}",
+                luks::PASSPHRASE_KEY
+            )));
+        }
         let _guard = self.inflight.claim(volume_id)?;
         self.stage(StageSpec {
             volume_id,
@@ -308,6 +340,8 @@ impl NodeService {
             epoch,
             readonly,
             ephemeral: false,
+            encrypted,
+            passphrase,
         })
         .await?;
         Ok(csi::NodeStageVolumeResponse {})
@@ -332,11 +366,12 @@ impl NodeService {
                 if cap.is_block() { "a raw block device" } else { "a filesystem" },
             )));
         }
+        let data_device = staged.data_device();
         let ours = |path: &Path| {
             if block {
-                mounts::is_device_node_of(path, &staged.device)
+                mounts::is_device_node_of(path, &data_device)
             } else {
-                mounts::is_filesystem_of(path, &staged.device)
+                mounts::is_filesystem_of(path, &data_device)
             }
         };
         let staged_here = block || (mounts::mounted_at(&staged.staging_path)?.is_some() && ours(&staged.staging_path)?);
@@ -361,7 +396,7 @@ impl NodeService {
             return Ok(());
         }
         if cap.mode == Mode::SingleNodeSingleWriter {
-            let others: Vec<PathBuf> = mounts::users_of(&staged.device)?
+            let others: Vec<PathBuf> = mounts::users_of(&data_device)?
                 .into_iter()
                 .filter(|p| !same_path(p, &staged.staging_path) && !same_path(p, target))
                 .collect();
@@ -381,7 +416,7 @@ impl NodeService {
                 .write(true)
                 .open(target)
                 .map_err(|e| CsiError::io("creating", target, e))?;
-            mounts::bind(&staged.device, target, readonly).await?;
+            mounts::bind(&data_device, target, readonly).await?;
         } else {
             std::fs::create_dir_all(target).map_err(|e| CsiError::io("creating", target, e))?;
             mounts::bind(&staged.staging_path, target, readonly).await?;
@@ -424,6 +459,9 @@ impl NodeService {
             return Err(CsiError::invalid("ephemeral volumes are filesystem volumes, not raw block"));
         }
         let volume_params = VolumeParams::parse(context, &[params::SIZE])?;
+        if volume_params.encrypted {
+            return Err(CsiError::invalid("inline ephemeral volumes are not encrypted: they get no node-stage secret"));
+        }
         let size = match context.get(params::SIZE) {
             Some(quantity) => {
                 let bytes = params::parse_quantity(quantity)?;
@@ -474,6 +512,8 @@ impl NodeService {
                 epoch: attachment.epoch,
                 readonly,
                 ephemeral: true,
+                encrypted: false,
+                passphrase: None,
             })
             .await?;
         self.publish_staged(&staged, cap, target, readonly).await?;
@@ -549,8 +589,8 @@ impl NodeService {
             return Err(missing());
         }
         let ours = match staged.fs_type {
-            None => mounts::is_device_node_of(volume_path, &staged.device)?,
-            Some(_) => mounts::is_filesystem_of(volume_path, &staged.device)?,
+            None => mounts::is_device_node_of(volume_path, &staged.data_device())?,
+            Some(_) => mounts::is_filesystem_of(volume_path, &staged.data_device())?,
         };
         if !ours {
             return Err(missing());
@@ -598,7 +638,7 @@ impl NodeService {
         let mut usage_error = None;
         let usage = match staged.fs_type {
             None => {
-                let total = device_size(&staged.device)?;
+                let total = device_size(&staged.data_device())?;
                 vec![csi::VolumeUsage {
                     total: total as i64,
                     unit: csi::volume_usage::Unit::Bytes as i32,
@@ -642,6 +682,9 @@ impl NodeService {
         // The device takes the volume's size in metadata, which
         // ControllerExpandVolume set; a device that has it already stays.
         self.nbd.resize(&staged.meta_volume_id, &self.meta_list()).await?;
+        if staged.encrypted {
+            luks::grow(&staged.meta_volume_id).await?;
+        }
         let size = device_size(&staged.device)?;
         if size < wanted {
             return Err(CsiError::precondition(format!(
@@ -655,7 +698,7 @@ impl NodeService {
             if staged.readonly {
                 return Err(CsiError::precondition("volume is attached read-only: its filesystem cannot grow"));
             }
-            tools::grow_filesystem(&staged.device, &staged.staging_path, fs).await?;
+            tools::grow_filesystem(&staged.data_device(), &staged.staging_path, fs).await?;
             tracing::info!(size, %fs, "filesystem grown");
         }
         Ok(csi::NodeExpandVolumeResponse { capacity_bytes: size as i64 })

@@ -22,6 +22,9 @@ use crate::error::{CsiError, Result};
 pub const REPLICAS: &str = "replicas";
 pub const FS_TYPE: &str = "fsType";
 pub const CHUNK_SIZE_MIB: &str = "chunkSizeMiB";
+/// `"true"`: a LUKS2 container unlocked on the node with the node-stage
+/// secret (also a key of the volume context).
+pub const ENCRYPTED: &str = "encrypted";
 /// Prefix of the keys the Kubernetes sidecars add (PVC name, secrets, ...).
 pub const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 /// Set by the kubelet in the volume context of an ephemeral inline volume.
@@ -95,6 +98,8 @@ pub struct VolumeParams {
     /// `None` when the StorageClass leaves it to the volume capability.
     pub fs_type: Option<FsType>,
     pub chunk_size_bytes: u64,
+    /// Encrypted at rest (LUKS2, passphrase from the node-stage secret).
+    pub encrypted: bool,
     /// Sidecar metadata worth keeping with the volume.
     pub labels: BTreeMap<String, String>,
 }
@@ -105,6 +110,7 @@ impl Default for VolumeParams {
             replicas: DEFAULT_REPLICAS,
             fs_type: None,
             chunk_size_bytes: DEFAULT_CHUNK_SIZE_MIB << 20,
+            encrypted: false,
             labels: BTreeMap::new(),
         }
     }
@@ -136,13 +142,16 @@ impl VolumeParams {
                         .ok_or_else(|| invalid_param(key, value, "a power of two from 1 to 1024"))?;
                     params.chunk_size_bytes = mib << 20;
                 }
+                ENCRYPTED => {
+                    params.encrypted = value.parse().map_err(|_| invalid_param(key, value, "\"true\" or \"false\""))?;
+                }
                 k if KEPT_SIDECAR_KEYS.contains(&k) => {
                     params.labels.insert(key.clone(), value.to_string());
                 }
                 k if k.starts_with(SIDECAR_PREFIX) || extra.contains(&k) => {}
                 k => {
                     return Err(CsiError::invalid(format!(
-                        "unknown parameter {k:?} (supported: {REPLICAS}, {FS_TYPE}, {CHUNK_SIZE_MIB})"
+                        "unknown parameter {k:?} (supported: {REPLICAS}, {FS_TYPE}, {CHUNK_SIZE_MIB}, {ENCRYPTED})"
                     )))
                 }
             }

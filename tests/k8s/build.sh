@@ -170,7 +170,7 @@ debian_layer() {
 }
 
 # What the node plugin runs besides Ballast (deploy/Dockerfile installs the same).
-BALLAST_PACKAGES=e2fsprogs,xfsprogs,util-linux,mount,fuse3,kmod,ca-certificates
+BALLAST_PACKAGES=e2fsprogs,xfsprogs,util-linux,mount,fuse3,kmod,cryptsetup-bin,ca-certificates
 
 # Ballast's image, named as deploy/kubernetes/kustomization.yaml names it,
 # holding what deploy/Dockerfile puts in it.

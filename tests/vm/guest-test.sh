@@ -334,20 +334,28 @@ identity() {
     fi
 }
 
-# ----------------------------------------------------------------- 4. CSI node service on the real device
+# ----------------------------------------------------------------- CSI plugins
 # csi-plugin in controller mode (CreateVolume, ControllerPublish: the epoch)
-# and in node mode (what the kubelet drives), through our csi-client.
+# and in node mode (what the kubelet drives), driven through our csi-client.
+csi_start() { # csi_start DIR -> $D $CTL $NODE $cpid $npid
+    D=$1; CTL=$D/controller.sock; NODE=$D/node.sock
+    mkdir -p "$D"
+    csi-plugin --mode controller --endpoint "unix://$CTL" --meta "$META" > "$D/controller.log" 2>&1 &
+    cpid=$!
+    csi-plugin --mode node --node-id n1 --endpoint "unix://$NODE" --meta "$META" --state-dir "$D/state" > "$D/node.log" 2>&1 &
+    npid=$!
+    i=0; while [ $i -lt 300 ] && ! { [ -S "$CTL" ] && [ -S "$NODE" ]; }; do sleep 0.1; i=$((i + 1)); done
+}
+# csi_run SOCKET CALL ARGS...: the answer in $out
+csi_run() { out=$(timeout 150 csi-client "$@" 2>&1) || { echo "csi-client $*: $out"; return 1; }; }
+# Chunk files of a CSI volume (its id is vol-<data id, hex>) on every chunk server.
+chunk_files() { find "$C"/storage*/chunks/"$(printf '%016x' "$((0x${1#vol-}))")" -name '*.chunk' 2>/dev/null; }
+
+# ----------------------------------------------------------------- 4. CSI node service on the real device
 csi_node() {
     command -v csi-client >/dev/null || { result csi-node SKIP "csi-client not in the initramfs"; return 0; }
-    D=/tmp/csi; CTL=$D/controller.sock; NODE=$D/node.sock
-    vid=; staging=$D/staging/none; target=$D/pods/p1/volumes/data
-    mkdir -p $D
-    csi-plugin --mode controller --endpoint "unix://$CTL" --meta "$META" > $D/controller.log 2>&1 &
-    cpid=$!
-    csi-plugin --mode node --node-id n1 --endpoint "unix://$NODE" --meta "$META" --state-dir $D/state > $D/node.log 2>&1 &
-    npid=$!
-    i=0; while [ $i -lt 300 ] && ! { [ -S $CTL ] && [ -S $NODE ]; }; do sleep 0.1; i=$((i + 1)); done
-    csi_run() { out=$(timeout 150 csi-client "$@" 2>&1) || { echo "csi-client $*: $out"; return 1; }; }
+    vid=; target=/tmp/csi/pods/p1/volumes/data; staging=/tmp/csi/staging/none
+    csi_start /tmp/csi
     csi_fail() {
         result csi-node FAIL "$1"
         echo "== controller log"; tail -n 20 $D/controller.log; echo "== node log"; tail -n 30 $D/node.log
@@ -422,6 +430,90 @@ csi_node() {
     result csi-node PASS "$vid: staged on $dev ($fstype), published, 21 files written, grown online 128 -> 192 MiB (filesystem total $total0 -> $total1 bytes), 21 more files, all verified by sha256 after unstage + stage; plugin and serving process SIGKILLed, device served again ${replaced} s later, files verified, no kernel errors; unpublished, unstaged (device detached), deleted"
 }
 
+# ----------------------------------------------------------------- 5. an encrypted volume (LUKS2) through the CSI node service
+# StorageClass encrypted=true, the passphrase in the node-stage secret: the
+# filesystem sits on the opened container, no chunk file holds a byte of
+# plaintext, a wrong or missing passphrase opens nothing, and the volume
+# survives unstage + stage, online growth, and a snapshot restored into a
+# clone that opens with the same passphrase.
+csi_encrypted() {
+    command -v cryptsetup >/dev/null || { result csi-encrypted SKIP "cryptsetup not in the initramfs"; return 0; }
+    vid=; cid=; sid=
+    csi_start /tmp/csi-enc
+    target=$D/pods/p1/volumes/data; clone_target=$D/pods/p2/volumes/data
+    pass=secret:encryptionPassphrase=correct-horse-battery-staple
+    marker=BALLAST-PLAINTEXT-MARKER-7f3a9c
+    enc_fail() {
+        result csi-encrypted FAIL "$1"
+        echo "== controller log"; tail -n 20 $D/controller.log; echo "== node log"; tail -n 30 $D/node.log
+        umount "$target" "$clone_target" "$D"/staging/* 2>/dev/null
+        for m in /dev/mapper/ballast-*; do [ -e "$m" ] && cryptsetup close "${m#/dev/mapper/}"; done
+        for v in pvc-enc pvc-enc-clone; do [ -z "$(mapping_field $v pid)" ] || unmap $v >/dev/null 2>&1; done
+        kill $cpid $npid 2>/dev/null; wait $cpid $npid 2>/dev/null
+        return 1
+    }
+    csi_run $CTL create pvc-enc 64 encrypted=true || { enc_fail "CreateVolume encrypted=true"; return 1; }
+    vid=$(echo "$out" | head -n1)
+    echo "$out" | grep -qx encrypted=true || { enc_fail "no encrypted=true in the volume context: $out"; return 1; }
+    csi_run $CTL controller-publish "$vid" n1 || { enc_fail "ControllerPublishVolume"; return 1; }
+    ctx="$(echo "$out" | tr '\n' ' ') ctx:encrypted=true"
+    staging=$D/staging/$vid
+    if csi_run $NODE stage "$vid" "$staging" $ctx; then enc_fail "staged without a passphrase"; return 1; fi
+    csi_run $NODE stage "$vid" "$staging" $ctx $pass || { enc_fail "NodeStageVolume"; return 1; }
+    src=$(awk -v m="$staging" '$2 == m {print $1}' /proc/mounts)
+    [ "$src" = "/dev/mapper/ballast-$vid" ] || { enc_fail "staging mounted from '$src', not the LUKS mapping"; return 1; }
+    dev=$(mapping_field pvc-enc device)
+    csi_run $NODE publish "$vid" "$staging" "$target" || { enc_fail "NodePublishVolume"; return 1; }
+    write_set "$target" set-enc || { enc_fail "writing through the published path"; return 1; }
+    i=0; while [ $i -lt 4096 ]; do echo "$marker $i"; i=$((i + 1)); done > "$target/marker.txt"; sync
+    grep -qF "$marker" "$src" || { enc_fail "the marker is not on the opened container"; return 1; }
+    ! grep -qF "$marker" "$dev" || { enc_fail "plaintext on the attached device $dev"; return 1; }
+    files=$(chunk_files "$vid")
+    [ -n "$files" ] || { enc_fail "no chunk files of $vid"; return 1; }
+    ! grep -lF "$marker" $files || { enc_fail "plaintext in chunk files"; return 1; }
+    # Unstaged, the container is closed; a wrong passphrase opens nothing.
+    csi_run $NODE unpublish "$vid" "$target" && csi_run $NODE unstage "$vid" "$staging" ||
+        { enc_fail "unpublish/unstage"; return 1; }
+    [ ! -e "/dev/mapper/ballast-$vid" ] || { enc_fail "the container is still open after NodeUnstageVolume"; return 1; }
+    if csi_run $NODE stage "$vid" "$staging" $ctx secret:encryptionPassphrase=wrong; then
+        enc_fail "a wrong passphrase opened the volume"; return 1
+    fi
+    echo "$out" | grep -q "does not open this volume" || { enc_fail "wrong passphrase: $out"; return 1; }
+    csi_run $NODE stage "$vid" "$staging" $ctx $pass && csi_run $NODE publish "$vid" "$staging" "$target" ||
+        { enc_fail "NodeStageVolume again"; return 1; }
+    verify_set "$target" set-enc || { enc_fail "data differs after unstage + stage"; return 1; }
+    # Online growth: the volume, the device, the container, the filesystem.
+    csi_run $NODE stats "$vid" "$target" && total0=$(echo "$out" | sed -n '1s/.*total=\([0-9]*\).*/\1/p')
+    csi_run $CTL controller-expand "$vid" 96 && csi_run $NODE node-expand "$vid" "$target" 96 ||
+        { enc_fail "expansion"; return 1; }
+    csi_run $NODE stats "$vid" "$target" && total1=$(echo "$out" | sed -n '1s/.*total=\([0-9]*\).*/\1/p')
+    [ "${total1:-0}" -gt $((${total0:-0} + 24 * 1048576)) ] || { enc_fail "filesystem did not grow: $total0 -> $total1"; return 1; }
+    # A snapshot restored into a clone (no encrypted parameter): still a
+    # container, refused without the passphrase, opened with it.
+    csi_run $CTL snapshot snap-enc "$vid" || { enc_fail "CreateSnapshot"; return 1; }
+    sid=$(echo "$out" | head -n1)
+    csi_run $CTL create pvc-enc-clone 96 "from-snapshot=$sid" || { enc_fail "CreateVolume from the snapshot"; return 1; }
+    cid=$(echo "$out" | head -n1)
+    csi_run $CTL controller-publish "$cid" n1 || { enc_fail "ControllerPublishVolume (clone)"; return 1; }
+    cctx=$(echo "$out" | tr '\n' ' ')
+    if csi_run $NODE stage "$cid" "$D/staging/$cid" $cctx; then enc_fail "the clone staged without a passphrase"; return 1; fi
+    csi_run $NODE stage "$cid" "$D/staging/$cid" $cctx $pass && csi_run $NODE publish "$cid" "$D/staging/$cid" "$clone_target" ||
+        { enc_fail "staging the clone"; return 1; }
+    [ "$(awk -v m="$D/staging/$cid" '$2 == m {print $1}' /proc/mounts)" = "/dev/mapper/ballast-$cid" ] ||
+        { enc_fail "the clone is not mounted from its LUKS mapping"; return 1; }
+    verify_set "$clone_target" set-enc || { enc_fail "the clone's data differs"; return 1; }
+    cfiles=$(chunk_files "$cid")
+    [ -n "$cfiles" ] && ! grep -lF "$marker" $cfiles || { enc_fail "plaintext in the clone's chunk files"; return 1; }
+    for v in "$cid:$clone_target" "$vid:$target"; do
+        csi_run $NODE unpublish "${v%%:*}" "${v#*:}" && csi_run $NODE unstage "${v%%:*}" "$D/staging/${v%%:*}" &&
+            csi_run $CTL controller-unpublish "${v%%:*}" n1 || { enc_fail "tearing ${v%%:*} down"; return 1; }
+    done
+    csi_run $CTL delete "$cid" && csi_run $CTL delete-snapshot "$sid" && csi_run $CTL delete "$vid" ||
+        { enc_fail "deleting"; return 1; }
+    kill $cpid $npid; wait $cpid $npid 2>/dev/null
+    result csi-encrypted PASS "$vid: LUKS2 on $dev, 21 files + marker written, marker on the container, not on the device nor in $(echo $files | wc -w) chunk files; refused without and with a wrong passphrase; verified after unstage + stage; grown 64 -> 96 MiB (filesystem $total0 -> $total1 bytes); snapshot $sid restored into $cid: refused without the passphrase, verified with it, no plaintext in its chunks"
+}
+
 # ----------------------------------------------------------------- main
 log "scenarios: $ONLY; load after each disruption: $LOAD_SECS s"
 mkdir -p "$STATE"
@@ -439,6 +531,7 @@ if cluster_up; then
         wanted grow-ioctl && grow_online grow-ioctl "--method ioctl" 384
         wanted identity && identity
         wanted csi-node && csi_node
+        wanted csi-encrypted && csi_encrypted
         wanted restart-sigkill && under_load restart-sigkill action_sigkill
         wanted restart-sigterm && under_load restart-sigterm action_sigterm
         wanted freeze && under_load freeze action_freeze

@@ -15,7 +15,7 @@
 #   VM_ONLY=a,b       scenarios to run (default all): basic-netlink,
 #                     basic-ioctl, grow-netlink, grow-ioctl, identity,
 #                     csi-node, restart-sigkill, restart-sigterm, freeze,
-#                     storage-kill
+#                     storage-kill, csi-encrypted
 #   VM_LOAD_SECS=n    seconds of load after each disruption (default 6)
 #   VM_MAX_PAUSE_MS=n fail a disruption whose longest I/O pause is longer
 #                     (default: measure and report only)
@@ -90,7 +90,7 @@ download() {
     echo "$deb"
 }
 
-ensure_packages cpio e2fsprogs util-linux binutils xz-utils
+ensure_packages cpio e2fsprogs util-linux binutils xz-utils cryptsetup-bin
 
 # ---------------------------------------------------------------- QEMU (extracted, not installed)
 # `apt-get install qemu-system-x86` conflicts with newer qemu-utils from backports; extract the
@@ -114,7 +114,10 @@ if "$QEMU" --version >/dev/null 2>&1; then :; else
 fi
 
 # ---------------------------------------------------------------- kernel + modules
-MODULES=(nbd virtio_pci virtio_blk virtio-rng crc32c_generic ext4)
+# dm_crypt and the ciphers of LUKS2's default aes-xts-plain64 (plus the
+# userspace crypto API cryptsetup encrypts key slots with): the guest has no
+# modprobe to load them on demand.
+MODULES=(nbd virtio_pci virtio_blk virtio-rng crc32c_generic ext4 dm_crypt xts aes_generic aesni_intel algif_skcipher)
 kdeb=
 for deb in "$CACHE"/debs/linux-image-*-amd64_*.deb; do
     case "$deb" in *unsigned*) ;; *) [ -f "$deb" ] && kdeb=$deb ;; esac # normally just one
@@ -126,7 +129,8 @@ if [ -z "$kdeb" ]; then
     kdeb=$(download "$kpkg")
 fi
 KV=$(basename "$kdeb" | sed -E 's/^linux-image-([^_]+)_.*/\1/')
-KDIR=$CACHE/kernel-$KV
+# A changed module list makes a new directory: what is cached holds only its own list.
+KDIR=$CACHE/kernel-$KV-$(echo "${MODULES[*]}" | md5sum | cut -c1-8)
 if [ ! -f "$KDIR/load-order" ]; then
     say "extracting kernel $KV"
     rm -rf "$KDIR" "$KDIR.tmp"; mkdir -p "$KDIR.tmp/x" "$KDIR.tmp/modules"
@@ -223,6 +227,7 @@ host_tool resize2fs usr/local/sbin
 host_tool mount usr/local/bin
 host_tool umount usr/local/bin
 host_tool blkid usr/local/sbin
+host_tool cryptsetup usr/local/sbin
 [ ! -f /etc/mke2fs.conf ] || cp /etc/mke2fs.conf "$IR/etc/"
 # Shared libraries: whatever ldd lists for the dynamic binaries (glibc and friends).
 for f in "$IR"/opt/ballast/bin/* "$IR"/usr/local/bin/* "$IR"/usr/local/sbin/*; do

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::luks;
 use crate::error::{CsiError, Result};
 use crate::params::FsType;
 
@@ -27,6 +28,21 @@ pub struct Staged {
     /// deleted again by NodeUnpublishVolume.
     #[serde(default)]
     pub ephemeral: bool,
+    /// A LUKS2 container, opened as [`luks::mapping_path`].
+    #[serde(default)]
+    pub encrypted: bool,
+}
+
+impl Staged {
+    /// What the filesystem (or a pod's raw block device) sits on: the
+    /// opened container of an encrypted volume, else the attached device.
+    pub fn data_device(&self) -> PathBuf {
+        if self.encrypted {
+            luks::mapping_path(&self.meta_volume_id)
+        } else {
+            self.device.clone()
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -139,7 +155,9 @@ mod tests {
             staging_path: "/stage".into(),
             fs_type: Some(FsType::Xfs),
             ephemeral: false,
+            encrypted: true,
         };
+        assert_eq!(staged.data_device(), Path::new("/dev/mapper/ballast-vol-1"));
         assert!(state.list().unwrap().is_empty());
         state.save(&staged).unwrap();
         assert_eq!(state.load("vol-1").unwrap(), Some(staged.clone()));

@@ -25,21 +25,54 @@ where
     Err(failure(program, &output))
 }
 
+/// Like [`run`], with `input` written to the program's stdin (a secret
+/// that must not appear in its arguments).
+pub async fn run_with_input<I, S>(program: &Path, args: I, input: &[u8], limit: Duration) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let output = execute(program, args, Some(input), limit).await?;
+    if output.status.success() {
+        return Ok(output.stdout);
+    }
+    Err(failure(program, &output))
+}
+
 /// Like [`run`], but hands back the exit status instead of judging it.
 pub async fn run_status<I, S>(program: &Path, args: I, limit: Duration) -> Result<Finished>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    execute(program, args, None, limit).await
+}
+
+async fn execute<I, S>(program: &Path, args: I, input: Option<&[u8]>, limit: Duration) -> Result<Finished>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    use tokio::io::AsyncWriteExt;
     let tool = tool_name(program);
+    let failed = |detail: String| CsiError::Tool { tool: tool.clone(), detail };
     let mut command = Command::new(program);
-    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let stdin = if input.is_some() { Stdio::piped() } else { Stdio::null() };
+    command.args(args).stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     tracing::debug!(tool, "running");
-    let child = command.spawn().map_err(|e| CsiError::Tool { tool: tool.clone(), detail: e.to_string() })?;
-    let output = tokio::time::timeout(limit, child.wait_with_output())
+    let mut child = command.spawn().map_err(|e| failed(e.to_string()))?;
+    let run = async {
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input).await?;
+            // Closing stdin is the end of the input.
+            drop(stdin);
+        }
+        child.wait_with_output().await
+    };
+    let output = tokio::time::timeout(limit, run)
         .await
-        .map_err(|_| CsiError::Tool { tool: tool.clone(), detail: format!("no answer within {limit:?}") })?
-        .map_err(|e| CsiError::Tool { tool: tool.clone(), detail: e.to_string() })?;
+        .map_err(|_| failed(format!("no answer within {limit:?}")))?
+        .map_err(|e| failed(e.to_string()))?;
     Ok(Finished {
         status: output.status,
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -3,13 +3,17 @@
 //!
 //! ```text
 //! csi-client SOCKET create NAME SIZE_MIB [KEY=VALUE...]    -> volume_id, then context KEY=VALUE lines
+//!                                      (from-snapshot=ID: restore a snapshot)
+//! csi-client SOCKET snapshot NAME VOLUME                   -> snapshot id
+//! csi-client SOCKET delete-snapshot SNAPSHOT
 //! csi-client SOCKET controller-publish VOLUME NODE         -> publish context KEY=VALUE lines
 //! csi-client SOCKET controller-unpublish VOLUME NODE
 //! csi-client SOCKET delete VOLUME
 //! csi-client SOCKET controller-expand VOLUME SIZE_MIB      -> capacity bytes, node_expansion_required
 //! csi-client SOCKET node-expand VOLUME PATH SIZE_MIB       -> capacity bytes
 //! csi-client SOCKET node-info                              -> node id
-//! csi-client SOCKET stage VOLUME STAGING_PATH [KEY=VALUE...]   (publish context)
+//! csi-client SOCKET stage VOLUME STAGING_PATH [KEY=VALUE...]   (publish context;
+//!                                      ctx:KEY=VALUE volume context, secret:KEY=VALUE node-stage secrets)
 //! csi-client SOCKET publish VOLUME STAGING_PATH TARGET_PATH
 //! csi-client SOCKET stats VOLUME PATH                      -> bytes total/used/available
 //! csi-client SOCKET unpublish VOLUME TARGET_PATH
@@ -31,7 +35,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: csi-client SOCKET (create|controller-publish|controller-unpublish|delete|controller-expand|node-expand|node-info|stage|publish|stats|unpublish|unstage) ARGS...");
+    eprintln!("usage: csi-client SOCKET (create|snapshot|delete-snapshot|controller-publish|controller-unpublish|delete|controller-expand|node-expand|node-info|stage|publish|stats|unpublish|unstage) ARGS...");
     ExitCode::from(2)
 }
 
@@ -44,6 +48,16 @@ fn mount_capability() -> csi::VolumeCapability {
 
 fn pairs(args: &[String]) -> HashMap<String, String> {
     args.iter().filter_map(|a| a.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// The pairs whose key starts with `prefix`, without it.
+fn prefixed(args: &[String], prefix: &str) -> HashMap<String, String> {
+    pairs(args).into_iter().filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v))).collect()
+}
+
+/// The pairs whose key has no `ctx:` or `secret:` prefix.
+fn unprefixed(args: &[String]) -> HashMap<String, String> {
+    pairs(args).into_iter().filter(|(k, _)| !k.starts_with("ctx:") && !k.starts_with("secret:")).collect()
 }
 
 fn print_pairs(map: &HashMap<String, String>) {
@@ -72,11 +86,17 @@ async fn call(channel: Channel, rpc: &str, a: &[String]) -> Result<bool, tonic::
     };
     match (rpc, a.len()) {
         ("create", n) if n >= 2 => {
+            let mut parameters = pairs(&a[2..]);
+            let volume_content_source = parameters.remove("from-snapshot").map(|snapshot_id| {
+                use csi::volume_content_source::{SnapshotSource, Type};
+                csi::VolumeContentSource { r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id })) }
+            });
             let req = csi::CreateVolumeRequest {
                 name: arg(0),
                 capacity_range: Some(csi::CapacityRange { required_bytes: mib(1)?, limit_bytes: 0 }),
                 volume_capabilities: vec![mount_capability()],
-                parameters: pairs(&a[2..]),
+                parameters,
+                volume_content_source,
                 ..Default::default()
             };
             let volume = controller.create_volume(req).await?.into_inner().volume.unwrap_or_default();
@@ -96,6 +116,15 @@ async fn call(channel: Channel, rpc: &str, a: &[String]) -> Result<bool, tonic::
             let req =
                 csi::ControllerUnpublishVolumeRequest { volume_id: arg(0), node_id: arg(1), ..Default::default() };
             controller.controller_unpublish_volume(req).await?;
+        }
+        ("snapshot", 2) => {
+            let req = csi::CreateSnapshotRequest { name: arg(0), source_volume_id: arg(1), ..Default::default() };
+            let snapshot = controller.create_snapshot(req).await?.into_inner().snapshot.unwrap_or_default();
+            println!("{}", snapshot.snapshot_id);
+        }
+        ("delete-snapshot", 1) => {
+            let req = csi::DeleteSnapshotRequest { snapshot_id: arg(0), ..Default::default() };
+            controller.delete_snapshot(req).await?;
         }
         ("delete", 1) => {
             controller.delete_volume(csi::DeleteVolumeRequest { volume_id: arg(0), ..Default::default() }).await?;
@@ -127,9 +156,10 @@ async fn call(channel: Channel, rpc: &str, a: &[String]) -> Result<bool, tonic::
             let req = csi::NodeStageVolumeRequest {
                 volume_id: arg(0),
                 staging_target_path: arg(1),
-                publish_context: pairs(&a[2..]),
+                publish_context: unprefixed(&a[2..]),
+                volume_context: prefixed(&a[2..], "ctx:"),
+                secrets: prefixed(&a[2..], "secret:"),
                 volume_capability: Some(mount_capability()),
-                ..Default::default()
             };
             node.node_stage_volume(req).await?;
         }
