@@ -34,8 +34,9 @@ PACKAGES=(
   debootstrap  # ... the Debian root filesystem of its images
 )
 # Pinned: deploy/check.py validates the manifests against this schema
-# release; pytest runs the Kubernetes suite (tests/k8s/).
-PYTHON_PACKAGES=(pyyaml==6.0.2 kubernetes-validate==1.34.1 pytest==8.3.4)
+# release; pytest runs the Kubernetes suite (tests/k8s/); grpcio is the
+# gRPC C-core client the CSI socket is tested with.
+PYTHON_PACKAGES=(pyyaml==6.0.2 kubernetes-validate==1.34.1 pytest==8.3.4 grpcio==1.68.1)
 
 packages() { sed -n '/^PACKAGES=(/,/^)/p' "${BASH_SOURCE[0]}" | sed -n 's/^  \([a-z0-9.+-]*\) .*/\1/p'; }
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
@@ -43,7 +44,7 @@ missing_packages() {
   local p
   for p in $(packages); do installed "$p" || echo "$p"; done
 }
-python_ready() { "$VENV/bin/python" -c 'import yaml, kubernetes_validate, pytest' 2>/dev/null; }
+python_ready() { "$VENV/bin/python" -c 'import yaml, kubernetes_validate, pytest, grpc' 2>/dev/null; }
 
 case "${1:-}" in
   --python)

@@ -1,9 +1,9 @@
-//! The kubelet dials the plugin registration socket by its path, and its
-//! gRPC library then sends that path as the HTTP/2 `:authority` of every
-//! request. The HTTP/2 server under tonic refuses such a request as
-//! malformed (RST_STREAM PROTOCOL_ERROR), so the kubelet could never
-//! register the plugin. (Its CSI client sets `localhost`; its registration
-//! client does not.)
+//! Clients that dial a unix socket by its path may send that path as the
+//! HTTP/2 `:authority` of every request: the kubelet's plugin registration
+//! client does, and so do gRPC C-core clients (Python's grpcio and the
+//! tools built on it) on the CSI socket. The HTTP/2 server under tonic
+//! refuses such a request as malformed (RST_STREAM PROTOCOL_ERROR). Both
+//! sockets are served through [`serve`].
 //!
 //! [`serve`] accepts connections itself and forwards them to the gRPC
 //! server over a socket pair, rewriting the `:authority` field of each
@@ -29,6 +29,9 @@ const PRIORITY: u8 = 0x20;
 /// `:authority` in HPACK's static table.
 const AUTHORITY_INDEX: usize = 1;
 const AUTHORITY: &[u8] = b"localhost";
+/// `:authority` as a plain (not Huffman-coded) string literal: how gRPC
+/// C-core names it instead of using the static table's index.
+const AUTHORITY_NAME_LITERAL: &[u8] = b"\x0a:authority";
 
 /// Accepts connections on `listener` and hands each to `connections`, as
 /// the server end of a socket pair whose client end gets the rewritten bytes.
@@ -37,7 +40,7 @@ pub async fn serve(listener: UnixListener, connections: mpsc::Sender<io::Result<
         let client = match listener.accept().await {
             Ok((client, _)) => client,
             Err(err) => {
-                tracing::warn!("accepting on the registration socket: {err}");
+                tracing::warn!("accepting on a unix socket: {err}");
                 continue;
             }
         };
@@ -166,12 +169,15 @@ fn rewrite_block(block: &[u8]) -> Option<Vec<u8>> {
             _ => 4, // literal, not added (0000) or never indexed (0001)
         };
         let name_index = read_integer(block, &mut at, prefix_bits)?;
+        let mut literal_name = None;
         if name_index == 0 {
+            let name_start = at;
             skip_string(block, &mut at)?;
+            literal_name = Some(&block[name_start..at]);
         }
         let value_start = at;
         skip_string(block, &mut at)?;
-        if name_index == AUTHORITY_INDEX {
+        if name_index == AUTHORITY_INDEX || literal_name == Some(AUTHORITY_NAME_LITERAL) {
             out.extend_from_slice(&block[start..value_start]);
             out.push(AUTHORITY.len() as u8);
             out.extend_from_slice(AUTHORITY);
@@ -188,10 +194,13 @@ mod tests {
 
     const PATH: &[u8] = b"/var/lib/kubelet/plugins_registry/csi.ballast.io-reg.sock";
 
+    /// A short plain string literal: its length, then its bytes.
+    fn string(value: &[u8]) -> Vec<u8> {
+        [&[value.len() as u8][..], value].concat()
+    }
+
     fn literal(first: u8, value: &[u8]) -> Vec<u8> {
-        let mut out = vec![first, value.len() as u8];
-        out.extend_from_slice(value);
-        out
+        [&[first][..], &string(value)].concat()
     }
 
     #[test]
@@ -213,6 +222,27 @@ mod tests {
         expected.extend_from_slice(b"trailers");
         expected.extend([0x3f, 0xe1, 0x1f]);
         assert_eq!(rewritten, expected);
+    }
+
+    #[test]
+    fn an_authority_named_by_a_literal_is_rewritten_too() {
+        // gRPC C-core: literal with indexing, literal name ":authority",
+        // the socket path URL-encoded; then an indexed field.
+        let mut block = vec![0x40, 0x0a];
+        block.extend_from_slice(b":authority");
+        block.extend(string(b"tmp%2Fplugin%2Fcsi.sock"));
+        block.push(0x83);
+        let mut expected = vec![0x40, 0x0a];
+        expected.extend_from_slice(b":authority");
+        expected.push(9);
+        expected.extend_from_slice(b"localhost");
+        expected.push(0x83);
+        assert_eq!(rewrite_block(&block).unwrap(), expected);
+        // Another literal name is left alone.
+        let mut other = vec![0x40, 0x02];
+        other.extend_from_slice(b"te");
+        other.extend(string(b"trailers"));
+        assert_eq!(rewrite_block(&other).unwrap(), other);
     }
 
     #[test]

@@ -17,9 +17,10 @@ use ballast_proto::csi::node_server::NodeServer;
 use ballast_telemetry::LogFormat;
 use meta_raft::MetaClient;
 use tokio::net::{UnixListener, UnixStream};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::authority;
 use crate::controller::ControllerService;
 use crate::identity::IdentityService;
 use crate::inflight::InFlight;
@@ -233,12 +234,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
         crate::identity::VERSION,
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // gRPC C-core clients (Python's grpcio and the tools built on it) send
+    // the socket path as the :authority, which the HTTP/2 server refuses:
+    // every connection reaches it through the rewrite.
+    let (connections, incoming) = tokio::sync::mpsc::channel(16);
+    let accepting = tokio::spawn(authority::serve(listener, connections));
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(identity)
             .add_optional_service(controller)
             .add_optional_service(node)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async {
                 let _ = stopped.await;
             }),
     );
@@ -254,6 +260,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
             // Stop accepting, then wait for the calls in flight (an attach
             // or a mkfs must not be cut in half), not for idle connections:
             // the sidecars keep theirs open.
+            accepting.abort();
             let _ = stop.send(());
             let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
             while crate::metrics::active_calls() > 0 && tokio::time::Instant::now() < deadline {
@@ -266,6 +273,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
             Ok(())
         }
     };
+    accepting.abort();
     drop(registered);
     let _ = std::fs::remove_file(&path);
     tracing::info!("stopped");

@@ -277,3 +277,24 @@ async fn the_csi_socket_is_closed_to_other_users() {
     assert!(String::from_utf8_lossy(&as_nobody.stderr).contains("Permission denied"), "{as_nobody:?}");
     assert_eq!(mode, 0o600, "socket mode {mode:o}");
 }
+
+/// gRPC C-core clients (Python's grpcio, and the tools built on it) send
+/// the socket path as the HTTP/2 :authority, which the HTTP/2 server under
+/// tonic refuses as malformed: such a client must get its answer anyway.
+#[tokio::test]
+async fn a_grpc_c_core_client_is_answered_on_the_socket() {
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../.cache/python/bin/python");
+    if !ballast_testkit::machine_has(&[python]) {
+        return;
+    }
+    let h = Harness::start(&["--mode", "controller"]).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_c_core_client.py");
+    let socket = h.plugin.socket.clone();
+    let output =
+        tokio::task::spawn_blocking(move || std::process::Command::new(python).arg(script).arg(socket).output())
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(output.status.success(), "grpcio: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "csi.ballast.io");
+}
