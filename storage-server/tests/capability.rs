@@ -9,13 +9,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{issue, meta_raft_binary};
+
 use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{ClientError, Connector, DataClient, ErrorCode};
 use ballast_proto::meta as pb;
-use ballast_tls::pki::{Authority, DEFAULT_VALIDITY};
-use ballast_tls::{Identity, Role, TlsDir};
+use ballast_tls::pki::Authority;
+use ballast_tls::{Role, TlsDir};
 use bytes::Bytes;
 use meta_raft::testing::LocalMetaCluster;
 use meta_raft::MetaClient;
@@ -23,17 +24,6 @@ use meta_raft::MetaClient;
 /// Seconds a capability lives in this test: long enough for the steps
 /// before the expiry check, short enough to wait out.
 const LIFETIME_SECS: u64 = 6;
-
-fn meta_raft_binary() -> PathBuf {
-    let binary = Path::new(env!("CARGO_BIN_EXE_storage-server")).with_file_name("meta-raft");
-    assert!(binary.exists(), "{} is missing: build it first with `cargo build -p meta-raft`", binary.display());
-    binary
-}
-
-fn issue(ca: &Authority, root: &Path, role: Role, name: &str) -> TlsDir {
-    let out = root.join(format!("{role}-{name}"));
-    ca.issue(&Identity::new(role, name).unwrap(), &[], DEFAULT_VALIDITY, &out).unwrap()
-}
 
 fn denied<T: std::fmt::Debug>(result: Result<T, ClientError>, what: &str) {
     match result {

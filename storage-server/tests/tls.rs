@@ -6,27 +6,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{issue, meta_raft_binary};
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ballast_proto::frame::{ClientError, Connector, DataClient, ErrorCode};
 use ballast_proto::meta as pb;
-use ballast_tls::pki::{Authority, DEFAULT_VALIDITY};
-use ballast_tls::{Identity, Role, TlsDir};
+use ballast_tls::pki::Authority;
+use ballast_tls::{Role, TlsDir};
 use meta_raft::testing::LocalMetaCluster;
 use storage_server::config::Config;
 use storage_server::server::{start, ServerError};
-
-fn meta_raft_binary() -> PathBuf {
-    let binary = Path::new(env!("CARGO_BIN_EXE_storage-server")).with_file_name("meta-raft");
-    assert!(binary.exists(), "{} is missing: build it first with `cargo build -p meta-raft`", binary.display());
-    binary
-}
-
-fn issue(ca: &Authority, root: &Path, role: Role, name: &str) -> TlsDir {
-    let out = root.join(format!("{role}-{name}"));
-    ca.issue(&Identity::new(role, name).unwrap(), &[], DEFAULT_VALIDITY, &out).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_server_registers_over_tls_as_its_certificate_names() {

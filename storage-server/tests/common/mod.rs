@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ballast_proto::frame::{block_checksums, ClientError, DataClient, ErrorCode, BLOCK_SIZE};
+use ballast_tls::pki::{Authority, DEFAULT_VALIDITY};
+use ballast_tls::{Identity, Role, TlsDir};
 use bytes::Bytes;
 use storage_server::{BackendChoice, Config, RunningServer};
 use tempfile::TempDir;
@@ -196,4 +198,17 @@ impl Drop for Binary {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The `meta-raft` binary built beside this package's.
+pub fn meta_raft_binary() -> PathBuf {
+    let binary = Path::new(env!("CARGO_BIN_EXE_storage-server")).with_file_name("meta-raft");
+    assert!(binary.exists(), "{} is missing: build it first with `cargo build -p meta-raft`", binary.display());
+    binary
+}
+
+/// A certificate of `ca` for `role`/`name`, in a directory under `root`.
+pub fn issue(ca: &Authority, root: &Path, role: Role, name: &str) -> TlsDir {
+    let out = root.join(format!("{role}-{name}"));
+    ca.issue(&Identity::new(role, name).unwrap(), &[], DEFAULT_VALIDITY, &out).unwrap()
 }
