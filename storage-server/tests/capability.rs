@@ -18,6 +18,7 @@ use ballast_proto::meta as pb;
 use ballast_tls::pki::Authority;
 use ballast_tls::{Role, TlsDir};
 use bytes::Bytes;
+use meta_raft::state::now_ms;
 use meta_raft::testing::LocalMetaCluster;
 use meta_raft::MetaClient;
 
@@ -165,8 +166,4 @@ async fn a_node_reaches_only_the_volumes_published_to_it_at_their_epoch() {
     tokio::time::sleep(left + Duration::from_millis(500)).await;
     denied(worker1.data.read(a.data_id, 0, 0, newer.len() as u32, epoch, 1).await, "an expired capability");
     denied(worker1.data.authorize(token).await, "an expired capability");
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }

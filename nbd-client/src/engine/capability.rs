@@ -4,11 +4,12 @@
 //! open. Only a node certificate needs one; operators' and the
 //! controller's certificates reach chunks without.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ballast_proto::meta as pb;
 use ballast_tls::Role;
 use bytes::Bytes;
+use meta_raft::state::now_ms;
 use meta_raft::MetaClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -67,10 +68,6 @@ impl Lease {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Asks for a fresh capability at half of the current one's remaining
 /// life, and again every few seconds while the metadata service cannot be
 /// reached. A refusal (the volume was unpublished from this node) ends the
@@ -94,16 +91,15 @@ async fn renew(
                 }
                 wait = half_life(expires_at_ms);
             }
-            Err(status)
-                if matches!(status.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) =>
-            {
-                let left = Duration::from_millis(expires_at_ms.saturating_sub(now_ms()));
-                tracing::warn!(volume = %request.volume_id, reason = %status.message(), ?left,
-                    "the volume's capability is not renewed: its I/O is refused once it lapses");
-                return;
-            }
             Err(status) => {
-                let left = Duration::from_millis(expires_at_ms.saturating_sub(now_ms()));
+                let left = life_left(expires_at_ms);
+                let refused =
+                    matches!(status.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied);
+                if refused {
+                    tracing::warn!(volume = %request.volume_id, reason = %status.message(), ?left,
+                        "the volume's capability is not renewed: its I/O is refused once it lapses");
+                    return;
+                }
                 tracing::warn!(volume = %request.volume_id, error = %status.message(), ?left,
                     "renewing the volume's capability failed; retrying");
                 wait = RETRY;
@@ -112,7 +108,11 @@ async fn renew(
     }
 }
 
+fn life_left(expires_at_ms: u64) -> Duration {
+    Duration::from_millis(expires_at_ms.saturating_sub(now_ms()))
+}
+
 /// Half of what is left of a capability's life (at least a second).
 fn half_life(expires_at_ms: u64) -> Duration {
-    Duration::from_millis(expires_at_ms.saturating_sub(now_ms()) / 2).max(Duration::from_secs(1))
+    (life_left(expires_at_ms) / 2).max(Duration::from_secs(1))
 }
