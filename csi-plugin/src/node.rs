@@ -118,6 +118,17 @@ fn device_size(device: &Path) -> Result<u64> {
     file.seek(SeekFrom::End(0)).map_err(|e| CsiError::io("sizing", device, e))
 }
 
+/// An ext4 filesystem smaller than its device (the volume was expanded
+/// while it could not grow online) is grown before it is mounted.
+async fn grow_ext4_before_mounting(device: &Path) -> Result<()> {
+    let (fs_size, device_size) = (tools::ext4_size(device).await?, device_size(device)?);
+    if fs_size < device_size {
+        tracing::info!(fs_size, device_size, "growing the filesystem to its device before mounting it");
+        tools::grow_unmounted_ext4(device).await?;
+    }
+    Ok(())
+}
+
 fn ephemeral_name(volume_id: &str) -> String {
     format!("ephemeral-{volume_id}")
 }
@@ -244,7 +255,11 @@ impl NodeService {
                 tracing::info!(%fs, "formatting blank volume");
                 tools::mkfs(&data_device, fs).await?;
             }
-            tools::Content::Filesystem(found) if found == fs.as_str() => {}
+            tools::Content::Filesystem(found) if found == fs.as_str() => {
+                if fs == FsType::Ext4 && !spec.readonly {
+                    grow_ext4_before_mounting(&data_device).await?;
+                }
+            }
             tools::Content::Filesystem(found) => {
                 return Err(CsiError::precondition(format!(
                     "volume holds {found}, but {fs} was requested; it is never reformatted"
@@ -698,8 +713,19 @@ impl NodeService {
             if staged.readonly {
                 return Err(CsiError::precondition("volume is attached read-only: its filesystem cannot grow"));
             }
-            tools::grow_filesystem(&staged.data_device(), &staged.staging_path, fs).await?;
-            tracing::info!(size, %fs, "filesystem grown");
+            let data_device = staged.data_device();
+            if fs == FsType::Ext4 && !host::can_grow_mounted_ext4() {
+                if tools::ext4_size(&data_device).await? < device_size(&data_device)? {
+                    return Err(CsiError::precondition(format!(
+                        "the device has grown to {size} bytes, but growing a mounted ext4 filesystem needs \
+                         CAP_SYS_RESOURCE, which this node plugin lacks (run it privileged, with that capability \
+                         kept): the filesystem grows when the volume is next staged"
+                    )));
+                }
+            } else {
+                tools::grow_filesystem(&data_device, &staged.staging_path, fs).await?;
+                tracing::info!(size, %fs, "filesystem grown");
+            }
         }
         Ok(csi::NodeExpandVolumeResponse { capacity_bytes: size as i64 })
     }

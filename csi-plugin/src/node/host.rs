@@ -1,7 +1,8 @@
 //! What this node's kernel offers for attaching volumes, found once at
 //! startup (loading the nbd driver if it is missing) and reported in the
 //! log and as a metric, so an operator sees at once whether volumes get
-//! kernel NBD or the FUSE + loop fallback.
+//! kernel NBD or the FUSE + loop fallback; and what this process may do
+//! to a mounted filesystem.
 
 use std::sync::LazyLock;
 
@@ -42,5 +43,34 @@ fn log(probe: &AttachProbe) {
              this one does not"
         ),
         None => tracing::error!(module, reason = %probe.reason, "volumes cannot be attached on this node"),
+    }
+}
+
+/// The capability ext4's online resize (EXT4_IOC_RESIZE_FS, behind
+/// resize2fs on a mounted filesystem) demands. A privileged container has
+/// it; some container runtimes drop it even there.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this process may grow a mounted ext4 filesystem.
+pub fn can_grow_mounted_ext4() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    effective_capabilities(&status).is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+fn effective_capabilities(status: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_capabilities_come_from_proc_status() {
+        let status = "Name:\tcsi-plugin\nCapPrm:\t000001ffffffffff\nCapEff:\t000001fffeffffff\n";
+        let caps = effective_capabilities(status).unwrap();
+        assert_eq!(caps & (1 << CAP_SYS_RESOURCE), 0, "bit 24 is clear in ...feffffff");
+        assert_ne!(caps & (1 << 21), 0);
+        assert_eq!(effective_capabilities("Name:\tx\n"), None);
     }
 }

@@ -1,5 +1,6 @@
 //! The external programs the node service drives: a runner with a time
-//! limit, and blkid, mkfs, resize2fs and xfs_growfs on top of it.
+//! limit, and blkid, mkfs, dumpe2fs, e2fsck, resize2fs and xfs_growfs on
+//! top of it.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -191,6 +192,38 @@ pub async fn grow_filesystem(device: &Path, mount_point: &Path, fs: FsType) -> R
     Ok(())
 }
 
+/// The size in bytes of the ext4 filesystem on `device`, from its
+/// superblock.
+pub async fn ext4_size(device: &Path) -> Result<u64> {
+    let dumpe2fs = tool("dumpe2fs")?;
+    let header = run(&dumpe2fs, [OsStr::new("-h"), device.as_os_str()], PROBE_LIMIT).await?;
+    parse_ext4_size(&header).ok_or_else(|| CsiError::Tool {
+        tool: "dumpe2fs".into(),
+        detail: format!("no block count and block size in what it printed for {}", device.display()),
+    })
+}
+
+fn parse_ext4_size(header: &str) -> Option<u64> {
+    let field = |name: &str| -> Option<u64> {
+        header.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim_start_matches(':').trim().parse().ok())
+    };
+    Some(field("Block count")? * field("Block size")?)
+}
+
+/// Grows the unmounted ext4 filesystem on `device` to fill it. resize2fs
+/// works on an unmounted filesystem only after a full check; unlike
+/// growing a mounted one, this needs no CAP_SYS_RESOURCE.
+pub async fn grow_unmounted_ext4(device: &Path) -> Result<()> {
+    let e2fsck = tool("e2fsck")?;
+    let checked = run_status(&e2fsck, [OsStr::new("-f"), OsStr::new("-p"), device.as_os_str()], RESIZE_LIMIT).await?;
+    // 0: clean; 1: errors corrected. Anything else needs a person.
+    if !matches!(checked.status.code(), Some(0 | 1)) {
+        return Err(failure(&e2fsck, &checked));
+    }
+    run(&tool("resize2fs")?, [device.as_os_str()], RESIZE_LIMIT).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +236,15 @@ mod tests {
         assert!(matches!(parse_blkid(gpt), Content::Other(_)));
         let luks = "DEVNAME=/dev/loop0\nTYPE=crypto_LUKS\nUSAGE=crypto\n";
         assert!(matches!(parse_blkid(luks), Content::Other(_)));
+    }
+
+    #[test]
+    fn dumpe2fs_header() {
+        let header =
+            "Filesystem volume name:   <none>\nBlock count:              262144\nReserved block count:     13107\n\
+                      Block size:               4096\nFragment size:            4096\n";
+        assert_eq!(parse_ext4_size(header), Some(1 << 30));
+        assert_eq!(parse_ext4_size("Block count: 12\n"), None);
     }
 
     #[tokio::test]
