@@ -172,6 +172,8 @@ enum VolumeCmd {
         /// Start with a point-in-time copy of this volume (id or name).
         #[arg(long)]
         from_volume: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     List,
     /// VOLUME is an id or a name.
@@ -187,6 +189,32 @@ enum VolumeCmd {
         #[arg(long, value_parser = size::parse_size)]
         size: u64,
     },
+    /// Change a live volume's replica count or I/O limits; what is not
+    /// given stays. More replicas are built in the background (`volume get`
+    /// shows how far); fewer drop a copy of each chunk at once. The node
+    /// serving the volume applies new limits within seconds.
+    ///
+    /// Example: ballast volume modify db --replicas 3 --max-iops 5000 --max-bandwidth 200MiB
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)
+        .args(["replicas", "max_iops", "max_bandwidth"])))]
+    Modify {
+        volume: String,
+        #[arg(long)]
+        replicas: Option<u32>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// A volume's I/O limits; 0 lifts one.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Operations per second (reads, writes, trims); 0: no limit.
+    #[arg(long)]
+    max_iops: Option<u64>,
+    /// Bytes per second read and written, e.g. 200MiB; 0: no limit.
+    #[arg(long, value_parser = size::parse_size)]
+    max_bandwidth: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -239,7 +267,7 @@ fn print_snapshots(format: Format, snapshots: &[pb::Snapshot]) {
 async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
     let client = target.client()?;
     match command {
-        VolumeCmd::Create { name, size, replicas, chunk_size, from_snapshot, from_volume } => {
+        VolumeCmd::Create { name, size, replicas, chunk_size, from_snapshot, from_volume, limits } => {
             use pb::content_source::Source;
             let source = match (from_snapshot, from_volume) {
                 (Some(id), _) => Some(Source::SnapshotId(id)),
@@ -252,6 +280,10 @@ async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
                 replicas,
                 chunk_size_bytes: chunk_size.unwrap_or(0),
                 content_source: source.map(|s| pb::ContentSource { source: Some(s) }),
+                limits: Some(pb::IoLimits {
+                    max_iops: limits.max_iops.unwrap_or(0),
+                    max_bandwidth_bytes: limits.max_bandwidth.unwrap_or(0),
+                }),
                 ..Default::default()
             };
             let created = client.create_volume(request).await?;
@@ -259,7 +291,17 @@ async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
             print_volumes(target.output, &[volume]);
         }
         VolumeCmd::List => print_volumes(target.output, &client.all_volumes().await?),
-        VolumeCmd::Get { volume } => print_volumes(target.output, &[find_volume(&client, &volume).await?]),
+        VolumeCmd::Get { volume } => {
+            let volume = find_volume(&client, &volume).await?;
+            let map = client.get_chunk_map(pb::GetChunkMapRequest { volume_id: volume.id.clone() }).await?;
+            let copies = output::Copies::of(&volume, &map);
+            match target.output {
+                Format::Json => println!("{}", json!([output::volume_with_copies(&volume, &copies)])),
+                Format::Table => {
+                    output::print_table(output::VOLUME_DETAIL_HEADER, vec![output::volume_detail_row(&volume, &copies)])
+                }
+            }
+        }
         VolumeCmd::Delete { volume } => {
             let id = find_volume(&client, &volume).await?.id;
             client.delete_volume(pb::DeleteVolumeRequest { id: id.clone() }).await?;
@@ -271,6 +313,16 @@ async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
                 target.output,
                 &[client.expand_volume(pb::ExpandVolumeRequest { id, size_bytes: size }).await?],
             );
+        }
+        VolumeCmd::Modify { volume, replicas, limits } => {
+            let id = find_volume(&client, &volume).await?.id;
+            let request = pb::ModifyVolumeRequest {
+                id,
+                replicas,
+                max_iops: limits.max_iops,
+                max_bandwidth_bytes: limits.max_bandwidth,
+            };
+            print_volumes(target.output, &[client.modify_volume(request).await?]);
         }
     }
     Ok(())

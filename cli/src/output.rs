@@ -17,11 +17,47 @@ pub fn volume(v: &pb::Volume) -> Value {
         pb::content_source::Source::SnapshotId(id) => json!({"snapshot": id}),
         pb::content_source::Source::VolumeId(id) => json!({"volume": id}),
     });
+    let limits = v.limits.unwrap_or_default();
     json!({
         "id": v.id, "name": v.name, "size_bytes": v.size_bytes, "replicas": v.replicas,
         "chunk_size_bytes": v.chunk_size_bytes, "parameters": v.parameters, "source": source,
         "created_at_ms": v.created_at_ms,
+        "limits": {"max_iops": limits.max_iops, "max_bandwidth_bytes": limits.max_bandwidth_bytes},
     })
+}
+
+/// How many of a volume's allocated chunks have the copies it asks for:
+/// after more replicas were asked for, how far the rebuild got.
+pub struct Copies {
+    pub allocated: usize,
+    pub whole: usize,
+}
+
+impl Copies {
+    pub fn of(v: &pb::Volume, map: &pb::ChunkMap) -> Copies {
+        let whole = map.chunks.iter().filter(|set| set.replicas.len() >= v.replicas as usize).count();
+        Copies { allocated: map.chunks.len(), whole }
+    }
+}
+
+pub fn volume_with_copies(v: &pb::Volume, copies: &Copies) -> Value {
+    let mut value = volume(v);
+    value["chunks"] = json!({"allocated": copies.allocated, "with_all_replicas": copies.whole});
+    value
+}
+
+pub fn volume_detail_row(v: &pb::Volume, copies: &Copies) -> Vec<String> {
+    let mut row = volume_row(v);
+    row.push(format!("{}/{}", copies.whole, copies.allocated));
+    let limits = v.limits.unwrap_or_default();
+    let iops = if limits.max_iops == 0 { "-".to_string() } else { limits.max_iops.to_string() };
+    let bandwidth = if limits.max_bandwidth_bytes == 0 {
+        "-".to_string()
+    } else {
+        format!("{}/s", format_size(limits.max_bandwidth_bytes))
+    };
+    row.extend([iops, bandwidth]);
+    row
 }
 
 pub fn snapshot(s: &pb::Snapshot) -> Value {
@@ -70,4 +106,8 @@ pub fn snapshot_row(s: &pb::Snapshot) -> Vec<String> {
 }
 
 pub const VOLUME_HEADER: &[&str] = &["ID", "NAME", "SIZE", "REPLICAS"];
+/// `volume get`: also how many allocated chunks have every replica, and
+/// the I/O limits.
+pub const VOLUME_DETAIL_HEADER: &[&str] =
+    &["ID", "NAME", "SIZE", "REPLICAS", "WHOLE CHUNKS", "MAX IOPS", "MAX BANDWIDTH"];
 pub const SNAPSHOT_HEADER: &[&str] = &["ID", "NAME", "SOURCE", "SIZE", "READY"];

@@ -65,6 +65,18 @@ fn dev_up_serves_volume_commands_and_dev_down_stops_everything() {
     let got: serde_json::Value =
         serde_json::from_str(&ok(ballast(&["volume", "get", "data", "-o", "json"], Some(&env)))).unwrap();
     assert_eq!(got[0]["size_bytes"], 128 << 20);
+    assert_eq!(got[0]["chunks"], serde_json::json!({"allocated": 0, "with_all_replicas": 0}));
+
+    ok(ballast(&["volume", "modify", "data", "--replicas", "2", "--max-bandwidth", "50MiB"], Some(&env)));
+    ok(ballast(&["volume", "modify", "data", "--max-iops", "800"], Some(&env)));
+    let got: serde_json::Value =
+        serde_json::from_str(&ok(ballast(&["volume", "get", "data", "-o", "json"], Some(&env)))).unwrap();
+    assert_eq!(got[0]["replicas"], 2);
+    assert_eq!(got[0]["limits"], serde_json::json!({"max_iops": 800, "max_bandwidth_bytes": 50 << 20}));
+    let nothing = ballast(&["volume", "modify", "data"], Some(&env));
+    assert!(!nothing.status.success(), "a modification must name a change: {nothing:?}");
+    let too_slow = ballast(&["volume", "modify", "data", "--max-iops", "3"], Some(&env));
+    assert!(String::from_utf8_lossy(&too_slow.stderr).contains("at least 10"), "{too_slow:?}");
 
     ok(ballast(&["snapshot", "create", "snap1", "--volume", "data"], Some(&env)));
     let snaps: serde_json::Value =

@@ -22,10 +22,10 @@ use crate::error::{found, CsiError, Result};
 use crate::health;
 use crate::inflight::InFlight;
 use crate::metrics::observe;
-use crate::params::{self, Segments, VolumeParams};
+use crate::params::{self, MutableParams, Segments, VolumeParams};
 
 /// The capabilities this controller implements, and nothing else.
-pub const CAPABILITIES: [RpcType; 14] = [
+pub const CAPABILITIES: [RpcType; 15] = [
     RpcType::CreateDeleteVolume,
     RpcType::PublishUnpublishVolume,
     // ControllerPublishVolume honours `readonly`.
@@ -41,6 +41,8 @@ pub const CAPABILITIES: [RpcType; 14] = [
     RpcType::GetVolume,
     RpcType::VolumeCondition,
     RpcType::SingleNodeMultiWriter,
+    // Replica count and I/O limits (VolumeAttributesClass).
+    RpcType::ModifyVolume,
 ];
 
 /// The metadata service's largest page.
@@ -173,10 +175,9 @@ impl ControllerService {
             return Err(CsiError::Missing("name"));
         }
         let caps = capability::check_all(&req.volume_capabilities)?;
-        if !req.mutable_parameters.is_empty() {
-            return Err(CsiError::invalid("mutable_parameters are not supported"));
-        }
-        let volume_params = VolumeParams::parse(&req.parameters, &[])?;
+        let mut volume_params = VolumeParams::parse(&req.parameters, &[])?;
+        let mutable = MutableParams::parse(&req.mutable_parameters)?;
+        volume_params.replicas = mutable.replicas.unwrap_or(volume_params.replicas);
         let fs = capability::filesystem(&caps, volume_params.fs_type)?;
         self.check_topology(req.accessibility_requirements.as_ref())?;
         let source = req.volume_content_source.as_ref().map(meta_source).transpose()?;
@@ -206,7 +207,8 @@ impl ControllerService {
                 && existing.replicas == volume_params.replicas
                 && existing.chunk_size_bytes == volume_params.chunk_size_bytes
                 && stored_existing == stored
-                && existing.content_source == source;
+                && existing.content_source == source
+                && existing.limits.unwrap_or_default() == mutable.limits();
             if !compatible {
                 return Err(CsiError::AlreadyExists(format!(
                     "volume {:?} exists as {} ({} bytes, {} replicas) with a different size, parameters or source",
@@ -227,6 +229,7 @@ impl ControllerService {
                 chunk_size_bytes: volume_params.chunk_size_bytes,
                 parameters: stored.into_iter().collect(),
                 content_source: source,
+                limits: Some(mutable.limits()),
             })
             .await?;
         tracing::info!(id = %created.id, size, replicas = created.replicas, "volume created");
@@ -343,8 +346,8 @@ impl ControllerService {
                 }
             }
         }
-        if !req.mutable_parameters.is_empty() {
-            return refuse("mutable_parameters are not supported".into());
+        if let Err(err) = MutableParams::parse(&req.mutable_parameters) {
+            return refuse(err.to_string());
         }
         match VolumeParams::parse(&req.parameters, &[]) {
             Ok(p)
@@ -519,6 +522,34 @@ impl ControllerService {
             grown.size_bytes
         };
         Ok(csi::ControllerExpandVolumeResponse { capacity_bytes: capacity as i64, node_expansion_required })
+    }
+
+    /// Changes a live volume's replica count or I/O limits. More replicas
+    /// are built in the background; the response does not wait for them.
+    async fn modify(&self, req: csi::ControllerModifyVolumeRequest) -> Result<csi::ControllerModifyVolumeResponse> {
+        if req.volume_id.is_empty() {
+            return Err(CsiError::Missing("volume_id"));
+        }
+        let change = MutableParams::parse(&req.mutable_parameters)?;
+        let _guard = self.inflight.claim(req.volume_id.clone())?;
+        let volume = self.get_volume(&req.volume_id).await?;
+        let modified = self
+            .meta
+            .modify_volume(pb::ModifyVolumeRequest {
+                id: volume.id.clone(),
+                replicas: change.replicas,
+                max_iops: change.max_iops,
+                max_bandwidth_bytes: change.max_bandwidth_bytes,
+            })
+            .await?;
+        let limits = modified.limits.unwrap_or_default();
+        tracing::info!(
+            replicas = modified.replicas,
+            max_iops = limits.max_iops,
+            max_bandwidth = limits.max_bandwidth_bytes,
+            "volume modified"
+        );
+        Ok(csi::ControllerModifyVolumeResponse {})
     }
 
     async fn get(&self, req: csi::ControllerGetVolumeRequest) -> Result<csi::ControllerGetVolumeResponse> {
@@ -757,8 +788,9 @@ impl Controller for ControllerService {
         &self,
         request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        let id = request.into_inner().volume_id;
-        observe("ControllerModifyVolume", &id, async { Err(CsiError::Unimplemented("ControllerModifyVolume")) }).await
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        observe("ControllerModifyVolume", &id, self.modify(req)).await
     }
 }
 

@@ -506,6 +506,7 @@ impl NodeService {
                 .into_iter()
                 .collect(),
                 content_source: None,
+                limits: None,
             })
             .await?;
         let attachment = self

@@ -10,6 +10,16 @@
 //! Keys under `csi.storage.k8s.io/` are added by the sidecars and accepted;
 //! any other key is refused, so a typo in a StorageClass fails loudly
 //! instead of silently provisioning something else.
+//!
+//! Mutable parameters (a VolumeAttributesClass) may change while the
+//! volume lives (ControllerModifyVolume); given at creation they override
+//! the StorageClass:
+//!
+//! | parameter      | values                                     | default  |
+//! |----------------|--------------------------------------------|----------|
+//! | `replicas`     | 1–5                                        | as above |
+//! | `maxIOPS`      | operations per second, 0 or at least 10    | no limit |
+//! | `maxBandwidth` | bytes per second (`100Mi`), 0 or ≥ `1Mi`   | no limit |
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -25,6 +35,8 @@ pub const CHUNK_SIZE_MIB: &str = "chunkSizeMiB";
 /// `"true"`: a LUKS2 container unlocked on the node with the node-stage
 /// secret (also a key of the volume context).
 pub const ENCRYPTED: &str = "encrypted";
+pub const MAX_IOPS: &str = "maxIOPS";
+pub const MAX_BANDWIDTH: &str = "maxBandwidth";
 /// Prefix of the keys the Kubernetes sidecars add (PVC name, secrets, ...).
 pub const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 /// Set by the kubelet in the volume context of an ephemeral inline volume.
@@ -126,13 +138,7 @@ impl VolumeParams {
         for key in keys {
             let value = parameters[key].trim();
             match key.as_str() {
-                REPLICAS => {
-                    params.replicas = value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_REPLICAS).contains(n))
-                        .ok_or_else(|| invalid_param(key, value, "an integer from 1 to 5"))?;
-                }
+                REPLICAS => params.replicas = parse_replicas(value)?,
                 FS_TYPE => params.fs_type = Some(value.parse()?),
                 CHUNK_SIZE_MIB => {
                     let mib: u64 = value
@@ -162,6 +168,54 @@ impl VolumeParams {
     pub fn chunk_size_mib(&self) -> u64 {
         self.chunk_size_bytes >> 20
     }
+}
+
+/// Validated mutable parameters; `None` leaves a value as it is. The
+/// metadata service checks the limits' bounds (one home for them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MutableParams {
+    pub replicas: Option<u32>,
+    pub max_iops: Option<u64>,
+    pub max_bandwidth_bytes: Option<u64>,
+}
+
+impl MutableParams {
+    pub fn parse(parameters: &HashMap<String, String>) -> Result<Self> {
+        let mut params = Self::default();
+        for (key, value) in parameters {
+            let value = value.trim();
+            match key.as_str() {
+                REPLICAS => params.replicas = Some(parse_replicas(value)?),
+                MAX_IOPS => {
+                    params.max_iops =
+                        Some(value.parse().map_err(|_| invalid_param(key, value, "operations per second"))?)
+                }
+                MAX_BANDWIDTH => params.max_bandwidth_bytes = Some(parse_quantity(value)?),
+                k => {
+                    return Err(CsiError::invalid(format!(
+                        "unknown mutable parameter {k:?} (supported: {REPLICAS}, {MAX_IOPS}, {MAX_BANDWIDTH})"
+                    )))
+                }
+            }
+        }
+        Ok(params)
+    }
+
+    /// The limits a new volume starts with.
+    pub fn limits(&self) -> ballast_proto::meta::IoLimits {
+        ballast_proto::meta::IoLimits {
+            max_iops: self.max_iops.unwrap_or(0),
+            max_bandwidth_bytes: self.max_bandwidth_bytes.unwrap_or(0),
+        }
+    }
+}
+
+fn parse_replicas(value: &str) -> Result<u32> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| (1..=MAX_REPLICAS).contains(n))
+        .ok_or_else(|| invalid_param(REPLICAS, value, "an integer from 1 to 5"))
 }
 
 fn invalid_param(key: &str, value: &str, expected: &str) -> CsiError {

@@ -46,17 +46,49 @@ async fn capabilities_list_exactly_what_is_implemented() {
         RpcType::GetVolume,
         RpcType::VolumeCondition,
         RpcType::SingleNodeMultiWriter,
+        RpcType::ModifyVolume,
     ]
     .iter()
     .map(|t| *t as i32)
     .collect();
     assert_eq!(got, want);
+}
 
-    // What is not advertised is not served.
-    assert_eq!(
-        code(c.controller_modify_volume(csi::ControllerModifyVolumeRequest::default()).await),
-        Code::Unimplemented
-    );
+#[tokio::test]
+async fn modify_volume_changes_replicas_and_limits_and_refuses_what_it_does_not_know() {
+    let h = controller().await;
+    let mut c = h.plugin.controller().await;
+
+    // Mutable parameters at creation: a VolumeAttributesClass named by the claim.
+    let mut req = create_request("modified", GIB);
+    req.parameters = params(&[("replicas", "3")]);
+    req.mutable_parameters = params(&[("maxIOPS", "500"), ("replicas", "2")]);
+    let volume = c.create_volume(req.clone()).await.expect("CreateVolume").into_inner().volume.unwrap();
+    let record = h.meta.get_volume(by_id(&volume.volume_id)).await.unwrap();
+    assert_eq!(record.replicas, 2, "the mutable parameters override the StorageClass");
+    assert_eq!(record.limits, Some(pb::IoLimits { max_iops: 500, max_bandwidth_bytes: 0 }));
+    c.create_volume(req).await.expect("CreateVolume again, with the same class");
+
+    let modify = |mutable: &[(&str, &str)]| csi::ControllerModifyVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        mutable_parameters: params(mutable),
+        ..Default::default()
+    };
+    c.controller_modify_volume(modify(&[("replicas", "3"), ("maxBandwidth", "100Mi")])).await.expect("modify");
+    let record = h.meta.get_volume(by_id(&volume.volume_id)).await.unwrap();
+    assert_eq!(record.replicas, 3);
+    assert_eq!(record.limits, Some(pb::IoLimits { max_iops: 500, max_bandwidth_bytes: 100 << 20 }), "IOPS kept");
+
+    // Refused, and nothing changes.
+    for bad in [&[("XXX_FakeKey", "x")][..], &[("replicas", "9")], &[("maxIOPS", "5")], &[("maxBandwidth", "fast")]] {
+        assert_eq!(code(c.controller_modify_volume(modify(bad)).await), Code::InvalidArgument, "{bad:?}");
+    }
+    assert_eq!(h.meta.get_volume(by_id(&volume.volume_id)).await.unwrap(), record);
+    let mut missing = modify(&[("maxIOPS", "100")]);
+    missing.volume_id.clear();
+    assert_eq!(code(c.controller_modify_volume(missing.clone()).await), Code::InvalidArgument);
+    missing.volume_id = "vol-404404".into();
+    assert_eq!(code(c.controller_modify_volume(missing).await), Code::NotFound);
 }
 
 #[tokio::test]
@@ -94,9 +126,11 @@ async fn create_volume_validates_rounds_and_is_idempotent() {
         req.parameters = params(bad);
         assert_eq!(code(c.create_volume(req).await), Code::InvalidArgument, "{bad:?}");
     }
-    let mut req = create_request("v1", GIB);
-    req.mutable_parameters = params(&[("iops", "100")]);
-    assert_eq!(code(c.create_volume(req).await), Code::InvalidArgument);
+    for bad in [&[("iops", "100")][..], &[("maxIOPS", "3")], &[("replicas", "0")]] {
+        let mut req = create_request("v1", GIB);
+        req.mutable_parameters = params(bad);
+        assert_eq!(code(c.create_volume(req).await), Code::InvalidArgument, "{bad:?}");
+    }
 
     // Capacity ranges.
     let mut req = create_request("v1", GIB);
@@ -759,4 +793,8 @@ async fn operation_secrets_are_accepted_and_never_logged() {
     .unwrap();
     c.delete_volume(csi::DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: secrets() }).await.unwrap();
     h.plugin.assert_logged_without_secrets(&vol.volume_id);
+}
+
+fn by_id(id: &str) -> pb::GetVolumeRequest {
+    pb::GetVolumeRequest { key: Some(pb::get_volume_request::Key::Id(id.into())) }
 }

@@ -29,9 +29,11 @@ pub fn allowed(service: &str, method: &str) -> &'static [Role] {
             "GetVolume" | "ListVolumes" | "ListSnapshots" | "ListAttachments" | "GetChunkMap" | "ListChunkServers"
             | "GetNode",
         ) => ANY,
-        ("Meta", "ExpandVolume" | "CreateSnapshot" | "DeleteSnapshot" | "CompleteSnapshot" | "MarkVolumeReady") => {
-            OPERATORS
-        }
+        (
+            "Meta",
+            "ExpandVolume" | "ModifyVolume" | "CreateSnapshot" | "DeleteSnapshot" | "CompleteSnapshot"
+            | "MarkVolumeReady",
+        ) => OPERATORS,
         // The controller creates and publishes volumes for nodes. A node
         // does so only for the inline ephemeral volumes it owns (checked in
         // the handler, `check_node_owns`): publishing any other volume to

@@ -70,6 +70,7 @@ mod tests {
             chunk_size_bytes: 0,
             parameters: Default::default(),
             source: None,
+            limits: Default::default(),
         };
         let Ok(Outcome::Volume(volume)) = state.apply(9, 0, create) else { panic!("volume not created") };
         let refused = issue(&state, &issuer, &volume.id, "n1", 0, lifetime).unwrap_err();

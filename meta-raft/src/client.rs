@@ -263,6 +263,7 @@ rpcs! { MetaGrpc:
     get_volume(GetVolumeRequest) -> Volume;
     list_volumes(ListVolumesRequest) -> ListVolumesResponse;
     expand_volume(ExpandVolumeRequest) -> Volume;
+    modify_volume(ModifyVolumeRequest) -> Volume;
     create_snapshot(CreateSnapshotRequest) -> Snapshot;
     delete_snapshot(DeleteSnapshotRequest) -> DeleteSnapshotResponse;
     list_snapshots(ListSnapshotsRequest) -> ListSnapshotsResponse;

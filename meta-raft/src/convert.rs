@@ -2,6 +2,7 @@
 
 use ballast_proto::meta as pb;
 
+use crate::modify::IoLimits;
 use crate::state::{now_ms, Attachment, ChunkServer, CsiNode, MetaState, ReplicaSet, Snapshot, Volume};
 use crate::types::Source;
 
@@ -33,7 +34,15 @@ pub fn volume(v: &Volume) -> pb::Volume {
         state: if v.populating { pb::VolumeState::Populating } else { pb::VolumeState::Ready } as i32,
         created_at_ms: v.created_at_ms,
         data_id: v.data_id,
+        limits: Some(pb::IoLimits { max_iops: v.limits.max_iops, max_bandwidth_bytes: v.limits.max_bandwidth_bytes }),
     }
+}
+
+pub fn limits_from_pb(limits: Option<pb::IoLimits>) -> IoLimits {
+    limits.map_or_else(IoLimits::default, |l| IoLimits {
+        max_iops: l.max_iops,
+        max_bandwidth_bytes: l.max_bandwidth_bytes,
+    })
 }
 
 pub fn snapshot(state: &MetaState, s: &Snapshot) -> pb::Snapshot {

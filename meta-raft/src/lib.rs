@@ -2,7 +2,8 @@
 //! persisted in sled, served over gRPC, and the client library every other
 //! component uses.
 //!
-//! - [`state`]: the metadata and the rules that change it; [`placement`]
+//! - [`state`]: the metadata and the rules that change it ([`modify`]:
+//!   replica count and I/O limits of a live volume); [`placement`]
 //!   picks the servers of a chunk; [`repair`] rebuilds missing replicas;
 //!   [`liveness`] says which servers it may give up; [`fence`] pushes a
 //!   published volume's epoch to the chunk servers.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod fence;
 pub mod liveness;
 pub mod metrics;
+pub mod modify;
 pub mod network;
 pub mod node;
 pub mod placement;

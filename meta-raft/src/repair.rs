@@ -639,6 +639,7 @@ mod tests {
             chunk_size_bytes: 1 << 20,
             parameters: Default::default(),
             source: None,
+            limits: Default::default(),
         };
         let Outcome::Volume(volume) = state.apply(10, NOW, create).unwrap() else { panic!("a volume") };
         for chunk_index in 0..3 {

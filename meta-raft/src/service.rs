@@ -18,6 +18,7 @@ use crate::convert;
 use crate::error::{not_leader, MetaError};
 use crate::fence;
 use crate::metrics::REQUEST_LATENCY;
+use crate::modify::VolumeChange;
 use crate::state::{now_ms, page_size, paginate, HeldChunk, MetaState, ReplicaSet};
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft};
@@ -254,6 +255,7 @@ impl Meta for MetaService {
                 chunk_size_bytes: r.chunk_size_bytes,
                 parameters: r.parameters.into_iter().collect(),
                 source: convert::source_from_pb(r.content_source),
+                limits: convert::limits_from_pb(r.limits),
             };
             match self.propose(command).await? {
                 Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
@@ -312,6 +314,20 @@ impl Meta for MetaService {
             let r = request.into_inner();
             required("volume id", &r.id)?;
             match self.propose(Command::ExpandVolume { id: r.id, size_bytes: r.size_bytes }).await? {
+                Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn modify_volume(&self, request: Request<pb::ModifyVolumeRequest>) -> Reply<pb::Volume> {
+        timed("ModifyVolume", async {
+            let r = request.into_inner();
+            required("volume id", &r.id)?;
+            let change =
+                VolumeChange { replicas: r.replicas, max_iops: r.max_iops, max_bandwidth_bytes: r.max_bandwidth_bytes };
+            match self.propose(Command::ModifyVolume { id: r.id, change }).await? {
                 Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
                 other => Err(unexpected(other)),
             }

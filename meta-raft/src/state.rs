@@ -10,6 +10,7 @@ use std::ops::Bound;
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
+use crate::modify::{validate_replicas, IoLimits};
 use crate::placement::{self, LIVENESS_TIMEOUT_MS};
 use crate::types::{Command, Outcome, Source};
 
@@ -42,6 +43,8 @@ pub struct Volume {
     /// Created from a source whose content is still being copied in.
     #[serde(default)]
     pub populating: bool,
+    #[serde(default)]
+    pub limits: IoLimits,
 }
 
 impl Volume {
@@ -200,6 +203,15 @@ pub struct MetaState {
     pub nodes: BTreeMap<String, CsiNode>,
 }
 
+/// What a new volume is, beside its name, parameters and source (0 picks
+/// the default replica count and chunk size).
+struct VolumeShape {
+    size_bytes: u64,
+    replicas: u32,
+    chunk_size_bytes: u64,
+    limits: IoLimits,
+}
+
 pub fn volume_id(data_id: u64) -> String {
     format!("vol-{data_id:x}")
 }
@@ -240,11 +252,13 @@ impl MetaState {
     /// unique for the cluster's lifetime, and names whatever it creates.
     pub fn apply(&mut self, index: u64, at_ms: u64, command: Command) -> Result<Outcome, MetaError> {
         match command {
-            Command::CreateVolume { name, size_bytes, replicas, chunk_size_bytes, parameters, source } => {
-                self.create_volume(index, at_ms, name, size_bytes, replicas, chunk_size_bytes, parameters, source)
+            Command::CreateVolume { name, size_bytes, replicas, chunk_size_bytes, parameters, source, limits } => {
+                let shape = VolumeShape { size_bytes, replicas, chunk_size_bytes, limits };
+                self.create_volume(index, at_ms, name, shape, parameters, source)
             }
             Command::DeleteVolume { id } => self.delete_volume(&id),
             Command::ExpandVolume { id, size_bytes } => self.expand_volume(&id, size_bytes),
+            Command::ModifyVolume { id, change } => self.modify_volume(at_ms, &id, change),
             Command::CreateSnapshot { name, source_volume_id } => {
                 self.create_snapshot(index, at_ms, name, source_volume_id)
             }
@@ -334,24 +348,21 @@ impl MetaState {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn create_volume(
         &mut self,
         index: u64,
         at_ms: u64,
         name: String,
-        size_bytes: u64,
-        replicas: u32,
-        chunk_size_bytes: u64,
+        shape: VolumeShape,
         parameters: BTreeMap<String, String>,
         source: Option<Source>,
     ) -> Result<Outcome, MetaError> {
+        let VolumeShape { size_bytes, replicas, chunk_size_bytes, limits } = shape;
         validate_name("volume", &name)?;
         validate_size(size_bytes)?;
         let replicas = if replicas == 0 { DEFAULT_REPLICAS } else { replicas };
-        if replicas > MAX_REPLICAS {
-            return Err(MetaError::invalid(format!("replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")));
-        }
+        validate_replicas(replicas)?;
+        limits.validate()?;
         let chunk_size_bytes = if chunk_size_bytes == 0 { DEFAULT_CHUNK_SIZE } else { chunk_size_bytes };
         if !chunk_size_bytes.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size_bytes) {
             return Err(MetaError::invalid(format!(
@@ -364,7 +375,8 @@ impl MetaState {
                 && existing.replicas == replicas
                 && existing.chunk_size_bytes == chunk_size_bytes
                 && existing.parameters == parameters
-                && existing.source == source;
+                && existing.source == source
+                && existing.limits == limits;
             return if compatible {
                 Ok(Outcome::Volume(existing.clone()))
             } else {
@@ -407,6 +419,7 @@ impl MetaState {
             source,
             created_at_ms: at_ms,
             epoch: 0,
+            limits,
         };
         self.volume_names.insert(name, volume.id.clone());
         self.volumes.insert(volume.id.clone(), volume.clone());
@@ -889,6 +902,7 @@ mod tests {
             chunk_size_bytes: 0,
             parameters: BTreeMap::new(),
             source: None,
+            limits: Default::default(),
         };
         match apply(state, index, command).unwrap() {
             Outcome::Volume(v) => v,

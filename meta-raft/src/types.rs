@@ -6,6 +6,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
+use crate::modify::{IoLimits, VolumeChange};
 use crate::state::{Attachment, ChunkServer, CsiNode, HeldChunk, ReplicaSet, Snapshot, Volume};
 
 /// Identifies a member of the metadata cluster.
@@ -50,6 +51,8 @@ pub enum Command {
         chunk_size_bytes: u64,
         parameters: BTreeMap<String, String>,
         source: Option<Source>,
+        #[serde(default)]
+        limits: IoLimits,
     },
     DeleteVolume {
         id: String,
@@ -57,6 +60,10 @@ pub enum Command {
     ExpandVolume {
         id: String,
         size_bytes: u64,
+    },
+    ModifyVolume {
+        id: String,
+        change: VolumeChange,
     },
     CreateSnapshot {
         name: String,

@@ -198,7 +198,7 @@ async fn serve(args: VolumeArgs, listen: String) -> anyhow::Result<()> {
                 break serving.await??;
             }
             // New connections learn the new size in their handshake.
-            _ = grow.recv() => match opened.volume.refresh_size().await {
+            _ = grow.recv() => match opened.volume.refresh().await {
                 Ok(size) => tracing::info!(size, "serving the volume's current size"),
                 Err(e) => tracing::error!(error = %e, "cannot refresh the volume's size"),
             },
@@ -297,7 +297,7 @@ async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: Path
 /// for `resize` to report; the device keeps serving.
 async fn grow_device(volume: &Volume, device: &AttachedDevice<Volume>, error_file: &std::path::Path) {
     let grown = async {
-        let size = volume.refresh_size().await?;
+        let size = volume.refresh().await?;
         let device_size = device.resize().await?;
         anyhow::Ok((size, device_size))
     };

@@ -48,8 +48,9 @@ pub async fn open(meta: &MetaClient, volume: &str, options: &OpenOptions) -> Res
         prefer_address: None,
         readonly: options.readonly,
     };
-    let volume = Volume::open(meta.clone(), &info.id, engine_options).await?;
-    Ok(Opened { volume: Arc::new(volume), published })
+    let volume = Arc::new(Volume::open(meta.clone(), &info.id, engine_options).await?);
+    Volume::keep_following(&volume);
+    Ok(Opened { volume, published })
 }
 
 impl Opened {

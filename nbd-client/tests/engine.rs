@@ -96,13 +96,13 @@ async fn writes_and_reads_round_trip_across_chunks_unaligned_and_thin() {
     // tail becomes writable and the old bytes stay where they were.
     meta.expand_volume(pb::ExpandVolumeRequest { id: info.id.clone(), size_bytes: 12 * MIB }).await.unwrap();
     assert_eq!(volume.size_bytes(), 8 * MIB, "growth is not picked up before a refresh");
-    assert_eq!(volume.refresh_size().await.unwrap(), 12 * MIB);
+    assert_eq!(volume.refresh().await.unwrap(), 12 * MIB);
     assert_eq!(volume.size_bytes(), 12 * MIB);
     let across_old_end = pattern(3, 8192);
     volume.write_at(8 * MIB - 4096, across_old_end.clone(), false).await.unwrap();
     assert_eq!(volume.read_at(8 * MIB - 4096, 8192).await.unwrap(), across_old_end);
     assert_eq!(volume.read_at(MIB - (32 << 10), 4096).await.unwrap(), data.slice(..4096));
-    assert_eq!(volume.refresh_size().await.unwrap(), 12 * MIB, "refreshing again changes nothing");
+    assert_eq!(volume.refresh().await.unwrap(), 12 * MIB, "refreshing again changes nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,16 +6,19 @@
 //! - [`pool`]: pipelined connections to chunk servers.
 //! - [`capability`]: a node's capability for the volume, kept renewed.
 //! - [`replication`]: fan-out of changes, failure handling, read failover.
+//! - [`limits`]: the volume's I/O limits, followed while it is served.
 
 mod capability;
 mod chunk_map;
 mod error;
 mod layout;
+pub mod limits;
 mod metrics;
 mod pool;
 mod replication;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use ballast_proto::frame::BLOCK_SIZE;
@@ -62,14 +65,21 @@ impl Default for EngineOptions {
     }
 }
 
+/// How often a served volume re-reads its record, to follow changes of
+/// its replica count and I/O limits.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
+
 /// An open volume. Implements [`BlockExport`] for the NBD server.
 pub struct Volume {
     info: pb::Volume,
     /// Current size in bytes: `info.size_bytes` when opened, raised by
-    /// [`Volume::refresh_size`] after the volume was expanded.
+    /// [`Volume::refresh`] after the volume was expanded.
     size: AtomicU64,
+    /// Current replica count, followed by [`Volume::refresh`].
+    replicas: AtomicU32,
+    /// The block device's requests wait here for the volume's I/O limits.
+    throttle: limits::Throttle,
     options: EngineOptions,
-    min_replicas: usize,
     meta: MetaClient,
     map: chunk_map::ChunkMap,
     pool: pool::ConnectionPool,
@@ -103,10 +113,10 @@ impl Volume {
     pub async fn open(meta: MetaClient, volume: &str, options: EngineOptions) -> Result<Volume, EngineError> {
         let info = find_volume(&meta, volume).await?;
         let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: info.id.clone() }).await?;
-        let min_replicas = options.min_replicas.clamp(1, info.replicas.max(1) as usize);
         let lease = capability::Lease::obtain(&meta, &info, options.epoch).await?;
         let volume = Volume {
-            min_replicas,
+            replicas: AtomicU32::new(info.replicas),
+            throttle: limits::Throttle::default(),
             map: chunk_map::ChunkMap::from_meta(&map),
             pool: pool::ConnectionPool::new(meta.chunk_servers().clone(), lease.as_ref().map(|l| l.watch())),
             _lease: lease,
@@ -118,6 +128,7 @@ impl Volume {
             options,
             meta,
         };
+        volume.follow(&volume.info);
         volume.update_degraded_gauge();
         Ok(volume)
     }
@@ -137,17 +148,55 @@ impl Volume {
         self.size.load(Ordering::Acquire)
     }
 
-    /// Picks up an expansion recorded in metadata and returns the size now
-    /// served. Volumes only grow: a smaller size in metadata changes nothing.
-    pub async fn refresh_size(&self) -> Result<u64, EngineError> {
+    /// Re-reads the volume's record and follows it: an expansion, a new
+    /// replica count, new I/O limits. Returns the size now served. Volumes
+    /// only grow: a smaller size in metadata changes nothing.
+    pub async fn refresh(&self) -> Result<u64, EngineError> {
         use pb::get_volume_request::Key;
         let current = self.meta.get_volume(pb::GetVolumeRequest { key: Some(Key::Id(self.info.id.clone())) }).await?;
+        self.follow(&current);
         let previous = self.size.fetch_max(current.size_bytes, Ordering::AcqRel);
         let size = previous.max(current.size_bytes);
         if size != previous {
             tracing::info!(volume = %self.info.id, from = previous, to = size, "volume grew");
         }
         Ok(size)
+    }
+
+    fn follow(&self, record: &pb::Volume) {
+        let limits = record.limits.unwrap_or_default();
+        self.throttle.set(limits::Limits { iops: limits.max_iops, bytes: limits.max_bandwidth_bytes });
+        let previous = self.replicas.swap(record.replicas, Ordering::AcqRel);
+        if previous != record.replicas {
+            tracing::info!(volume = %self.info.id, from = previous, to = record.replicas, "replica count changed");
+            self.update_degraded_gauge();
+        }
+    }
+
+    /// Keeps `volume` following its record every [`FOLLOW_INTERVAL`] for
+    /// as long as it is open.
+    pub fn keep_following(volume: &Arc<Volume>) -> tokio::task::JoinHandle<()> {
+        let volume: Weak<Volume> = Arc::downgrade(volume);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(FOLLOW_INTERVAL).await;
+                let Some(volume) = volume.upgrade() else { return };
+                if let Err(err) = volume.refresh().await {
+                    tracing::debug!(volume = %volume.info.id, error = %err, "cannot re-read the volume's record");
+                }
+            }
+        })
+    }
+
+    /// The I/O limits now enforced.
+    pub fn limits(&self) -> limits::Limits {
+        self.throttle.limits()
+    }
+
+    /// Replicas a chunk may keep and still acknowledge writes: what the
+    /// node asked for, capped at the volume's replica count.
+    fn min_replicas(&self) -> usize {
+        self.options.min_replicas.clamp(1, self.replicas.load(Ordering::Acquire).max(1) as usize)
     }
 
     /// The fencing epoch every change carries.
@@ -311,14 +360,14 @@ impl Volume {
     }
 
     fn update_degraded_gauge(&self) {
-        let wanted = self.info.replicas as usize;
+        let wanted = self.replicas.load(Ordering::Acquire) as usize;
         let degraded = self.map.all().iter().filter(|(_, v)| v.replicas.len() < wanted).count();
         metrics::DEGRADED_CHUNKS.with_label_values(&[&self.info.id]).set(degraded as i64);
     }
 
     /// Chunks whose replica set is smaller than the volume asks for.
     pub fn degraded_chunks(&self) -> Vec<u64> {
-        let wanted = self.info.replicas as usize;
+        let wanted = self.replicas.load(Ordering::Acquire) as usize;
         let mut chunks: Vec<u64> =
             self.map.all().into_iter().filter(|(_, v)| v.replicas.len() < wanted).map(|(i, _)| i).collect();
         chunks.sort_unstable();
@@ -353,11 +402,13 @@ impl BlockExport for Volume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
+        self.throttle.admit(len as u64).await;
         observed(&self.info.id, "read", len as u64, self.read_at(offset, len as u64)).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
         let len = data.len() as u64;
+        self.throttle.admit(len).await;
         observed(&self.info.id, "write", len, self.write_at(offset, data, fua)).await
     }
 
@@ -365,11 +416,14 @@ impl BlockExport for Volume {
         observed(&self.info.id, "flush", 0, self.flush_all_replicas()).await
     }
 
+    // Trims and zeroings count as operations; they move no bytes.
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
+        self.throttle.admit(0).await;
         observed(&self.info.id, "trim", 0, self.zero_range(offset, len as u64, fua, true)).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
+        self.throttle.admit(0).await;
         observed(&self.info.id, "write_zeroes", 0, self.zero_range(offset, len as u64, fua, false)).await
     }
 }

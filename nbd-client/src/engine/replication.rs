@@ -85,12 +85,12 @@ impl Volume {
     }
 
     /// Asks meta for the chunk's current replica set.
-    async fn refresh(&self, chunk: u64) -> Result<ChunkView, EngineError> {
+    async fn refresh_set(&self, chunk: u64) -> Result<ChunkView, EngineError> {
         let map = self.meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: self.info.id.clone() }).await?;
         let set = map.chunks.iter().find(|s| s.chunk_index == chunk).ok_or(EngineError::Degraded {
             chunk,
             have: 0,
-            need: self.min_replicas,
+            need: self.min_replicas(),
         })?;
         Ok(self.map.update(chunk, ChunkView::from(set)))
     }
@@ -114,7 +114,7 @@ impl Volume {
                 // Our view is older than some replica's, or a replica is
                 // older than the set: re-read, bring laggards up, and redo.
                 let asked = view;
-                view = self.refresh(chunk).await?;
+                view = self.refresh_set(chunk).await?;
                 self.catch_up_generations(chunk, &asked, &results, &view).await;
                 continue;
             }
@@ -127,7 +127,7 @@ impl Volume {
             self.drop_replicas(chunk, view, failed).await?;
             return Ok(());
         }
-        Err(EngineError::Degraded { chunk, have: view.replicas.len(), need: self.min_replicas })
+        Err(EngineError::Degraded { chunk, have: view.replicas.len(), need: self.min_replicas() })
     }
 
     /// Moves members of `current` that refused a change for being behind its
@@ -182,7 +182,7 @@ impl Volume {
                     }
                     // The last replica is never dropped.
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                        return Err(EngineError::Degraded { chunk, have: 0, need: self.min_replicas })
+                        return Err(EngineError::Degraded { chunk, have: 0, need: self.min_replicas() })
                     }
                     Err(status) => return Err(self.meta_error(status)),
                 }
@@ -196,8 +196,8 @@ impl Volume {
         }
         let view = self.map.update(chunk, view);
         self.update_degraded_gauge();
-        if view.replicas.len() < self.min_replicas {
-            return Err(EngineError::Degraded { chunk, have: view.replicas.len(), need: self.min_replicas });
+        if view.replicas.len() < self.min_replicas() {
+            return Err(EngineError::Degraded { chunk, have: view.replicas.len(), need: self.min_replicas() });
         }
         Ok(view)
     }
@@ -255,7 +255,7 @@ impl Volume {
                 }
                 break;
             }
-            view = self.refresh(chunk).await?;
+            view = self.refresh_set(chunk).await?;
         }
         Err(EngineError::Unreadable { chunk, last })
     }
