@@ -333,7 +333,9 @@ async fn snapshot(target: Target, command: SnapshotCmd) -> anyhow::Result<()> {
     match command {
         SnapshotCmd::Create { name, volume } => {
             let source_volume_id = find_volume(&client, &volume).await?.id;
-            let snap = client.create_snapshot(pb::CreateSnapshotRequest { name, source_volume_id }).await?;
+            let snap = client
+                .create_snapshot(pb::CreateSnapshotRequest { name, source_volume_id, ..Default::default() })
+                .await?;
             let snap = nbd_client::snapshot::take(&client, &snap).await?;
             print_snapshots(target.output, &[snap]);
         }

@@ -447,7 +447,11 @@ impl ControllerService {
         let _guard = self.inflight.claim(format!("snapshot-name/{}", req.name))?;
         let snapshot = self
             .meta
-            .create_snapshot(pb::CreateSnapshotRequest { name: req.name, source_volume_id: req.source_volume_id })
+            .create_snapshot(pb::CreateSnapshotRequest {
+                name: req.name,
+                source_volume_id: req.source_volume_id,
+                ..Default::default()
+            })
             .await?;
         // Copies the data (again, if an earlier attempt was interrupted).
         let snapshot = nbd_client::snapshot::take(&self.meta, &snapshot).await?;
@@ -594,18 +598,19 @@ fn csi_source(source: &pb::ContentSource) -> Option<csi::VolumeContentSource> {
     Some(csi::VolumeContentSource { r#type: Some(kind) })
 }
 
-fn csi_snapshot(s: &pb::Snapshot) -> csi::Snapshot {
+pub(crate) fn csi_snapshot(s: &pb::Snapshot) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: s.size_bytes as i64,
         snapshot_id: s.id.clone(),
         source_volume_id: s.source_volume_id.clone(),
-        creation_time: Some(prost_types::Timestamp {
-            seconds: (s.created_at_ms / 1000) as i64,
-            nanos: ((s.created_at_ms % 1000) * 1_000_000) as i32,
-        }),
+        creation_time: Some(timestamp(s.created_at_ms)),
         ready_to_use: s.ready_to_use,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: s.group_id.clone(),
     }
+}
+
+pub(crate) fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
 }
 
 /// `max_entries`: negative is invalid, zero means no limit.

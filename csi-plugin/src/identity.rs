@@ -43,7 +43,7 @@ impl IdentityService {
         // instance: a node instance belongs to a driver whose controller
         // runs elsewhere, and tools that only reach the node (the kubelet,
         // csi-sanity's node tests) decide on ControllerPublish from this.
-        let mut caps = vec![service(service::Type::ControllerService)];
+        let mut caps = vec![service(service::Type::ControllerService), service(service::Type::GroupControllerService)];
         if self.topology {
             caps.push(service(service::Type::VolumeAccessibilityConstraints));
         }

@@ -1,6 +1,7 @@
 //! The Ballast CSI plugin: Kubernetes volumes as Ballast volumes.
 //!
-//! - [`identity`], [`controller`], [`node`]: the three CSI services.
+//! - [`identity`], [`controller`], [`node`]: the three CSI services;
+//!   [`group_controller`]: snapshots of several volumes at one instant.
 //! - [`params`]: StorageClass parameters and capacity ranges;
 //!   [`capability`]: which access types and modes are served.
 //! - [`error`]: every failure and its gRPC status.
@@ -14,6 +15,7 @@ mod authority;
 pub mod capability;
 pub mod controller;
 pub mod error;
+pub mod group_controller;
 pub mod health;
 pub mod identity;
 mod inflight;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::csi::controller_server::ControllerServer;
+use ballast_proto::csi::group_controller_server::GroupControllerServer;
 use ballast_proto::csi::identity_server::IdentityServer;
 use ballast_proto::csi::node_server::NodeServer;
 use ballast_telemetry::LogFormat;
@@ -22,6 +23,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::authority;
 use crate::controller::ControllerService;
+use crate::group_controller::GroupControllerService;
 use crate::identity::IdentityService;
 use crate::inflight::InFlight;
 use crate::kubelet_registration::{self, KubeletRegistration};
@@ -180,6 +182,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
             inflight.clone(),
         ))
     });
+    let group_controller = config
+        .mode
+        .controller()
+        .then(|| GroupControllerServer::new(GroupControllerService::new(meta.clone(), inflight.clone())));
     let node = match (config.mode.node(), &node_id) {
         (true, Some(node_id)) => Some(Arc::new(NodeService::new(
             NodeConfig {
@@ -243,6 +249,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) ->
         tonic::transport::Server::builder()
             .add_service(identity)
             .add_optional_service(controller)
+            .add_optional_service(group_controller)
             .add_optional_service(node)
             .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async {
                 let _ = stopped.await;

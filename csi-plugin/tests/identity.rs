@@ -56,7 +56,14 @@ async fn controller_identity_reports_name_capabilities_and_real_readiness() {
     assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
 
     let caps = identity.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
-    assert_eq!(services(&caps), vec![service::Type::ControllerService, service::Type::VolumeAccessibilityConstraints]);
+    assert_eq!(
+        services(&caps),
+        vec![
+            service::Type::ControllerService,
+            service::Type::GroupControllerService,
+            service::Type::VolumeAccessibilityConstraints
+        ]
+    );
     assert_eq!(expansion(&caps), vec![volume_expansion::Type::Online]);
 
     let probe = identity.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
@@ -113,7 +120,7 @@ async fn node_identity_needs_the_attach_tool() {
     let caps = identity.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
     assert_eq!(
         services(&caps),
-        vec![service::Type::ControllerService],
+        vec![service::Type::ControllerService, service::Type::GroupControllerService],
         "the driver's capabilities, whichever part of it answers"
     );
     assert_eq!(expansion(&caps), vec![volume_expansion::Type::Online]);

@@ -27,12 +27,18 @@ pub fn allowed(service: &str, method: &str) -> &'static [Role] {
         (
             "Meta",
             "GetVolume" | "ListVolumes" | "ListSnapshots" | "ListAttachments" | "GetChunkMap" | "ListChunkServers"
-            | "GetNode",
+            | "GetNode" | "GetGroupSnapshot",
         ) => ANY,
         (
             "Meta",
-            "ExpandVolume" | "ModifyVolume" | "CreateSnapshot" | "DeleteSnapshot" | "CompleteSnapshot"
-            | "MarkVolumeReady",
+            "ExpandVolume"
+            | "ModifyVolume"
+            | "CreateSnapshot"
+            | "DeleteSnapshot"
+            | "CompleteSnapshot"
+            | "MarkVolumeReady"
+            | "CreateGroupSnapshot"
+            | "DeleteGroupSnapshot",
         ) => OPERATORS,
         // The controller creates and publishes volumes for nodes. A node
         // does so only for the inline ephemeral volumes it owns (checked in

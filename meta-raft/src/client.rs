@@ -264,6 +264,9 @@ rpcs! { MetaGrpc:
     list_volumes(ListVolumesRequest) -> ListVolumesResponse;
     expand_volume(ExpandVolumeRequest) -> Volume;
     modify_volume(ModifyVolumeRequest) -> Volume;
+    create_group_snapshot(CreateGroupSnapshotRequest) -> GroupSnapshot;
+    delete_group_snapshot(DeleteGroupSnapshotRequest) -> DeleteGroupSnapshotResponse;
+    get_group_snapshot(GetGroupSnapshotRequest) -> GroupSnapshot;
     create_snapshot(CreateSnapshotRequest) -> Snapshot;
     delete_snapshot(DeleteSnapshotRequest) -> DeleteSnapshotResponse;
     list_snapshots(ListSnapshotsRequest) -> ListSnapshotsResponse;

@@ -2,6 +2,7 @@
 
 use ballast_proto::meta as pb;
 
+use crate::group::GroupSnapshot;
 use crate::modify::IoLimits;
 use crate::state::{now_ms, Attachment, ChunkServer, CsiNode, MetaState, ReplicaSet, Snapshot, Volume};
 use crate::types::Source;
@@ -56,6 +57,18 @@ pub fn snapshot(state: &MetaState, s: &Snapshot) -> pb::Snapshot {
         created_at_ms: s.created_at_ms,
         ready_to_use: s.ready_to_use,
         data_id: s.data_id,
+        group_id: s.group_id.clone().unwrap_or_default(),
+    }
+}
+
+pub fn group_snapshot(state: &MetaState, g: &GroupSnapshot) -> pb::GroupSnapshot {
+    pb::GroupSnapshot {
+        id: g.id.clone(),
+        name: g.name.clone(),
+        source_volume_ids: g.source_volume_ids.clone(),
+        created_at_ms: g.created_at_ms,
+        snapshots: state.group_members(g).into_iter().map(|s| snapshot(state, s)).collect(),
+        ready_to_use: state.group_ready(g),
     }
 }
 

@@ -3,7 +3,8 @@
 //! component uses.
 //!
 //! - [`state`]: the metadata and the rules that change it ([`modify`]:
-//!   replica count and I/O limits of a live volume); [`placement`]
+//!   replica count and I/O limits of a live volume; [`group`]: snapshots
+//!   of several volumes at one instant); [`placement`]
 //!   picks the servers of a chunk; [`repair`] rebuilds missing replicas;
 //!   [`liveness`] says which servers it may give up; [`fence`] pushes a
 //!   published volume's epoch to the chunk servers.
@@ -23,6 +24,7 @@ pub mod cluster;
 mod convert;
 pub mod error;
 pub mod fence;
+pub mod group;
 pub mod liveness;
 pub mod metrics;
 pub mod modify;

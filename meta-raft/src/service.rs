@@ -338,7 +338,8 @@ impl Meta for MetaService {
     async fn create_snapshot(&self, request: Request<pb::CreateSnapshotRequest>) -> Reply<pb::Snapshot> {
         timed("CreateSnapshot", async {
             let r = request.into_inner();
-            let command = Command::CreateSnapshot { name: r.name, source_volume_id: r.source_volume_id };
+            let group_id = (!r.group_id.is_empty()).then_some(r.group_id);
+            let command = Command::CreateSnapshot { name: r.name, source_volume_id: r.source_volume_id, group_id };
             match self.propose(command).await? {
                 Outcome::Snapshot(s) => self.snapshot_reply(&s),
                 other => Err(unexpected(other)),
@@ -355,6 +356,54 @@ impl Meta for MetaService {
                 Outcome::Existed(existed) => Ok(Response::new(pb::DeleteSnapshotResponse { existed })),
                 other => Err(unexpected(other)),
             }
+        })
+        .await
+    }
+
+    async fn create_group_snapshot(
+        &self,
+        request: Request<pb::CreateGroupSnapshotRequest>,
+    ) -> Reply<pb::GroupSnapshot> {
+        timed("CreateGroupSnapshot", async {
+            let r = request.into_inner();
+            let command = Command::CreateGroupSnapshot { name: r.name, source_volume_ids: r.source_volume_ids };
+            match self.propose(command).await? {
+                Outcome::GroupSnapshot(g) => {
+                    self.read_local(|state| Ok(convert::group_snapshot(state, &g))).map(Response::new)
+                }
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn delete_group_snapshot(
+        &self,
+        request: Request<pb::DeleteGroupSnapshotRequest>,
+    ) -> Reply<pb::DeleteGroupSnapshotResponse> {
+        timed("DeleteGroupSnapshot", async {
+            let id = request.into_inner().id;
+            required("group snapshot id", &id)?;
+            match self.propose(Command::DeleteGroupSnapshot { id }).await? {
+                Outcome::Existed(existed) => Ok(Response::new(pb::DeleteGroupSnapshotResponse { existed })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn get_group_snapshot(&self, request: Request<pb::GetGroupSnapshotRequest>) -> Reply<pb::GroupSnapshot> {
+        timed("GetGroupSnapshot", async {
+            let id = request.into_inner().id;
+            required("group snapshot id", &id)?;
+            let group = self
+                .read(|state| {
+                    let group =
+                        state.groups.get(&id).ok_or_else(|| MetaError::not_found(format!("group snapshot {id}")))?;
+                    Ok(convert::group_snapshot(state, group))
+                })
+                .await?;
+            Ok(Response::new(group))
         })
         .await
     }

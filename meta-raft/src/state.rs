@@ -10,6 +10,7 @@ use std::ops::Bound;
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
+use crate::group::GroupSnapshot;
 use crate::modify::{validate_replicas, IoLimits};
 use crate::placement::{self, LIVENESS_TIMEOUT_MS};
 use crate::types::{Command, Outcome, Source};
@@ -67,6 +68,9 @@ pub struct Snapshot {
     /// is complete.
     #[serde(default)]
     pub chunks: BTreeMap<u64, ReplicaSet>,
+    /// The group snapshot this one belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +205,10 @@ pub struct MetaState {
     /// CSI node id → node.
     #[serde(default)]
     pub nodes: BTreeMap<String, CsiNode>,
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupSnapshot>,
+    #[serde(default)]
+    pub group_names: BTreeMap<String, String>,
 }
 
 /// What a new volume is, beside its name, parameters and source (0 picks
@@ -220,7 +228,7 @@ pub fn snapshot_id(data_id: u64) -> String {
     format!("snap-{data_id:x}")
 }
 
-fn validate_name(what: &str, name: &str) -> Result<(), MetaError> {
+pub(crate) fn validate_name(what: &str, name: &str) -> Result<(), MetaError> {
     if name.is_empty() {
         return Err(MetaError::invalid(format!("{what} name must not be empty")));
     }
@@ -259,22 +267,21 @@ impl MetaState {
             Command::DeleteVolume { id } => self.delete_volume(&id),
             Command::ExpandVolume { id, size_bytes } => self.expand_volume(&id, size_bytes),
             Command::ModifyVolume { id, change } => self.modify_volume(at_ms, &id, change),
-            Command::CreateSnapshot { name, source_volume_id } => {
-                self.create_snapshot(index, at_ms, name, source_volume_id)
+            Command::CreateSnapshot { name, source_volume_id, group_id } => {
+                self.create_snapshot(index, at_ms, name, source_volume_id, group_id)
             }
             Command::DeleteSnapshot { id } => {
-                let existed = match self.snapshots.remove(&id) {
-                    Some(snap) => {
-                        self.snapshot_names.remove(&snap.name);
-                        for set in snap.chunks.values() {
-                            self.release(&set.servers, snap.chunk_size_bytes);
-                        }
-                        true
-                    }
-                    None => false,
-                };
-                Ok(Outcome::Existed(existed))
+                if let Some(group) = self.snapshots.get(&id).and_then(|s| s.group_id.as_ref()) {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "snapshot {id} belongs to group snapshot {group}: delete the group"
+                    )));
+                }
+                Ok(Outcome::Existed(self.remove_snapshot(&id)))
             }
+            Command::CreateGroupSnapshot { name, source_volume_ids } => {
+                self.create_group_snapshot(index, at_ms, name, source_volume_ids)
+            }
+            Command::DeleteGroupSnapshot { id } => Ok(self.delete_group_snapshot(&id)),
             Command::CompleteSnapshot { id, chunks } => self.complete_snapshot(&id, chunks),
             Command::MarkVolumeReady { id } => {
                 let volume = self.volumes.get_mut(&id).ok_or_else(|| MetaError::not_found(format!("volume {id}")))?;
@@ -470,14 +477,21 @@ impl MetaState {
         Ok(Outcome::Volume(volume.clone()))
     }
 
-    fn create_snapshot(&mut self, index: u64, at_ms: u64, name: String, source: String) -> Result<Outcome, MetaError> {
+    fn create_snapshot(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        name: String,
+        source: String,
+        group_id: Option<String>,
+    ) -> Result<Outcome, MetaError> {
         validate_name("snapshot", &name)?;
         if source.is_empty() {
             return Err(MetaError::invalid("snapshot source volume id must not be empty"));
         }
         if let Some(existing_id) = self.snapshot_names.get(&name) {
             let existing = &self.snapshots[existing_id];
-            return if existing.source_volume_id == source {
+            return if existing.source_volume_id == source && existing.group_id == group_id {
                 Ok(Outcome::Snapshot(existing.clone()))
             } else {
                 Err(MetaError::AlreadyExists(format!(
@@ -487,6 +501,9 @@ impl MetaState {
             };
         }
         let volume = self.volumes.get(&source).ok_or_else(|| MetaError::not_found(format!("volume {source}")))?;
+        if let Some(group_id) = &group_id {
+            self.check_new_member(group_id, &source)?;
+        }
         let snapshot = Snapshot {
             id: snapshot_id(index),
             data_id: index,
@@ -497,10 +514,24 @@ impl MetaState {
             ready_to_use: false,
             chunk_size_bytes: volume.chunk_size_bytes,
             chunks: BTreeMap::new(),
+            group_id,
         };
+        if let Some(group_id) = &snapshot.group_id {
+            self.add_member(group_id, &snapshot.id);
+        }
         self.snapshot_names.insert(name, snapshot.id.clone());
         self.snapshots.insert(snapshot.id.clone(), snapshot.clone());
         Ok(Outcome::Snapshot(snapshot))
+    }
+
+    /// Forgets a snapshot and the space its copies took; whether it existed.
+    pub(crate) fn remove_snapshot(&mut self, id: &str) -> bool {
+        let Some(snap) = self.snapshots.remove(id) else { return false };
+        self.snapshot_names.remove(&snap.name);
+        for set in snap.chunks.values() {
+            self.release(&set.servers, snap.chunk_size_bytes);
+        }
+        true
     }
 
     fn complete_snapshot(&mut self, id: &str, chunks: BTreeMap<u64, Vec<String>>) -> Result<Outcome, MetaError> {

@@ -6,6 +6,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
+use crate::group::GroupSnapshot;
 use crate::modify::{IoLimits, VolumeChange};
 use crate::state::{Attachment, ChunkServer, CsiNode, HeldChunk, ReplicaSet, Snapshot, Volume};
 
@@ -68,6 +69,17 @@ pub enum Command {
     CreateSnapshot {
         name: String,
         source_volume_id: String,
+        /// A member of this group snapshot.
+        #[serde(default)]
+        group_id: Option<String>,
+    },
+    CreateGroupSnapshot {
+        name: String,
+        source_volume_ids: Vec<String>,
+    },
+    /// Deletes the group and its member snapshots.
+    DeleteGroupSnapshot {
+        id: String,
     },
     DeleteSnapshot {
         id: String,
@@ -162,6 +174,7 @@ pub enum Outcome {
     None,
     Volume(Volume),
     Snapshot(Snapshot),
+    GroupSnapshot(GroupSnapshot),
     ChunkServer(ChunkServer),
     ReplicaSet {
         volume_id: String,

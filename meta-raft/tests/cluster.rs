@@ -270,7 +270,11 @@ async fn malformed_requests_get_clear_errors() {
         (
             "snapshot of unknown volume",
             client
-                .create_snapshot(pb::CreateSnapshotRequest { name: "s".into(), source_volume_id: "vol-nope".into() })
+                .create_snapshot(pb::CreateSnapshotRequest {
+                    name: "s".into(),
+                    source_volume_id: "vol-nope".into(),
+                    ..Default::default()
+                })
                 .await
                 .map(drop),
             Code::NotFound,

@@ -5,7 +5,8 @@
 //! chunk is cloned on one server into the snapshot's id, and the volume is
 //! resumed; the pause spans every clone, so the snapshot is crash-consistent
 //! across chunks. The clones are then copied to the other servers of each
-//! chunk's replica set, and meta records where they live.
+//! chunk's replica set, and meta records where they live. A group snapshot
+//! pauses all its volumes before cloning any: crash-consistent across them.
 //!
 //! Populating a volume created from a snapshot copies the snapshot's chunks
 //! into it through the engine (so the copy is replicated and checksummed
@@ -14,6 +15,8 @@
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use futures::future::join_all;
 
 use ballast_proto::frame::{copy_chunk, holds_clean_copy, ClientError, CopyTarget, DataClient, ErrorCode, HeldPause};
 use ballast_proto::meta as pb;
@@ -57,43 +60,99 @@ async fn get_snapshot(meta: &MetaClient, id: &str) -> Result<pb::Snapshot, Snaps
 /// Copies the data of a snapshot that meta has recorded but not completed,
 /// and completes it. Safe to call again after a failure.
 pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snapshot, SnapshotError> {
-    if snapshot.ready_to_use {
-        return Ok(snapshot.clone());
+    let mut taken = take_together(meta, std::slice::from_ref(snapshot)).await?;
+    Ok(taken.pop().expect("one snapshot in, one out"))
+}
+
+/// A snapshot to take: its source volume and where that volume's chunks are.
+struct Pending {
+    snapshot: pb::Snapshot,
+    source: pb::Volume,
+    map: pb::ChunkMap,
+}
+
+impl Pending {
+    fn addresses(&self) -> Vec<String> {
+        let mut addresses: Vec<String> =
+            self.map.chunks.iter().flat_map(|c| c.replicas.iter().map(|r| r.address.clone())).collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
     }
-    let source = find_volume(meta, &snapshot.source_volume_id).await?;
-    let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: source.id.clone() }).await?;
-    let mut addresses: Vec<String> =
-        map.chunks.iter().flat_map(|c| c.replicas.iter().map(|r| r.address.clone())).collect();
-    addresses.sort();
-    addresses.dedup();
+}
+
+/// Takes several snapshots at one instant (a group snapshot; one snapshot
+/// is a group of one). Every source volume is paused on every server
+/// holding its chunks before any chunk is cloned, and all resume only once
+/// every chunk is cloned: a write acknowledged before another write was
+/// issued, to any of the volumes, is in the snapshots whenever the later
+/// one is. Returns the snapshots completed, in the order given. Safe to
+/// call again after a failure.
+pub async fn take_together(meta: &MetaClient, snapshots: &[pb::Snapshot]) -> Result<Vec<pb::Snapshot>, SnapshotError> {
+    let mut pending = Vec::new();
+    for snapshot in snapshots.iter().filter(|s| !s.ready_to_use) {
+        let source = find_volume(meta, &snapshot.source_volume_id).await?;
+        let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: source.id.clone() }).await?;
+        pending.push(Pending { snapshot: snapshot.clone(), source, map });
+    }
     let mut clients = BTreeMap::new();
-    for address in &addresses {
-        clients.insert(address.clone(), connect(meta, address).await?);
+    for address in pending.iter().flat_map(Pending::addresses) {
+        if let std::collections::btree_map::Entry::Vacant(entry) = clients.entry(address) {
+            let client = connect(meta, entry.key()).await?;
+            entry.insert(client);
+        }
     }
 
-    // Pause everywhere first; clone only once every server has paused. The
-    // pause is renewed while cloning, so many chunks take as long as they need.
-    let servers: Vec<DataClient> = clients.values().cloned().collect();
-    let cloned = match HeldPause::acquire(servers, source.data_id, PAUSE_TIMEOUT).await {
-        Err((index, source)) => {
-            let address = clients.keys().nth(index).cloned().unwrap_or_default();
-            Err(SnapshotError::Server { address, source })
-        }
-        Ok(pause) => {
-            let cloned = clone_chunks(&clients, &map, source.data_id, snapshot.data_id).await;
-            let intact = pause.is_intact();
-            pause.release().await;
-            match cloned {
-                Ok(_) if !intact => Err(SnapshotError::PauseLapsed),
-                other => other,
+    // Pause everywhere first; clone only once every server has paused every
+    // volume. The pauses are renewed while cloning, so many chunks take as
+    // long as they need.
+    let mut pauses = Vec::new();
+    for p in &pending {
+        let addresses = p.addresses();
+        let servers: Vec<DataClient> = addresses.iter().map(|a| clients[a].clone()).collect();
+        match HeldPause::acquire(servers, p.source.data_id, PAUSE_TIMEOUT).await {
+            Ok(pause) => pauses.push(pause),
+            Err((index, source)) => {
+                join_all(pauses.into_iter().map(HeldPause::release)).await;
+                return Err(SnapshotError::Server { address: addresses[index].clone(), source });
             }
         }
-    };
-    let primaries = cloned?;
+    }
+    let mut cloned = Vec::new();
+    for p in &pending {
+        match clone_chunks(&clients, &p.map, p.source.data_id, p.snapshot.data_id).await {
+            Ok(primaries) => cloned.push(primaries),
+            Err(e) => {
+                join_all(pauses.into_iter().map(HeldPause::release)).await;
+                return Err(e);
+            }
+        }
+    }
+    let intact = pauses.iter().all(HeldPause::is_intact);
+    join_all(pauses.into_iter().map(HeldPause::release)).await;
+    if !intact {
+        return Err(SnapshotError::PauseLapsed);
+    }
 
-    // Redundancy: copy each clone to the rest of the chunk's replica set.
+    let mut completed = BTreeMap::new();
+    for (p, primaries) in pending.iter().zip(&cloned) {
+        let snapshot = complete(meta, &clients, p, primaries).await?;
+        completed.insert(snapshot.id.clone(), snapshot);
+    }
+    Ok(snapshots.iter().map(|s| completed.remove(&s.id).unwrap_or_else(|| s.clone())).collect())
+}
+
+/// Copies each chunk's clone to the rest of its replica set (redundancy)
+/// and records where the copies are.
+async fn complete(
+    meta: &MetaClient,
+    clients: &BTreeMap<String, DataClient>,
+    p: &Pending,
+    primaries: &BTreeMap<u64, pb::Replica>,
+) -> Result<pb::Snapshot, SnapshotError> {
+    let snapshot = &p.snapshot;
     let mut chunks = Vec::new();
-    for set in &map.chunks {
+    for set in &p.map.chunks {
         let primary = &primaries[&set.chunk_index];
         let mut holders = vec![primary.server_id.clone()];
         for replica in set.replicas.iter().filter(|r| r.server_id != primary.server_id) {
@@ -117,6 +176,26 @@ pub async fn take(meta: &MetaClient, snapshot: &pb::Snapshot) -> Result<pb::Snap
     }
     let request = pb::CompleteSnapshotRequest { snapshot_id: snapshot.id.clone(), chunks };
     Ok(meta.complete_snapshot(request).await?)
+}
+
+/// Takes a group snapshot recorded in meta: records a member snapshot for
+/// each source volume that has none yet, then takes every member not yet
+/// taken, together. Safe to call again after a failure: a member recorded
+/// but not taken is taken then.
+pub async fn take_group(meta: &MetaClient, group: &pb::GroupSnapshot) -> Result<pb::GroupSnapshot, SnapshotError> {
+    let mut members = group.snapshots.clone();
+    for volume in &group.source_volume_ids {
+        if !members.iter().any(|s| &s.source_volume_id == volume) {
+            let request = pb::CreateSnapshotRequest {
+                name: format!("{}-{volume}", group.id),
+                source_volume_id: volume.clone(),
+                group_id: group.id.clone(),
+            };
+            members.push(meta.create_snapshot(request).await?);
+        }
+    }
+    take_together(meta, &members).await?;
+    Ok(meta.get_group_snapshot(pb::GetGroupSnapshotRequest { id: group.id.clone() }).await?)
 }
 
 /// Clones every chunk on the first replica that manages it; returns the
@@ -179,8 +258,11 @@ pub async fn populate(meta: &MetaClient, volume: &pb::Volume) -> Result<pb::Volu
         }
         Some(pb::content_source::Source::VolumeId(id)) => {
             // A point-in-time copy of a live volume: through a snapshot of its own.
-            let request =
-                pb::CreateSnapshotRequest { name: format!("clone-source-of-{}", volume.id), source_volume_id: id };
+            let request = pb::CreateSnapshotRequest {
+                name: format!("clone-source-of-{}", volume.id),
+                source_volume_id: id,
+                ..Default::default()
+            };
             let snapshot = meta.create_snapshot(request).await?;
             let snapshot = take(meta, &snapshot).await?;
             copy_snapshot_into(meta, &snapshot, volume).await?;

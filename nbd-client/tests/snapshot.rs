@@ -54,7 +54,11 @@ async fn snapshots_and_clones_hold_point_in_time_data() {
     writer.write_at(4 * MIB + 4096, pattern(2, 8192), true).await.unwrap();
 
     let snap = meta
-        .create_snapshot(pb::CreateSnapshotRequest { name: "snap".into(), source_volume_id: source.id.clone() })
+        .create_snapshot(pb::CreateSnapshotRequest {
+            name: "snap".into(),
+            source_volume_id: source.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert!(!snap.ready_to_use, "not ready before its data is copied");

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use ballast_proto::csi;
 use ballast_proto::csi::controller_client::ControllerClient;
+use ballast_proto::csi::group_controller_client::GroupControllerClient;
 use ballast_proto::csi::identity_client::IdentityClient;
 use ballast_proto::csi::node_client::NodeClient;
 use ballast_proto::csi::volume_capability::access_mode::Mode;
@@ -139,6 +140,10 @@ impl Plugin {
 
     pub async fn controller(&self) -> ControllerClient<Channel> {
         ControllerClient::new(self.channel().await)
+    }
+
+    pub async fn group_controller(&self) -> GroupControllerClient<Channel> {
+        GroupControllerClient::new(self.channel().await)
     }
 
     pub async fn node(&self) -> NodeClient<Channel> {
