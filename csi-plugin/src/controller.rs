@@ -25,7 +25,7 @@ use crate::metrics::observe;
 use crate::params::{self, MutableParams, Segments, VolumeParams};
 
 /// The capabilities this controller implements, and nothing else.
-pub const CAPABILITIES: [RpcType; 15] = [
+pub const CAPABILITIES: [RpcType; 17] = [
     RpcType::CreateDeleteVolume,
     RpcType::PublishUnpublishVolume,
     // ControllerPublishVolume honours `readonly`.
@@ -43,6 +43,8 @@ pub const CAPABILITIES: [RpcType; 15] = [
     RpcType::SingleNodeMultiWriter,
     // Replica count and I/O limits (VolumeAttributesClass).
     RpcType::ModifyVolume,
+    RpcType::GetVolumeHealth,
+    RpcType::ListVolumeHealth,
 ];
 
 /// The metadata service's largest page.
@@ -161,13 +163,42 @@ impl ControllerService {
         live: &HashSet<String>,
     ) -> Result<(Vec<String>, csi::VolumeCondition)> {
         let nodes = self.published_nodes(&volume.id).await?;
-        let condition = match health::volume_condition(&self.meta, volume, live).await {
+        let condition = match health::census(&self.meta, volume, live).await {
             Err(CsiError::Meta(status)) if status.code() == tonic::Code::NotFound => {
                 csi::VolumeCondition { abnormal: true, message: "the volume was deleted while being listed".into() }
             }
-            other => other?,
+            other => other?.condition(),
         };
         Ok((nodes, condition))
+    }
+
+    async fn volume_health(&self, volume: &pb::Volume, live: &HashSet<String>) -> Result<csi::VolumeHealth> {
+        match health::census(&self.meta, volume, live).await {
+            Err(CsiError::Meta(status)) if status.code() == tonic::Code::NotFound => {
+                Ok(health::deleted_meanwhile(&volume.id))
+            }
+            other => Ok(other?.health(&volume.id)),
+        }
+    }
+
+    /// One page of volumes (`max_entries` 0: all of them) and the token of
+    /// the next.
+    async fn volume_page(&self, max_entries: i32, starting_token: &str) -> Result<(Vec<pb::Volume>, String)> {
+        let limit = page_limit(max_entries)?;
+        check_token(starting_token, "vol-")?;
+        let mut volumes = Vec::new();
+        let mut token = starting_token.to_string();
+        let next_token = loop {
+            let page_size = limit.map_or(MAX_PAGE, |l| l.min(MAX_PAGE));
+            let page = self.meta.list_volumes(pb::ListVolumesRequest { page_size, page_token: token }).await?;
+            volumes.extend(page.volumes);
+            // With max_entries set, one page; without, everything.
+            if limit.is_some() || page.next_page_token.is_empty() {
+                break page.next_page_token;
+            }
+            token = page.next_page_token;
+        };
+        Ok((volumes, next_token))
     }
 
     async fn create_volume(&self, req: csi::CreateVolumeRequest) -> Result<csi::CreateVolumeResponse> {
@@ -371,20 +402,7 @@ impl ControllerService {
     }
 
     async fn list_volumes(&self, req: csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse> {
-        let limit = page_limit(req.max_entries)?;
-        check_token(&req.starting_token, "vol-")?;
-        let mut volumes = Vec::new();
-        let mut token = req.starting_token.clone();
-        let next_token = loop {
-            let page_size = limit.map_or(MAX_PAGE, |l| l.min(MAX_PAGE));
-            let page = self.meta.list_volumes(pb::ListVolumesRequest { page_size, page_token: token }).await?;
-            volumes.extend(page.volumes);
-            // With max_entries set, one page; without, everything.
-            if limit.is_some() || page.next_page_token.is_empty() {
-                break page.next_page_token;
-            }
-            token = page.next_page_token;
-        };
+        let (volumes, next_token) = self.volume_page(req.max_entries, &req.starting_token).await?;
         let live = health::live_servers(&self.meta).await?;
         let entries = futures::stream::iter(volumes)
             .map(|volume| {
@@ -554,6 +572,36 @@ impl ControllerService {
             "volume modified"
         );
         Ok(csi::ControllerModifyVolumeResponse {})
+    }
+
+    async fn get_health(
+        &self,
+        req: csi::ControllerGetVolumeHealthRequest,
+    ) -> Result<csi::ControllerGetVolumeHealthResponse> {
+        if req.volume_id.is_empty() {
+            return Err(CsiError::Missing("volume_id"));
+        }
+        let volume = self.get_volume(&req.volume_id).await?;
+        let live = health::live_servers(&self.meta).await?;
+        let health = self.volume_health(&volume, &live).await?;
+        Ok(csi::ControllerGetVolumeHealthResponse { volume_health: Some(health) })
+    }
+
+    async fn list_health(
+        &self,
+        req: csi::ControllerListVolumeHealthRequest,
+    ) -> Result<csi::ControllerListVolumeHealthResponse> {
+        let (volumes, next_token) = self.volume_page(req.max_entries, &req.starting_token).await?;
+        let live = health::live_servers(&self.meta).await?;
+        let entries = futures::stream::iter(volumes)
+            .map(|volume| {
+                let live = &live;
+                async move { self.volume_health(&volume, live).await }
+            })
+            .buffered(LIST_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(csi::ControllerListVolumeHealthResponse { entries, next_token })
     }
 
     async fn get(&self, req: csi::ControllerGetVolumeRequest) -> Result<csi::ControllerGetVolumeResponse> {
@@ -787,6 +835,22 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         let id = req.volume_id.clone();
         observe("ControllerGetVolume", &id, self.get(req)).await
+    }
+
+    async fn controller_get_volume_health(
+        &self,
+        request: Request<csi::ControllerGetVolumeHealthRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeHealthResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        observe("ControllerGetVolumeHealth", &id, self.get_health(req)).await
+    }
+
+    async fn controller_list_volume_health(
+        &self,
+        request: Request<csi::ControllerListVolumeHealthRequest>,
+    ) -> Result<Response<csi::ControllerListVolumeHealthResponse>, Status> {
+        observe("ControllerListVolumeHealth", "", self.list_health(request.into_inner())).await
     }
 
     async fn controller_modify_volume(

@@ -1,5 +1,8 @@
-//! Volume condition: whether every allocated chunk of a volume still has
-//! as many live replicas as the volume was created with.
+//! Volume condition and health: whether every allocated chunk of a volume
+//! still has as many live replicas as the volume asks for. The condition
+//! (CSI VOLUME_CONDITION) says it in one line; the health (CSI
+//! GET_VOLUME_HEALTH) sorts it: chunks short of replicas make the volume
+//! DEGRADED, chunks with none live make it INACCESSIBLE.
 
 use std::collections::HashSet;
 
@@ -15,50 +18,103 @@ pub async fn live_servers(meta: &MetaClient) -> Result<HashSet<String>> {
     Ok(servers.servers.into_iter().filter(|s| s.alive).map(|s| s.id).collect())
 }
 
-/// The condition of `volume` given its chunk map and the live servers.
-/// Chunks are allocated on first write, so a new volume has none and is
-/// healthy.
-pub fn condition(volume: &pb::Volume, map: &pb::ChunkMap, live: &HashSet<String>) -> csi::VolumeCondition {
-    let wanted = volume.replicas as usize;
-    let mut degraded = 0usize;
-    let mut unreachable = 0usize;
-    let mut worst: Option<(u64, usize)> = None;
-    for chunk in &map.chunks {
-        let healthy = chunk.replicas.iter().filter(|r| live.contains(&r.server_id)).count();
-        if healthy < wanted {
-            degraded += 1;
-            if healthy == 0 {
-                unreachable += 1;
-            }
-            if worst.is_none_or(|(_, h)| healthy < h) {
-                worst = Some((chunk.chunk_index, healthy));
+/// A volume's chunks counted by their live replicas. Chunks are
+/// allocated on first write, so a new volume has none and is healthy.
+pub struct Census {
+    wanted: usize,
+    total: usize,
+    /// Chunks with fewer live replicas than wanted (including those with none).
+    short: usize,
+    /// Chunks with no live replica.
+    unreachable: usize,
+    /// The chunk with the fewest live replicas, and how many it has.
+    worst: Option<(u64, usize)>,
+}
+
+impl Census {
+    pub fn of(volume: &pb::Volume, map: &pb::ChunkMap, live: &HashSet<String>) -> Census {
+        let wanted = volume.replicas as usize;
+        let mut census = Census { wanted, total: map.chunks.len(), short: 0, unreachable: 0, worst: None };
+        for chunk in &map.chunks {
+            let healthy = chunk.replicas.iter().filter(|r| live.contains(&r.server_id)).count();
+            if healthy < wanted {
+                census.short += 1;
+                if healthy == 0 {
+                    census.unreachable += 1;
+                }
+                if census.worst.is_none_or(|(_, h)| healthy < h) {
+                    census.worst = Some((chunk.chunk_index, healthy));
+                }
             }
         }
+        census
     }
-    let total = map.chunks.len();
-    match worst {
-        None => csi::VolumeCondition {
-            abnormal: false,
-            message: format!("all {total} allocated chunks have {wanted} live replicas"),
-        },
-        Some((index, healthy)) => csi::VolumeCondition {
-            abnormal: true,
-            message: format!(
-                "{degraded} of {total} allocated chunks have fewer than {wanted} live replicas \
-                 ({unreachable} with none); chunk {index} has {healthy}"
-            ),
-        },
+
+    pub fn condition(&self) -> csi::VolumeCondition {
+        let Census { wanted, total, short, unreachable, .. } = *self;
+        match self.worst {
+            None => csi::VolumeCondition {
+                abnormal: false,
+                message: format!("all {total} allocated chunks have {wanted} live replicas"),
+            },
+            Some((index, healthy)) => csi::VolumeCondition {
+                abnormal: true,
+                message: format!(
+                    "{short} of {total} allocated chunks have fewer than {wanted} live replicas \
+                     ({unreachable} with none); chunk {index} has {healthy}"
+                ),
+            },
+        }
+    }
+
+    /// The health entries: none when every chunk has all its replicas.
+    pub fn health(&self, volume_id: &str) -> csi::VolumeHealth {
+        use csi::volume_health::VolumeHealthEntry;
+        use csi::VolumeHealthErrorType::{Degraded, Inaccessible};
+        let Census { wanted, total, short, unreachable, .. } = *self;
+        let mut statuses = Vec::new();
+        if unreachable > 0 {
+            statuses.push(VolumeHealthEntry {
+                status: Inaccessible as i32,
+                reason: "ReplicasUnreachable".into(),
+                message: format!(
+                    "{unreachable} of {total} allocated chunks have no live replica: their data cannot be read or \
+                     written until a server holding them is back"
+                ),
+            });
+        }
+        if short > unreachable {
+            statuses.push(VolumeHealthEntry {
+                status: Degraded as i32,
+                reason: "ReplicasMissing".into(),
+                message: format!(
+                    "{} of {total} allocated chunks have fewer than {wanted} live replicas; the repair loop \
+                     rebuilds them",
+                    short - unreachable
+                ),
+            });
+        }
+        csi::VolumeHealth { volume_id: volume_id.to_string(), health_statuses: statuses }
     }
 }
 
-/// Fetches what [`condition`] needs and computes it.
-pub async fn volume_condition(
-    meta: &MetaClient,
-    volume: &pb::Volume,
-    live: &HashSet<String>,
-) -> Result<csi::VolumeCondition> {
+/// What a volume whose record vanished while it was looked at reports.
+pub fn deleted_meanwhile(volume_id: &str) -> csi::VolumeHealth {
+    use csi::volume_health::VolumeHealthEntry;
+    csi::VolumeHealth {
+        volume_id: volume_id.to_string(),
+        health_statuses: vec![VolumeHealthEntry {
+            status: csi::VolumeHealthErrorType::Inaccessible as i32,
+            reason: "Deleted".into(),
+            message: "the volume was deleted".into(),
+        }],
+    }
+}
+
+/// Fetches the volume's chunk map and counts its chunks.
+pub async fn census(meta: &MetaClient, volume: &pb::Volume, live: &HashSet<String>) -> Result<Census> {
     let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: volume.id.clone() }).await?;
-    Ok(condition(volume, &map, live))
+    Ok(Census::of(volume, &map, live))
 }
 
 #[cfg(test)]
@@ -82,18 +138,26 @@ mod tests {
         let volume = pb::Volume { id: "vol-1".into(), replicas: 3, ..Default::default() };
         let live: HashSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let empty = pb::ChunkMap { volume_id: "vol-1".into(), chunks: vec![] };
-        assert!(!condition(&volume, &empty, &live).abnormal);
+        assert!(!Census::of(&volume, &empty, &live).condition().abnormal);
 
         let healthy = pb::ChunkMap { volume_id: "vol-1".into(), chunks: vec![chunk(0, &["a", "b", "c"])] };
-        assert!(!condition(&volume, &healthy, &live).abnormal);
+        assert!(!Census::of(&volume, &healthy, &live).condition().abnormal);
 
         let map = pb::ChunkMap {
             volume_id: "vol-1".into(),
             chunks: vec![chunk(0, &["a", "b", "c"]), chunk(1, &["a", "b", "d"]), chunk(2, &["d", "e"])],
         };
-        let c = condition(&volume, &map, &live);
+        let census = Census::of(&volume, &map, &live);
+        let c = census.condition();
         assert!(c.abnormal);
         assert!(c.message.contains("2 of 3"), "{}", c.message);
         assert!(c.message.contains("chunk 2 has 0"), "{}", c.message);
+        let health = census.health("vol-1");
+        let statuses: Vec<i32> = health.health_statuses.iter().map(|s| s.status).collect();
+        let (inaccessible, degraded) =
+            (csi::VolumeHealthErrorType::Inaccessible as i32, csi::VolumeHealthErrorType::Degraded as i32);
+        assert_eq!(statuses, vec![inaccessible, degraded], "{health:?}");
+        assert!(health.health_statuses[0].message.starts_with("1 of 3"), "{health:?}");
+        assert!(Census::of(&volume, &healthy, &live).health("vol-1").health_statuses.is_empty());
     }
 }

@@ -10,6 +10,7 @@
 //!
 //! - [`attach`]: the `nbd-client` contract.
 //! - [`host`]: how volumes attach on this node, reported at startup.
+//! - [`volume_health`]: a staged volume's condition and health, and the storage's.
 //! - [`mounts`]: the mount table and the mount syscalls.
 //! - [`recovery`]: new serving processes for devices that lost theirs.
 //! - [`registration`]: announcing the node to the metadata service.
@@ -26,10 +27,10 @@ pub mod registration;
 pub mod serving_logs;
 pub mod state;
 pub mod tools;
+mod volume_health;
 
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use ballast_proto::csi;
 use ballast_proto::csi::node_server::Node;
@@ -41,7 +42,7 @@ use tonic::{Request, Response, Status};
 
 use crate::capability::{self, Access, Checked};
 use crate::error::{found, CsiError, Result};
-use crate::health;
+
 use crate::inflight::InFlight;
 use crate::metrics::observe;
 use crate::params::{self, FsType, Segments, VolumeParams};
@@ -49,20 +50,18 @@ use attach::NbdClient;
 use state::{check_volume_id, Staged, StateDir};
 
 /// The capabilities this node service implements.
-pub const CAPABILITIES: [RpcType; 5] = [
+pub const CAPABILITIES: [RpcType; 7] = [
     RpcType::StageUnstageVolume,
     RpcType::GetVolumeStats,
     RpcType::ExpandVolume,
     RpcType::VolumeCondition,
     RpcType::SingleNodeMultiWriter,
+    RpcType::GetVolumeHealth,
+    RpcType::GetStorageHealth,
 ];
 
 /// The kubelet names an inline ephemeral volume `csi-<hash>`.
 const KUBELET_INLINE_PREFIX: &str = "csi-";
-
-/// How long a volume-stats call waits for the metadata service before it
-/// reports the condition without the replica health.
-const HEALTH_DEADLINE: Duration = Duration::from_secs(2);
 
 pub struct NodeConfig {
     pub node_id: String,
@@ -614,39 +613,6 @@ impl NodeService {
         Ok(staged)
     }
 
-    async fn condition(&self, staged: &Staged, usage_error: Option<String>) -> csi::VolumeCondition {
-        let abnormal = |message: String| csi::VolumeCondition { abnormal: true, message };
-        if let Some(err) = usage_error {
-            return abnormal(err);
-        }
-        match self.nbd.find(&staged.meta_volume_id).await {
-            Ok(None) => return abnormal(format!("volume is not attached ({} is gone)", staged.device.display())),
-            Ok(Some(m)) if !m.is_served() => {
-                return abnormal(format!("the process serving {} (pid {}) has exited", m.device.display(), m.pid))
-            }
-            Ok(Some(_)) => {}
-            Err(err) => return abnormal(format!("cannot tell whether the volume is attached: {err}")),
-        }
-        // Replica health, when the metadata service answers quickly.
-        let meta = self.meta.with_deadline(HEALTH_DEADLINE);
-        let replicas = async {
-            let volume = meta
-                .get_volume(pb::GetVolumeRequest {
-                    key: Some(pb::get_volume_request::Key::Id(staged.meta_volume_id.clone())),
-                })
-                .await?;
-            let live = health::live_servers(&meta).await?;
-            health::volume_condition(&meta, &volume, &live).await
-        };
-        match replicas.await {
-            Ok(condition) => condition,
-            Err(err) => {
-                tracing::debug!("replica health unknown: {err}");
-                csi::VolumeCondition { abnormal: false, message: "attached; replica health unknown".into() }
-            }
-        }
-    }
-
     async fn node_stats(&self, req: csi::NodeGetVolumeStatsRequest) -> Result<csi::NodeGetVolumeStatsResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
         let path = Path::new(required("volume_path", &req.volume_path)?);
@@ -786,6 +752,22 @@ impl Node for NodeService {
         let req = request.into_inner();
         let id = req.volume_id.clone();
         observe("NodeGetVolumeStats", &id, self.node_stats(req)).await
+    }
+
+    async fn node_get_volume_health(
+        &self,
+        request: Request<csi::NodeGetVolumeHealthRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeHealthResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        observe("NodeGetVolumeHealth", &id, self.node_volume_health(req)).await
+    }
+
+    async fn node_get_storage_health(
+        &self,
+        _request: Request<csi::NodeGetStorageHealthRequest>,
+    ) -> Result<Response<csi::NodeGetStorageHealthResponse>, Status> {
+        observe("NodeGetStorageHealth", "", async { Ok(self.storage_health().await) }).await
     }
 
     async fn node_expand_volume(

@@ -47,6 +47,8 @@ async fn capabilities_list_exactly_what_is_implemented() {
         RpcType::VolumeCondition,
         RpcType::SingleNodeMultiWriter,
         RpcType::ModifyVolume,
+        RpcType::GetVolumeHealth,
+        RpcType::ListVolumeHealth,
     ]
     .iter()
     .map(|t| *t as i32)
@@ -599,6 +601,26 @@ async fn controller_get_volume_reports_degraded_chunks() {
     let condition = c.controller_get_volume(get).await.unwrap().into_inner().status.unwrap().volume_condition.unwrap();
     assert!(condition.abnormal);
     assert!(condition.message.contains("chunk 2 has 2"), "{}", condition.message);
+
+    // The same, sorted as health: DEGRADED, for one volume and in the list.
+    let health_of = csi::ControllerGetVolumeHealthRequest { volume_id: vol.volume_id.clone(), ..Default::default() };
+    let health = c.controller_get_volume_health(health_of).await.unwrap().into_inner().volume_health.unwrap();
+    assert_eq!(health.volume_id, vol.volume_id);
+    let statuses: Vec<i32> = health.health_statuses.iter().map(|s| s.status).collect();
+    assert_eq!(statuses, vec![csi::VolumeHealthErrorType::Degraded as i32], "{health:?}");
+    assert!(health.health_statuses[0].message.starts_with("1 of 1 allocated chunks"), "{health:?}");
+    let healthy = c.create_volume(create_request("healthy", GIB)).await.unwrap().into_inner().volume.unwrap();
+    let listed = c.controller_list_volume_health(csi::ControllerListVolumeHealthRequest::default()).await.unwrap();
+    let listed = listed.into_inner().entries;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for entry in listed {
+        let degraded = entry.volume_id == vol.volume_id;
+        assert_eq!(entry.health_statuses.is_empty(), !degraded, "{entry:?} ({} is healthy)", healthy.volume_id);
+    }
+    let no_id = csi::ControllerGetVolumeHealthRequest::default();
+    assert_eq!(code(c.controller_get_volume_health(no_id).await), Code::InvalidArgument);
+    let unknown = csi::ControllerGetVolumeHealthRequest { volume_id: "vol-ffff".into(), ..Default::default() };
+    assert_eq!(code(c.controller_get_volume_health(unknown).await), Code::NotFound);
 
     assert_eq!(code(c.controller_get_volume(csi::ControllerGetVolumeRequest::default()).await), Code::InvalidArgument);
     let unknown = csi::ControllerGetVolumeRequest { volume_id: "vol-ffff".into() };

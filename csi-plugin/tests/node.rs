@@ -68,6 +68,8 @@ async fn node_info_capabilities_and_argument_errors() {
         NodeRpc::ExpandVolume,
         NodeRpc::VolumeCondition,
         NodeRpc::SingleNodeMultiWriter,
+        NodeRpc::GetVolumeHealth,
+        NodeRpc::GetStorageHealth,
     ]
     .iter()
     .map(|t| *t as i32)
@@ -542,6 +544,18 @@ async fn a_dead_serving_process_is_reported_and_replaced_by_staging_again() {
     };
     let healthy = n.node_get_volume_stats(stats()).await.unwrap().into_inner().volume_condition.unwrap();
     assert!(!healthy.abnormal, "{}", healthy.message);
+    let health = || csi::NodeGetVolumeHealthRequest {
+        volume_id: volume.volume_id.clone(),
+        volume_publish_path: target.to_str().unwrap().into(),
+        staging_target_path: String::new(),
+    };
+    let statuses = |reply: csi::NodeGetVolumeHealthResponse| reply.volume_health.unwrap().health_statuses;
+    assert_eq!(statuses(n.node_get_volume_health(health()).await.unwrap().into_inner()), vec![]);
+    let storage = n.node_get_storage_health(csi::NodeGetStorageHealthRequest::default()).await.unwrap();
+    assert_eq!(storage.into_inner().backend_health, vec![], "every chunk server heartbeats");
+    let elsewhere = csi::NodeGetVolumeHealthRequest { volume_id: "vol-ffff".into(), ..Default::default() };
+    assert_eq!(code(n.node_get_volume_health(elsewhere).await), Code::NotFound);
+    assert_eq!(code(n.node_get_volume_health(csi::NodeGetVolumeHealthRequest::default()).await), Code::InvalidArgument);
 
     // The process serving the device dies.
     let mapping = t.mapping(&volume.volume_id).unwrap();
@@ -555,6 +569,9 @@ async fn a_dead_serving_process_is_reported_and_replaced_by_staging_again() {
     let condition = n.node_get_volume_stats(stats()).await.unwrap().into_inner().volume_condition.unwrap();
     assert!(condition.abnormal, "{condition:?}");
     assert!(condition.message.contains("has exited"), "{}", condition.message);
+    let sick = statuses(n.node_get_volume_health(health()).await.unwrap().into_inner());
+    assert_eq!(sick[0].status, csi::VolumeHealthErrorType::Inaccessible as i32, "{sick:?}");
+    assert!(sick[0].message.contains("has exited"), "{sick:?}");
 
     // A restarted plugin replaces lost serving processes only where the
     // kernel device survives them (netlink nbd); a FUSE + loop device
