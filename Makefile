@@ -12,6 +12,7 @@ help:
 	@echo "make test-unit  a partial run without root or system tools: such tests are skipped and counted"
 	@echo "make lint       rustfmt check and clippy with warnings as errors"
 	@echo "make ci         lint + test, as CI runs them"
+	@echo "make csi-sanity the CSI conformance suite against a local cluster, all and split mode (root)"
 	@echo "make chaos      5 minutes of fio verify through kills, freezes and partitions (root; CHAOS_SECONDS=...)"
 	@echo "make k8s-up     build and start a 3-node Kubernetes cluster on this machine (root); k8s-down stops it"
 	@echo "make k8s-test   install Ballast on it with kubectl and run the Kubernetes suite (K8S_KEEP=1 keeps the cluster)"
@@ -46,6 +47,13 @@ fmt:
 	$(CARGO) fmt --all
 
 ci: lint test
+
+# csi-sanity built from github.com/kubernetes-csi/csi-test at the version the
+# script pins, run against `ballast dev up` in all and split mode; at least
+# 95 specs must pass in each, none may fail.
+.PHONY: csi-sanity
+csi-sanity: deps
+	./tests/csi-sanity/run.sh
 
 # fio verify while chunk servers and the metadata leader are killed, metadata
 # is frozen and a chunk server is cut off; prints a table of what happened.
