@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use ballast_proto::csi;
@@ -304,4 +305,44 @@ async fn a_grpc_c_core_client_is_answered_on_the_socket() {
             .unwrap();
     assert!(output.status.success(), "grpcio: {}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "csi.ballast.io");
+}
+
+/// At start the node plugin says, in its log and its metrics, which kernel
+/// features work and how volumes will attach: a fallback is never silent.
+#[tokio::test]
+async fn the_node_plugin_reports_what_its_kernel_offers() {
+    let nbd_client = Path::new(PLUGIN).with_file_name("nbd-client");
+    if !nbd_client.exists() || !ballast_testkit::machine_has(&[ballast_testkit::ROOT]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_addr = format!("127.0.0.1:{}", meta_raft::testing::free_ports(1)[0]);
+    let args = ["--mode", "node", "--node-id", "n1", "--metrics-addr", &metrics_addr, "--nbd-client-bin"];
+    let mut args: Vec<&str> = args.to_vec();
+    args.push(nbd_client.to_str().unwrap());
+    let plugin = Plugin::start(dir.path(), "node", "127.0.0.1:1", &args, &[]).await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = http_get(&metrics_addr, "/metrics");
+        if metrics.contains("ballast_csi_node_kernel_feature") {
+            break metrics;
+        }
+        assert!(std::time::Instant::now() < deadline, "no kernel features reported:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let nbd_loaded = Path::new("/sys/module/nbd").exists();
+    let fuse_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
+    for (feature, works) in [("nbd", nbd_loaded), ("fuse", fuse_opens)] {
+        let line = format!("ballast_csi_node_kernel_feature{{feature=\"{feature}\"}} {}", u8::from(works));
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+    }
+    assert!(metrics.contains(r#"ballast_csi_node_kernel_feature{feature="io_uring"}"#), "{metrics}");
+    let method = if nbd_loaded { "netlink" } else { "fuse-loop" };
+    assert!(metrics.contains(&format!("ballast_csi_node_attach_method{{method=\"{method}\"}} 1")), "{metrics}");
+    let log = plugin.log_text();
+    if !nbd_loaded {
+        assert!(log.contains("kernel feature unavailable on this node") && log.contains("modprobe"), "{log}");
+        assert!(log.contains("volumes attach through fuse-loop"), "{log}");
+    }
 }

@@ -499,15 +499,22 @@ fn probe(load_module: bool, output: &str) -> anyhow::Result<()> {
         None
     };
     let chosen = found.choose(AttachMethod::Auto);
+    // Each kernel feature: null when it works, else why not.
+    let features = [("nbd", &found.netlink), ("fuse", &found.fuse), ("io_uring", &found.io_uring)];
     if output == "json" {
         let (method, reason) = match &chosen {
             Ok((kind, why)) => (Some(kind.to_string()), why.clone()),
             Err(e) => (None, e.to_string()),
         };
-        println!("{}", serde_json::json!({"method": method, "reason": reason, "module": module}));
+        let missing: serde_json::Map<String, serde_json::Value> =
+            features.iter().map(|(name, found)| (name.to_string(), found.as_ref().err().cloned().into())).collect();
+        println!("{}", serde_json::json!({"method": method, "reason": reason, "module": module, "missing": missing}));
     } else {
         if let Some(module) = &module {
             println!("modprobe nbd: {module}");
+        }
+        for (name, found) in features {
+            println!("{name}: {}", found.as_ref().err().map_or("works", String::as_str));
         }
         match &chosen {
             Ok((kind, why)) => println!("{kind}: {why}"),

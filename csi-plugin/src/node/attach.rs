@@ -64,6 +64,10 @@ pub struct AttachProbe {
     /// What `modprobe nbd` said, when it was tried.
     #[serde(default)]
     pub module: Option<String>,
+    /// Kernel features (`nbd`, `fuse`, `io_uring`): null when one works,
+    /// else why not.
+    #[serde(default)]
+    pub missing: std::collections::BTreeMap<String, Option<String>>,
 }
 
 #[derive(Clone, Debug)]

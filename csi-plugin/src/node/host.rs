@@ -19,12 +19,29 @@ static ATTACH_METHOD: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .unwrap()
 });
 
-/// Probes the host through `nbd-client probe` and reports the answer.
+static KERNEL_FEATURE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "ballast_csi_node_kernel_feature",
+        "1 when a kernel feature works for the node plugin, 0 when not: nbd, fuse, io_uring",
+        &["feature"]
+    )
+    .unwrap()
+});
+
+/// Probes the host through `nbd-client probe` (which loads the nbd module
+/// if it is missing) and reports the answer.
 pub async fn report_attach_method(nbd: &NbdClient) {
     match nbd.probe().await {
         Ok(probe) => {
             log(&probe);
             ATTACH_METHOD.with_label_values(&[probe.method.as_deref().unwrap_or("none")]).set(1);
+            for (feature, missing) in &probe.missing {
+                KERNEL_FEATURE.with_label_values(&[feature]).set(i64::from(missing.is_none()));
+                match missing {
+                    None => tracing::info!(feature, "kernel feature works"),
+                    Some(reason) => tracing::warn!(feature, reason, "kernel feature unavailable on this node"),
+                }
+            }
         }
         Err(err) => tracing::warn!(error = %err, "cannot tell how volumes attach on this node"),
     }

@@ -125,12 +125,19 @@ impl AttachOptions {
     }
 }
 
-/// What this host offers, each `Err` saying why a method cannot work.
+/// What this host offers, each `Err` saying why a method or a kernel
+/// feature cannot work.
 #[derive(Debug, Clone)]
 pub struct Probe {
     pub netlink: Result<(), String>,
     pub ioctl: Result<(), String>,
     pub fuse_loop: Result<(), String>,
+    /// Whether /dev/fuse opens (the FUSE + loop fallback needs it).
+    pub fuse: Result<(), String>,
+    /// Whether this process may create an io_uring (chunk servers need
+    /// one; container runtimes' seccomp profiles and the
+    /// kernel.io_uring_disabled sysctl forbid it).
+    pub io_uring: Result<(), String>,
 }
 
 impl Probe {
@@ -138,8 +145,14 @@ impl Probe {
     pub fn run() -> Self {
         let netlink = NbdNetlink::open().map(drop).map_err(|e| e.to_string());
         let ioctl = if Path::new("/dev/nbd0").exists() { Ok(()) } else { Err("/dev/nbd0 does not exist".into()) };
-        let fuse_loop = if !Path::new("/dev/fuse").exists() {
-            Err("/dev/fuse does not exist".into())
+        let fuse = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .map(drop)
+            .map_err(|e| format!("cannot open /dev/fuse: {e}"));
+        let fuse_loop = if let Err(reason) = &fuse {
+            Err(reason.clone())
         } else if !Path::new("/dev/loop-control").exists() {
             Err("/dev/loop-control does not exist".into())
         } else if !nix::unistd::geteuid().is_root() {
@@ -147,7 +160,7 @@ impl Probe {
         } else {
             Ok(())
         };
-        Self { netlink, ioctl, fuse_loop }
+        Self { netlink, ioctl, fuse_loop, fuse, io_uring: io_uring_works() }
     }
 
     /// Picks the method and says why.
@@ -175,6 +188,29 @@ impl Probe {
             },
         }
     }
+}
+
+/// Creates and closes a one-entry io_uring.
+fn io_uring_works() -> Result<(), String> {
+    // struct io_uring_params: 120 bytes the kernel fills in; zeroes ask
+    // for nothing special.
+    let mut params = [0u8; 120];
+    // SAFETY: io_uring_setup reads and writes exactly one io_uring_params
+    // at the pointer, which `params` is large enough for.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(match err.raw_os_error() {
+            Some(libc::ENOSYS) => "the kernel has no io_uring".into(),
+            Some(libc::EPERM) => {
+                "io_uring is forbidden here (kernel.io_uring_disabled, or the container's seccomp profile)".into()
+            }
+            _ => format!("io_uring_setup failed: {err}"),
+        });
+    }
+    // SAFETY: `fd` was just returned to us and is closed once.
+    unsafe { libc::close(fd as libc::c_int) };
+    Ok(())
 }
 
 /// Runs `modprobe nbd`; the error says why the driver could not be loaded

@@ -65,14 +65,18 @@ impl Throttle {
 
     /// Waits until a request moving `bytes` may start.
     pub async fn admit(&self, bytes: u64) {
-        let start = {
+        let (start, now) = {
             let mut state = self.state.lock().expect("throttle lock");
             let (limits, now) = (state.limits, Instant::now());
             let by_ops = reserve(&mut state.ops_free_at, now, 1, limits.iops);
             let by_bytes = reserve(&mut state.bytes_free_at, now, bytes, limits.bytes);
-            by_ops.max(by_bytes)
+            (by_ops.max(by_bytes), now)
         };
-        tokio::time::sleep_until(start).await;
+        // Not even a timer when nothing needs to wait: a timer, however
+        // short, costs a tick of the timer wheel (a millisecond).
+        if start > now {
+            tokio::time::sleep_until(start).await;
+        }
     }
 }
 
