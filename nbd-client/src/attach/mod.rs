@@ -667,6 +667,8 @@ mod tests {
             netlink: state(netlink, "no family"),
             ioctl: state(ioctl, "no /dev/nbd0"),
             fuse_loop: state(fuse_loop, "no /dev/fuse"),
+            fuse: state(fuse_loop, "no /dev/fuse"),
+            io_uring: Ok(()),
         }
     }
 
