@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use serde::Serialize;
 
 /// One chunk on one server.

@@ -12,7 +12,7 @@
 //! Every connection is mutual TLS unless the cluster is started insecure.
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,8 +23,7 @@ use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
 use ballast_tls::pki::{Authority, DEFAULT_VALIDITY};
 use ballast_tls::{Identity, Role, TlsDir};
-use meta_raft::testing::free_ports;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -614,4 +613,18 @@ impl Drop for DevCluster {
             eprintln!("stopping the cluster in {}: {e:#}", self.dir.display());
         }
     }
+}
+
+/// Ports that were free a moment ago. They come from below the kernel's
+/// ephemeral range, so outgoing connections (which take their source port
+/// from that range) cannot grab one before its server binds it.
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
+    while listeners.len() < count {
+        let port = rand::random_range(10_000..32_000);
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(listener);
+        }
+    }
+    listeners.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
 }

@@ -9,9 +9,9 @@ use ballast_cli::{chunks, dev, pki, size};
 use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
 use clap::{Parser, Subcommand};
-use meta_raft::client::META_ENV;
-use meta_raft::client_args::ClientArgs;
-use meta_raft::MetaClient;
+use meta_client::ClientArgs;
+use meta_client::MetaClient;
+use meta_client::META_ENV;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -234,20 +234,6 @@ enum SnapshotCmd {
     },
 }
 
-/// Resolves a volume given by id or by name.
-async fn find_volume(client: &MetaClient, volume: &str) -> anyhow::Result<pb::Volume> {
-    use pb::get_volume_request::Key;
-    let by_id = client.get_volume(pb::GetVolumeRequest { key: Some(Key::Id(volume.into())) }).await;
-    match by_id {
-        Ok(v) => Ok(v),
-        Err(status) if status.code() == tonic::Code::NotFound => client
-            .get_volume(pb::GetVolumeRequest { key: Some(Key::Name(volume.into())) })
-            .await
-            .with_context(|| format!("no volume with id or name {volume:?}")),
-        Err(status) => Err(status.into()),
-    }
-}
-
 fn print_volumes(format: Format, volumes: &[pb::Volume]) {
     match format {
         Format::Json => println!("{}", json!(volumes.iter().map(output::volume).collect::<Vec<_>>())),
@@ -271,7 +257,7 @@ async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
             use pb::content_source::Source;
             let source = match (from_snapshot, from_volume) {
                 (Some(id), _) => Some(Source::SnapshotId(id)),
-                (None, Some(volume)) => Some(Source::VolumeId(find_volume(&client, &volume).await?.id)),
+                (None, Some(volume)) => Some(Source::VolumeId(client.find_volume(&volume).await?.id)),
                 (None, None) => None,
             };
             let request = pb::CreateVolumeRequest {
@@ -292,7 +278,7 @@ async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::List => print_volumes(target.output, &client.all_volumes().await?),
         VolumeCmd::Get { volume } => {
-            let volume = find_volume(&client, &volume).await?;
+            let volume = client.find_volume(&volume).await?;
             let map = client.get_chunk_map(pb::GetChunkMapRequest { volume_id: volume.id.clone() }).await?;
             let copies = output::Copies::of(&volume, &map);
             match target.output {
@@ -303,19 +289,19 @@ async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
             }
         }
         VolumeCmd::Delete { volume } => {
-            let id = find_volume(&client, &volume).await?.id;
+            let id = client.find_volume(&volume).await?.id;
             client.delete_volume(pb::DeleteVolumeRequest { id: id.clone() }).await?;
             eprintln!("deleted {id}");
         }
         VolumeCmd::Expand { volume, size } => {
-            let id = find_volume(&client, &volume).await?.id;
+            let id = client.find_volume(&volume).await?.id;
             print_volumes(
                 target.output,
                 &[client.expand_volume(pb::ExpandVolumeRequest { id, size_bytes: size }).await?],
             );
         }
         VolumeCmd::Modify { volume, replicas, limits } => {
-            let id = find_volume(&client, &volume).await?.id;
+            let id = client.find_volume(&volume).await?.id;
             let request = pb::ModifyVolumeRequest {
                 id,
                 replicas,
@@ -332,7 +318,7 @@ async fn snapshot(target: Target, command: SnapshotCmd) -> anyhow::Result<()> {
     let client = target.client()?;
     match command {
         SnapshotCmd::Create { name, volume } => {
-            let source_volume_id = find_volume(&client, &volume).await?.id;
+            let source_volume_id = client.find_volume(&volume).await?.id;
             let snap = client
                 .create_snapshot(pb::CreateSnapshotRequest { name, source_volume_id, ..Default::default() })
                 .await?;
@@ -341,7 +327,7 @@ async fn snapshot(target: Target, command: SnapshotCmd) -> anyhow::Result<()> {
         }
         SnapshotCmd::List { volume } => {
             let source_volume_id = match volume {
-                Some(v) => find_volume(&client, &v).await?.id,
+                Some(v) => client.find_volume(&v).await?.id,
                 None => String::new(),
             };
             let snapshots = client.all_snapshots(&source_volume_id).await?;

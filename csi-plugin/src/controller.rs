@@ -14,8 +14,10 @@ use ballast_proto::csi::controller_server::Controller;
 use ballast_proto::csi::controller_service_capability::rpc::Type as RpcType;
 use ballast_proto::meta as pb;
 use futures::{StreamExt, TryStreamExt};
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use tonic::{Request, Response, Status};
+
+use ballast_proto::volume::{MAX_PAGE_SIZE, PAGE_TOKEN_PREFIX};
 
 use crate::capability::{self, Checked};
 use crate::error::{found, CsiError, Result};
@@ -47,12 +49,8 @@ pub const CAPABILITIES: [RpcType; 17] = [
     RpcType::ListVolumeHealth,
 ];
 
-/// The metadata service's largest page.
-const MAX_PAGE: u32 = 1000;
 /// Volumes whose attachments and chunk maps are fetched at once in a listing.
 const LIST_CONCURRENCY: usize = 16;
-/// What the metadata service puts before the last key of a page.
-const TOKEN_PREFIX: &str = "after:";
 
 pub struct ControllerService {
     meta: MetaClient,
@@ -189,7 +187,7 @@ impl ControllerService {
         let mut volumes = Vec::new();
         let mut token = starting_token.to_string();
         let next_token = loop {
-            let page_size = limit.map_or(MAX_PAGE, |l| l.min(MAX_PAGE));
+            let page_size = limit.map_or(MAX_PAGE_SIZE, |l| l.min(MAX_PAGE_SIZE));
             let page = self.meta.list_volumes(pb::ListVolumesRequest { page_size, page_token: token }).await?;
             volumes.extend(page.volumes);
             // With max_entries set, one page; without, everything.
@@ -495,7 +493,7 @@ impl ControllerService {
         let mut snapshots = Vec::new();
         let mut token = req.starting_token.clone();
         let next_token = loop {
-            let page_size = limit.map_or(MAX_PAGE, |l| l.min(MAX_PAGE));
+            let page_size = limit.map_or(MAX_PAGE_SIZE, |l| l.min(MAX_PAGE_SIZE));
             let page = self
                 .meta
                 .list_snapshots(pb::ListSnapshotsRequest {
@@ -677,7 +675,7 @@ fn check_token(token: &str, id_prefix: &str) -> Result<()> {
         return Ok(());
     }
     let valid = token
-        .strip_prefix(TOKEN_PREFIX)
+        .strip_prefix(PAGE_TOKEN_PREFIX)
         .and_then(|id| id.strip_prefix(id_prefix))
         .is_some_and(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()));
     if valid {

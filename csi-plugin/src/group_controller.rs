@@ -8,7 +8,7 @@ use ballast_proto::csi;
 use ballast_proto::csi::group_controller_server::GroupController;
 use ballast_proto::csi::group_controller_service_capability::rpc::Type as RpcType;
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use tonic::{Request, Response, Status};
 
 use crate::controller::{csi_snapshot, timestamp};

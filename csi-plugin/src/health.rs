@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use ballast_proto::csi;
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 
 use crate::error::Result;
 

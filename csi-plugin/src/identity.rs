@@ -7,7 +7,7 @@ use ballast_proto::csi;
 use ballast_proto::csi::identity_server::Identity;
 use ballast_proto::csi::plugin_capability::{service, volume_expansion};
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use tonic::{Request, Response, Status};
 
 use crate::error::Result;

@@ -8,7 +8,7 @@ use ballast_telemetry::LogFormat;
 use clap::Parser;
 use csi_plugin::kubelet_registration::KubeletRegistration;
 use csi_plugin::{liveness, params, server, Config, Mode};
-use meta_raft::client::{parse_endpoints, META_ENV};
+use meta_client::{parse_endpoints, META_ENV};
 
 /// Ballast CSI plugin: Identity, Controller and Node services on a unix socket.
 ///

@@ -37,7 +37,7 @@ use ballast_proto::csi::node_server::Node;
 use ballast_proto::csi::node_service_capability::rpc::Type as RpcType;
 use ballast_proto::csi::volume_capability::access_mode::Mode;
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use tonic::{Request, Response, Status};
 
 use crate::capability::{self, Access, Checked};
@@ -500,7 +500,7 @@ impl NodeService {
                 // and deletes only such volumes.
                 parameters: [
                     (params::FS_TYPE.to_string(), fs.to_string()),
-                    (meta_raft::access::EPHEMERAL_NODE.to_string(), self.node_id.clone()),
+                    (meta_client::EPHEMERAL_NODE.to_string(), self.node_id.clone()),
                 ]
                 .into_iter()
                 .collect(),

@@ -53,20 +53,16 @@ pub const CTX_EPOCH: &str = "epoch";
 pub const CTX_VOLUME_ID: &str = "volumeId";
 pub const CTX_READONLY: &str = "readonly";
 
-pub const DEFAULT_REPLICAS: u32 = 3;
-pub const MAX_REPLICAS: u32 = 5;
-pub const DEFAULT_CHUNK_SIZE_MIB: u64 = 64;
-pub const MAX_CHUNK_SIZE_MIB: u64 = 1024;
+pub use ballast_proto::volume::{BLOCK_SIZE, DEFAULT_REPLICAS, MAX_REPLICAS, MAX_VOLUME_SIZE};
+use ballast_proto::volume::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE};
+pub const DEFAULT_CHUNK_SIZE_MIB: u64 = DEFAULT_CHUNK_SIZE >> 20;
+pub const MAX_CHUNK_SIZE_MIB: u64 = MAX_CHUNK_SIZE >> 20;
 
-/// Volumes are whole 4 KiB blocks.
-pub const BLOCK_SIZE: u64 = 4096;
 /// The smallest volume handed out: smaller requests are rounded up to it
 /// (no filesystem fits in less, and mkfs.xfs wants far more).
 pub const MIN_VOLUME_SIZE: u64 = 1 << 20;
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
-/// The metadata service's limit.
-pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -16,7 +16,7 @@ use ballast_proto::csi::group_controller_server::GroupControllerServer;
 use ballast_proto::csi::identity_server::IdentityServer;
 use ballast_proto::csi::node_server::NodeServer;
 use ballast_telemetry::LogFormat;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -101,7 +101,7 @@ pub enum ServerError {
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
-    Meta(#[from] meta_raft::client::ClientError),
+    Meta(#[from] meta_client::ClientError),
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
 }

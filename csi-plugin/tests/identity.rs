@@ -40,7 +40,7 @@ fn expansion(caps: &csi::GetPluginCapabilitiesResponse) -> Vec<volume_expansion:
 
 #[tokio::test]
 async fn controller_identity_reports_name_capabilities_and_real_readiness() {
-    let metrics_addr = format!("127.0.0.1:{}", meta_raft::testing::free_ports(1)[0]);
+    let metrics_addr = format!("127.0.0.1:{}", ballast_cli::dev::free_ports(1)[0]);
     let mut h = Harness::start(&[
         "--mode",
         "controller",
@@ -316,7 +316,7 @@ async fn the_node_plugin_reports_what_its_kernel_offers() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let metrics_addr = format!("127.0.0.1:{}", meta_raft::testing::free_ports(1)[0]);
+    let metrics_addr = format!("127.0.0.1:{}", ballast_cli::dev::free_ports(1)[0]);
     let args = ["--mode", "node", "--node-id", "n1", "--metrics-addr", &metrics_addr, "--nbd-client-bin"];
     let mut args: Vec<&str> = args.to_vec();
     args.push(nbd_client.to_str().unwrap());

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_proto::meta as pb;
-use meta_raft::testing::LocalMetaCluster;
+use ballast_testkit::meta_cluster::LocalMetaCluster;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]

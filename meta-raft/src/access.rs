@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use ballast_tls::{Peer, Role};
+use meta_client::EPHEMERAL_NODE;
 use tonic::Status;
 
 use crate::metrics::DENIED_CALLS;
@@ -93,10 +94,6 @@ pub fn check_acting_as<T>(request: &tonic::Request<T>, role: Role, claimed: &str
     tracing::warn!(peer = %peer.identity, addr = %peer.addr, claimed, "call refused: acting as another");
     Err(Status::permission_denied(format!("{} may act only as itself, not as {claimed:?}", peer.identity)))
 }
-
-/// The volume parameter naming the node an inline ephemeral volume belongs
-/// to: the only volumes a node certificate creates, publishes and deletes.
-pub const EPHEMERAL_NODE: &str = "ephemeralNode";
 
 /// A node certificate acts only on the inline ephemeral volumes it owns:
 /// `owner` is the volume's [`EPHEMERAL_NODE`] (`None`: not ephemeral).

@@ -4,7 +4,9 @@ use ballast_proto::meta as pb;
 
 use crate::group::GroupSnapshot;
 use crate::modify::IoLimits;
-use crate::state::{now_ms, Attachment, ChunkServer, CsiNode, MetaState, ReplicaSet, Snapshot, Volume};
+use meta_client::now_ms;
+
+use crate::state::{Attachment, ChunkServer, CsiNode, MetaState, ReplicaSet, Snapshot, Volume};
 use crate::types::Source;
 
 pub fn source_from_pb(source: Option<pb::ContentSource>) -> Option<Source> {

@@ -48,8 +48,7 @@ impl From<MetaError> for Status {
     }
 }
 
-/// gRPC metadata key carrying the leader's address on a redirect.
-pub const LEADER_HEADER: &str = "x-ballast-leader";
+use meta_client::LEADER_HEADER;
 
 /// The answer of a member that cannot serve a call because it is not the
 /// leader: UNAVAILABLE, with the leader's address when known.

@@ -1,6 +1,6 @@
 //! The Ballast metadata service: a Raft-replicated (openraft) state machine
-//! persisted in sled, served over gRPC, and the client library every other
-//! component uses.
+//! persisted in sled, served over gRPC. Its clients use the `meta-client`
+//! crate.
 //!
 //! - [`state`]: the metadata and the rules that change it ([`modify`]:
 //!   replica count and I/O limits of a live volume; [`group`]: snapshots
@@ -13,13 +13,11 @@
 //! - [`service`] and [`cluster`]: the client and membership APIs;
 //!   [`access`]: which roles may call them, over mutual TLS;
 //!   [`capability`]: what a node may do to a volume's chunks.
-//! - [`node`]: runs a member. [`client`]: talks to the cluster.
-//!   [`recovery`]: a survivor of a lost majority becomes a cluster again.
+//! - [`node`]: runs a member. [`recovery`]: a survivor of a lost majority
+//!   becomes a cluster again.
 
 pub mod access;
 pub mod capability;
-pub mod client;
-pub mod client_args;
 pub mod cluster;
 mod convert;
 pub mod error;
@@ -36,10 +34,7 @@ pub mod repair;
 pub mod service;
 pub mod state;
 pub mod store;
-pub mod testing;
 pub mod types;
-
-pub use client::MetaClient;
 
 /// How long the metadata service waits for a chunk server to connect or
 /// to answer a call before it counts the server as failed for that call:

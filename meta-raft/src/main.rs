@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use ballast_proto::meta as pb;
 use ballast_telemetry::LogFormat;
 use clap::{Parser, Subcommand};
-use meta_raft::client_args::ClientArgs;
+use meta_client::ClientArgs;
 use meta_raft::repair::RepairConfig;
 use meta_raft::MemberConfig;
 

@@ -17,7 +17,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
-use crate::state::{MetaState, MAX_REPLICAS};
+use ballast_proto::volume::MAX_REPLICAS;
+
+use crate::state::MetaState;
 use crate::types::Outcome;
 
 /// A volume's I/O limits; 0 = no limit.

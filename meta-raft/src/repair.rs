@@ -32,11 +32,12 @@ use futures::future::join_all;
 
 use crate::error::MetaError;
 use crate::liveness::Liveness;
-use crate::state::{now_ms, volume_id, MetaState, ReplicaSet};
+use crate::state::{volume_id, MetaState, ReplicaSet};
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft, Request};
 use crate::CHUNK_SERVER_ANSWER;
 use crate::{metrics, placement};
+use meta_client::now_ms;
 
 /// How often the leader looks for work, and after how long without
 /// heartbeats a server's replicas are given up.

@@ -9,17 +9,18 @@ use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
 use ballast_proto::meta::meta_server::Meta;
 use ballast_tls::{CapabilityIssuer, Role};
+use meta_client::{now_ms, EPHEMERAL_NODE};
 use openraft::error::{ClientWriteError, RaftError};
 use tonic::{Request, Response, Status};
 
-use crate::access::{check_acting_as, check_node_owns, EPHEMERAL_NODE};
+use crate::access::{check_acting_as, check_node_owns};
 use crate::capability;
 use crate::convert;
 use crate::error::{not_leader, MetaError};
 use crate::fence;
 use crate::metrics::REQUEST_LATENCY;
 use crate::modify::VolumeChange;
-use crate::state::{now_ms, page_size, paginate, HeldChunk, MetaState, ReplicaSet};
+use crate::state::{page_size, paginate, HeldChunk, MetaState, ReplicaSet};
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft};
 

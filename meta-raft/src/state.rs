@@ -7,6 +7,10 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use ballast_proto::volume::{
+    BLOCK_SIZE, DEFAULT_CHUNK_SIZE, DEFAULT_PAGE_SIZE, DEFAULT_REPLICAS, MAX_CHUNK_SIZE, MAX_PAGE_SIZE,
+    MAX_VOLUME_SIZE, MIN_CHUNK_SIZE, PAGE_TOKEN_PREFIX,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
@@ -15,17 +19,7 @@ use crate::modify::{validate_replicas, IoLimits};
 use crate::placement::{self, LIVENESS_TIMEOUT_MS};
 use crate::types::{Command, Outcome, Source};
 
-pub const DEFAULT_REPLICAS: u32 = 3;
-pub const MAX_REPLICAS: u32 = 5;
-pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 20;
-pub const MIN_CHUNK_SIZE: u64 = 1 << 20;
-pub const MAX_CHUNK_SIZE: u64 = 1 << 30;
-/// Volumes are block devices: sizes are whole 4 KiB blocks.
-pub const SIZE_ALIGNMENT: u64 = 4096;
-pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
 pub const MAX_NAME_LEN: usize = 253;
-pub const DEFAULT_PAGE_SIZE: u32 = 100;
-pub const MAX_PAGE_SIZE: u32 = 1000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
@@ -242,10 +236,8 @@ fn validate_size(size_bytes: u64) -> Result<(), MetaError> {
     if size_bytes == 0 {
         return Err(MetaError::invalid("volume size must be greater than zero"));
     }
-    if !size_bytes.is_multiple_of(SIZE_ALIGNMENT) {
-        return Err(MetaError::invalid(format!(
-            "volume size {size_bytes} is not a multiple of {SIZE_ALIGNMENT} bytes"
-        )));
+    if !size_bytes.is_multiple_of(BLOCK_SIZE) {
+        return Err(MetaError::invalid(format!("volume size {size_bytes} is not a multiple of {BLOCK_SIZE} bytes")));
     }
     if size_bytes > MAX_VOLUME_SIZE {
         return Err(MetaError::OutOfRange(format!(
@@ -852,8 +844,6 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
-const TOKEN_PREFIX: &str = "after:";
-
 /// Checks a page size; 0 selects the default.
 pub fn page_size(requested: u32) -> Result<usize, MetaError> {
     match requested {
@@ -877,7 +867,7 @@ pub fn paginate<T: Clone>(
         Bound::Unbounded
     } else {
         let key = token
-            .strip_prefix(TOKEN_PREFIX)
+            .strip_prefix(PAGE_TOKEN_PREFIX)
             .ok_or_else(|| MetaError::invalid(format!("page token {token:?} was not issued by this service")))?;
         Bound::Excluded(key)
     };
@@ -885,15 +875,11 @@ pub fn paginate<T: Clone>(
         map.range::<str, _>((start, Bound::Unbounded)).filter(|(_, v)| keep(v)).take(size + 1).collect();
     let next = if page.len() > size {
         page.truncate(size);
-        page.last().map(|(k, _)| format!("{TOKEN_PREFIX}{k}"))
+        page.last().map(|(k, _)| format!("{PAGE_TOKEN_PREFIX}{k}"))
     } else {
         None
     };
     Ok(Page { items: page.into_iter().map(|(_, v)| v.clone()).collect(), next })
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

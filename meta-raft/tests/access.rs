@@ -7,10 +7,10 @@
 use std::path::Path;
 
 use ballast_proto::meta as pb;
+use ballast_testkit::meta_cluster::LocalMetaCluster;
 use ballast_tls::pki::{Authority, DEFAULT_VALIDITY};
 use ballast_tls::{Identity, Role, TlsDir};
-use meta_raft::testing::LocalMetaCluster;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use tonic::Code;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_meta-raft");
@@ -146,7 +146,7 @@ async fn over_tls_only_the_right_roles_change_metadata() {
     // An inline ephemeral volume is the node's own: it creates, publishes
     // and deletes it, and no other node's, and no ordinary volume.
     let ephemeral = |name: &str, owner: &str| pb::CreateVolumeRequest {
-        parameters: [(meta_raft::access::EPHEMERAL_NODE.to_string(), owner.to_string())].into_iter().collect(),
+        parameters: [(meta_client::EPHEMERAL_NODE.to_string(), owner.to_string())].into_iter().collect(),
         ..volume(name)
     };
     assert_eq!(node.create_volume(volume("plain")).await.unwrap_err().code(), Code::PermissionDenied);

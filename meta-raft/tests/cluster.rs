@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::meta as pb;
-use meta_raft::testing::LocalMetaCluster;
-use meta_raft::MetaClient;
+use ballast_testkit::meta_cluster::LocalMetaCluster;
+use meta_client::MetaClient;
 use tonic::Code;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_meta-raft");

@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use ballast_cli::dev::free_ports;
 use ballast_proto::meta as pb;
-use meta_raft::testing::{free_ports, LocalMetaCluster};
+use ballast_testkit::meta_cluster::LocalMetaCluster;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_meta-raft");
 
@@ -73,7 +74,7 @@ async fn add_a_learner_promote_it_and_remove_a_member() {
     assert_eq!(ids, vec![2, 3, 4]);
 
     // The reshaped cluster still serves, from any endpoint that remains.
-    let client = meta_raft::MetaClient::new([cluster.members[1].address.clone(), address.clone()]).unwrap();
+    let client = meta_client::MetaClient::new([cluster.members[1].address.clone(), address.clone()]).unwrap();
     let volume = client
         .get_volume(pb::GetVolumeRequest { key: Some(pb::get_volume_request::Key::Name("before".into())) })
         .await

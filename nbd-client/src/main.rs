@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ballast_telemetry::LogFormat;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use meta_raft::client_args::ClientArgs;
-use meta_raft::MetaClient;
+use meta_client::ClientArgs;
+use meta_client::MetaClient;
 use nbd_client::attach::{self, AttachMethod, AttachOptions, AttachedDevice};
 use nbd_client::engine::Volume;
 use nbd_client::mapping::{self, Mapping, StateDir, DEFAULT_STATE_DIR};
@@ -141,7 +141,7 @@ enum Command {
 }
 
 /// The logical block size of mapped devices.
-const DEVICE_BLOCK_SIZE: u32 = 4096;
+const DEVICE_BLOCK_SIZE: u32 = ballast_proto::volume::BLOCK_SIZE as u32;
 
 fn default_node_id() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
@@ -320,7 +320,7 @@ async fn grow_device(volume: &Volume, device: &AttachedDevice<Volume>, error_fil
 async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow::Result<()> {
     let state = StateDir::new(&state_dir)?;
     let meta = args.meta.client()?;
-    let info = nbd_client::engine::find_volume(&meta, &args.volume).await?;
+    let info = meta.find_volume(&args.volume).await?;
     if let Some(existing) = state.load(&info.id)? {
         if existing.is_served() {
             println!("{}", existing.device);
@@ -423,7 +423,7 @@ async fn resize(target: String, meta: ClientArgs, state_dir: PathBuf) -> anyhow:
         );
     }
     let meta = meta.client()?;
-    let volume = nbd_client::engine::find_volume(&meta, &mapping.volume_id).await?;
+    let volume = meta.find_volume(&mapping.volume_id).await?;
     let wanted = volume.size_bytes / u64::from(DEVICE_BLOCK_SIZE) * u64::from(DEVICE_BLOCK_SIZE);
     let name = mapping.device.trim_start_matches("/dev/").to_owned();
     let device_size = || attach::sysfs::block_device_size(std::path::Path::new(attach::sysfs::SYS_BLOCK), &name);

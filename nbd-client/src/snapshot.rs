@@ -20,9 +20,9 @@ use futures::future::join_all;
 
 use ballast_proto::frame::{copy_chunk, holds_clean_copy, ClientError, CopyTarget, DataClient, ErrorCode, HeldPause};
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 
-use crate::engine::{find_volume, EngineError, EngineOptions, Volume};
+use crate::engine::{EngineError, EngineOptions, Volume};
 
 /// Longest a volume stays paused if this process dies mid-snapshot.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -91,7 +91,7 @@ impl Pending {
 pub async fn take_together(meta: &MetaClient, snapshots: &[pb::Snapshot]) -> Result<Vec<pb::Snapshot>, SnapshotError> {
     let mut pending = Vec::new();
     for snapshot in snapshots.iter().filter(|s| !s.ready_to_use) {
-        let source = find_volume(meta, &snapshot.source_volume_id).await?;
+        let source = meta.find_volume(&snapshot.source_volume_id).await?;
         let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: source.id.clone() }).await?;
         pending.push(Pending { snapshot: snapshot.clone(), source, map });
     }

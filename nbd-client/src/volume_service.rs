@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 
-use crate::engine::{find_volume, EngineError, EngineOptions, Volume};
+use crate::engine::{EngineError, EngineOptions, Volume};
 
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
@@ -28,7 +28,7 @@ pub struct Opened {
 }
 
 pub async fn open(meta: &MetaClient, volume: &str, options: &OpenOptions) -> Result<Opened, EngineError> {
-    let info = find_volume(meta, volume).await?;
+    let info = meta.find_volume(volume).await?;
     let (epoch, published) = match options.epoch {
         Some(epoch) => (epoch, None),
         None => {

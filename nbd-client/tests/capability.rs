@@ -12,7 +12,7 @@ use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
 use ballast_tls::Role;
 use bytes::Bytes;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nbd_client::engine::{EngineError, EngineOptions, Volume};
 
 use common::MIB;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nbd_client::engine::{EngineError, EngineOptions, Volume};
 
 const MIB: u64 = 1 << 20;

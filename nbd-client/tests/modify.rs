@@ -12,7 +12,7 @@ mod common;
 use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nbd_client::engine::FOLLOW_INTERVAL;
 use nbd_client::volume_service::{self, OpenOptions};
 

@@ -15,7 +15,7 @@ mod common;
 use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nbd_client::engine::{EngineOptions, Volume};
 
 use common::MIB;

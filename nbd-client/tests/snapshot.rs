@@ -5,7 +5,7 @@
 use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nbd_client::engine::{EngineOptions, Volume};
 use nbd_client::snapshot;
 

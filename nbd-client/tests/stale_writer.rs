@@ -14,7 +14,7 @@ use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use common::writes::{assert_replicas_identical, replicas};
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nbd_client::engine::{EngineError, EngineOptions, Volume};
 
 const MIB: u64 = 1 << 20;

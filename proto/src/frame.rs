@@ -661,7 +661,7 @@ fn validate_request(h: &RequestHeader, payload_len: usize) -> Result<(), DecodeE
             if len > MAX_DATA {
                 return bad(ErrorCode::TooLarge, "write larger than MAX_DATA");
             }
-            if len % BLOCK_SIZE != 0 {
+            if !len.is_multiple_of(BLOCK_SIZE) {
                 return bad(ErrorCode::Misaligned, "write length not a multiple of 4 KiB");
             }
             if payload_len != data_payload_len(len) {

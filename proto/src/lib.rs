@@ -8,6 +8,7 @@
 //! - [`frame`]: the binary data-plane protocol between volume engines and
 //!   chunk servers.
 //! - [`range_lock`]: the byte range lock both ends of it order writes with.
+//! - [`volume`]: the limits of a volume's shape and of listings.
 
 pub mod csi {
     tonic::include_proto!("csi.v1");
@@ -23,3 +24,4 @@ pub mod pluginregistration {
 
 pub mod frame;
 pub mod range_lock;
+pub mod volume;

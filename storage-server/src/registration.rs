@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ballast_proto::meta as pb;
 use ballast_tls::TlsDir;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use tokio::sync::watch;
 
 use crate::identity;
@@ -135,7 +135,7 @@ pub async fn register_and_heartbeat(
             }
         }
         if registered {
-            let reconcile = beats % RECONCILE_EVERY == 0;
+            let reconcile = beats.is_multiple_of(RECONCILE_EVERY);
             beats += 1;
             let chunks: Vec<pb::HeldChunk> = if reconcile {
                 store

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{ClientError, Connector, DataClient, ErrorCode};
 use ballast_proto::meta as pb;
+use ballast_testkit::meta_cluster::LocalMetaCluster;
 use ballast_tls::pki::Authority;
 use ballast_tls::{Role, TlsDir};
 use bytes::Bytes;
-use meta_raft::state::now_ms;
-use meta_raft::testing::LocalMetaCluster;
-use meta_raft::MetaClient;
+use meta_client::now_ms;
+use meta_client::MetaClient;
 
 /// Seconds a capability lives in this test: long enough for the steps
 /// before the expiry check, short enough to wait out.

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use ballast_proto::frame::{ClientError, Connector, DataClient, ErrorCode};
 use ballast_proto::meta as pb;
+use ballast_testkit::meta_cluster::LocalMetaCluster;
 use ballast_tls::pki::Authority;
 use ballast_tls::{Role, TlsDir};
-use meta_raft::testing::LocalMetaCluster;
 use storage_server::config::Config;
 use storage_server::server::{start, ServerError};
 

@@ -1,6 +1,7 @@
 //! What Ballast's system tests need from the machine (root, device nodes,
 //! external tools), checked in one place; network namespaces for the
-//! tests that cut the network ([`netns`]); reading metrics ([`metrics`]).
+//! tests that cut the network ([`netns`]); reading metrics ([`metrics`]);
+//! a local metadata cluster of real members ([`meta_cluster`]).
 //!
 //! A test starts with `if !ballast_testkit::machine_has(&[...]) { return; }`.
 //! What happens when something is missing depends on `BALLAST_SYSTEM_TESTS`,
@@ -12,6 +13,7 @@
 //!   file the skip is appended to it (`test<TAB>missing`) for the run's
 //!   summary.
 
+pub mod meta_cluster;
 pub mod metrics;
 pub mod netns;
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 
 use crate::params::Segments;
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ballast_cli::dev::DevCluster;
 use ballast_proto::csi;
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nix::mount::MntFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

@@ -20,8 +20,8 @@ use ballast_proto::csi::identity_client::IdentityClient;
 use ballast_proto::csi::node_client::NodeClient;
 use ballast_proto::csi::volume_capability::access_mode::Mode;
 use ballast_proto::meta as pb;
-use meta_raft::testing::LocalMetaCluster;
-use meta_raft::MetaClient;
+use ballast_testkit::meta_cluster::LocalMetaCluster;
+use meta_client::MetaClient;
 use tokio::net::UnixStream;
 use tonic::transport::Channel;
 

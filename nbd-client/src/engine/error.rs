@@ -6,8 +6,6 @@ use crate::export::ExportError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("volume {0:?} not found")]
-    NoSuchVolume(String),
     #[error("metadata service: {0}")]
     Meta(#[from] tonic::Status),
     /// A newer attachment exists: this node may no longer write.

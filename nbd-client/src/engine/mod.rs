@@ -26,7 +26,7 @@ use ballast_proto::meta as pb;
 use ballast_proto::range_lock::{RangeGuard, RangeLock};
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use tokio::sync::Mutex;
 
 pub use chunk_map::{ChunkView, Replica};
@@ -95,23 +95,10 @@ pub struct Volume {
     read_rotation: AtomicUsize,
 }
 
-/// Finds a volume by id, else by name.
-pub async fn find_volume(meta: &MetaClient, volume: &str) -> Result<pb::Volume, EngineError> {
-    use pb::get_volume_request::Key;
-    for key in [Key::Id(volume.to_string()), Key::Name(volume.to_string())] {
-        match meta.get_volume(pb::GetVolumeRequest { key: Some(key) }).await {
-            Ok(found) => return Ok(found),
-            Err(status) if status.code() == tonic::Code::NotFound => continue,
-            Err(status) => return Err(status.into()),
-        }
-    }
-    Err(EngineError::NoSuchVolume(volume.to_string()))
-}
-
 impl Volume {
     /// Opens `volume` (id or name) and loads its chunk map.
     pub async fn open(meta: MetaClient, volume: &str, options: EngineOptions) -> Result<Volume, EngineError> {
-        let info = find_volume(&meta, volume).await?;
+        let info = meta.find_volume(volume).await?;
         let map = meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: info.id.clone() }).await?;
         let lease = capability::Lease::obtain(&meta, &info, options.epoch).await?;
         let volume = Volume {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nbd_client::engine::{EngineOptions, Volume};
 
 pub const NBD_CLIENT: &str = env!("CARGO_BIN_EXE_nbd-client");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ballast_proto::meta as pb;
 use bytes::Bytes;
-use meta_raft::MetaClient;
+use meta_client::MetaClient;
 use nbd_client::engine::Volume;
 
 use super::MIB;

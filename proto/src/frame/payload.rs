@@ -25,7 +25,7 @@ pub fn encode_entries<E: Entry>(entries: &[E]) -> Bytes {
 /// Decodes a payload of back-to-back records; `None` if its length is not a
 /// whole number of records.
 pub fn decode_entries<E: Entry>(mut payload: Bytes) -> Option<Vec<E>> {
-    if payload.len() % E::SIZE != 0 {
+    if !payload.len().is_multiple_of(E::SIZE) {
         return None;
     }
     let mut out = Vec::with_capacity(payload.len() / E::SIZE);
@@ -41,7 +41,7 @@ pub fn decode_entries<E: Entry>(mut payload: Bytes) -> Option<Vec<E>> {
 /// of blocks with their checksums.
 pub fn decode_data_payload(payload: Bytes) -> Option<(Bytes, Checksums)> {
     const PER_BLOCK: usize = BLOCK_SIZE + 4;
-    if payload.len() % PER_BLOCK != 0 {
+    if !payload.len().is_multiple_of(PER_BLOCK) {
         return None;
     }
     let data_len = payload.len() / PER_BLOCK * BLOCK_SIZE;

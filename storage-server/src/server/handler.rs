@@ -70,7 +70,7 @@ impl Handler {
     /// Decides whether the connection of `access` may send `req`, in the
     /// order its requests arrived.
     pub fn admit(&self, access: &mut Access, req: &Request) -> Result<(), Denied> {
-        let now_ms = meta_raft::state::now_ms();
+        let now_ms = meta_client::now_ms();
         let volume_epoch = |volume| self.store.volume_epoch(volume);
         access.admit(req, &Circumstances { key: &self.key, now_ms, volume_epoch: &volume_epoch })
     }

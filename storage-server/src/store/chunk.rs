@@ -303,7 +303,7 @@ impl Chunk {
 
     /// Rejects unaligned or out-of-chunk ranges.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
-        if offset % BLOCK != 0 || len % BLOCK != 0 {
+        if !offset.is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) {
             return Err(StoreError::Misaligned { offset, len });
         }
         if offset.checked_add(len).is_none_or(|end| end > self.size) {

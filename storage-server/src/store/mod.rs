@@ -404,7 +404,7 @@ impl Store {
         if size == 0 || size > MAX_CHUNK_SIZE {
             return Err(StoreError::Invalid(format!("chunk size {size} out of range")));
         }
-        if size % BLOCK_SIZE as u64 != 0 {
+        if !size.is_multiple_of(BLOCK_SIZE as u64) {
             return Err(StoreError::Misaligned { offset: 0, len: size });
         }
         let _admin = self.admin.lock().await;

@@ -67,7 +67,7 @@ pub trait IoBackend: Send + Sync + 'static {
 
 /// True when `data` may be handed to O_DIRECT I/O as it is.
 pub fn aligned(data: &[u8]) -> bool {
-    data.as_ptr() as usize % ALIGN == 0 && data.len() % 512 == 0
+    (data.as_ptr() as usize).is_multiple_of(ALIGN) && data.len().is_multiple_of(512)
 }
 
 /// Positional I/O on one file. Reads and writes transfer the whole buffer

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
-use crate::error::LEADER_HEADER;
+use crate::LEADER_HEADER;
 
 /// Environment variable holding comma-separated metadata endpoints.
 pub const META_ENV: &str = "BALLAST_META";
@@ -299,6 +299,18 @@ impl MetaClient {
         let endpoint = self.inner.endpoints[0].clone();
         let mut client = ClusterClient::new(self.channel(&endpoint));
         Ok(client.initialize(pb::InitializeRequest { members }).await?.into_inner())
+    }
+
+    /// Finds a volume by id, else by name; NotFound names what was asked.
+    pub async fn find_volume(&self, volume: &str) -> Result<pb::Volume, Status> {
+        use pb::get_volume_request::Key;
+        for key in [Key::Id(volume.to_string()), Key::Name(volume.to_string())] {
+            match self.get_volume(pb::GetVolumeRequest { key: Some(key) }).await {
+                Err(status) if status.code() == Code::NotFound => continue,
+                found => return found,
+            }
+        }
+        Err(Status::not_found(format!("no volume with id or name {volume:?}")))
     }
 
     /// Fetches every volume, following pagination.

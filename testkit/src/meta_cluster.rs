@@ -1,7 +1,6 @@
 //! A local metadata cluster of real `meta-raft` processes on loopback, for
 //! tests and development. Every process is killed when the handle drops.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -9,21 +8,8 @@ use std::time::Duration;
 use ballast_proto::meta as pb;
 use ballast_tls::TlsDir;
 
-use crate::MetaClient;
-
-/// Ports that were free a moment ago. They come from below the kernel's
-/// ephemeral range, so outgoing connections (which take their source port
-/// from that range) cannot grab one before its server binds it.
-pub fn free_ports(count: usize) -> Vec<u16> {
-    let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
-    while listeners.len() < count {
-        let port = rand::random_range(10_000..32_000);
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            listeners.push(listener);
-        }
-    }
-    listeners.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
-}
+use ballast_cli::dev::free_ports;
+use meta_client::MetaClient;
 
 pub struct MetaMember {
     pub id: u64,
