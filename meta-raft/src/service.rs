@@ -82,10 +82,7 @@ impl MetaService {
         let mut pkcs8 = self.read_local(|state| Ok(state.capability_key.clone()))?;
         if pkcs8.is_empty() {
             let fresh = CapabilityIssuer::generate_key().map_err(|e| Status::internal(e.to_string()))?;
-            pkcs8 = match self.propose(Command::SetCapabilityKey { pkcs8: fresh }).await? {
-                Outcome::CapabilityKey(key) => key,
-                other => return Err(unexpected(other)),
-            };
+            pkcs8 = self.propose_for(Command::SetCapabilityKey { pkcs8: fresh }, Outcome::capability_key).await?;
         }
         CapabilityIssuer::from_pkcs8(&pkcs8).map_err(|e| Status::internal(e.to_string()))
     }
@@ -97,6 +94,12 @@ impl MetaService {
             Ok(written) => written.data.map_err(Status::from),
             Err(err) => Err(raft_status::<ClientWriteError<NodeId, openraft::BasicNode>>(err)),
         }
+    }
+
+    /// Proposes `command` and takes the outcome it must produce (`expected`
+    /// is one of `Outcome`'s accessors); any other is an internal error.
+    async fn propose_for<T>(&self, command: Command, expected: fn(Outcome) -> Result<T, String>) -> Result<T, Status> {
+        expected(self.propose(command).await?).map_err(|found| unexpected(&found))
     }
 
     /// Runs `f` on state that reflects every write acknowledged before the call.
@@ -208,7 +211,7 @@ impl MetaService {
             Outcome::ReplicaSet { volume_id, chunk_index, set } => self
                 .read_local(|state| Ok(convert::replica_set(state, &volume_id, chunk_index, &set)))
                 .map(Response::new),
-            other => Err(unexpected(other)),
+            other => Err(unexpected(&format!("{other:?}"))),
         }
     }
 }
@@ -219,8 +222,8 @@ impl MetaService {
     }
 }
 
-fn unexpected(outcome: Outcome) -> Status {
-    Status::internal(format!("state machine returned an unexpected outcome: {outcome:?}"))
+fn unexpected(outcome: &dyn std::fmt::Display) -> Status {
+    Status::internal(format!("state machine returned an unexpected outcome: {outcome}"))
 }
 
 /// Records the latency of one API call by method and result code.
@@ -258,10 +261,8 @@ impl Meta for MetaService {
                 source: convert::source_from_pb(r.content_source),
                 limits: convert::limits_from_pb(r.limits),
             };
-            match self.propose(command).await? {
-                Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
-                other => Err(unexpected(other)),
-            }
+            let v = self.propose_for(command, Outcome::volume).await?;
+            Ok(Response::new(convert::volume(&v)))
         })
         .await
     }
@@ -271,10 +272,8 @@ impl Meta for MetaService {
             self.check_node_owns(&request, &request.get_ref().id).await?;
             let id = request.into_inner().id;
             required("volume id", &id)?;
-            match self.propose(Command::DeleteVolume { id }).await? {
-                Outcome::Existed(existed) => Ok(Response::new(pb::DeleteVolumeResponse { existed })),
-                other => Err(unexpected(other)),
-            }
+            let existed = self.propose_for(Command::DeleteVolume { id }, Outcome::existed).await?;
+            Ok(Response::new(pb::DeleteVolumeResponse { existed }))
         })
         .await
     }
@@ -314,10 +313,9 @@ impl Meta for MetaService {
         timed("ExpandVolume", async {
             let r = request.into_inner();
             required("volume id", &r.id)?;
-            match self.propose(Command::ExpandVolume { id: r.id, size_bytes: r.size_bytes }).await? {
-                Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
-                other => Err(unexpected(other)),
-            }
+            let v =
+                self.propose_for(Command::ExpandVolume { id: r.id, size_bytes: r.size_bytes }, Outcome::volume).await?;
+            Ok(Response::new(convert::volume(&v)))
         })
         .await
     }
@@ -328,10 +326,8 @@ impl Meta for MetaService {
             required("volume id", &r.id)?;
             let change =
                 VolumeChange { replicas: r.replicas, max_iops: r.max_iops, max_bandwidth_bytes: r.max_bandwidth_bytes };
-            match self.propose(Command::ModifyVolume { id: r.id, change }).await? {
-                Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
-                other => Err(unexpected(other)),
-            }
+            let v = self.propose_for(Command::ModifyVolume { id: r.id, change }, Outcome::volume).await?;
+            Ok(Response::new(convert::volume(&v)))
         })
         .await
     }
@@ -341,10 +337,8 @@ impl Meta for MetaService {
             let r = request.into_inner();
             let group_id = (!r.group_id.is_empty()).then_some(r.group_id);
             let command = Command::CreateSnapshot { name: r.name, source_volume_id: r.source_volume_id, group_id };
-            match self.propose(command).await? {
-                Outcome::Snapshot(s) => self.snapshot_reply(&s),
-                other => Err(unexpected(other)),
-            }
+            let s = self.propose_for(command, Outcome::snapshot).await?;
+            self.snapshot_reply(&s)
         })
         .await
     }
@@ -353,10 +347,8 @@ impl Meta for MetaService {
         timed("DeleteSnapshot", async {
             let id = request.into_inner().id;
             required("snapshot id", &id)?;
-            match self.propose(Command::DeleteSnapshot { id }).await? {
-                Outcome::Existed(existed) => Ok(Response::new(pb::DeleteSnapshotResponse { existed })),
-                other => Err(unexpected(other)),
-            }
+            let existed = self.propose_for(Command::DeleteSnapshot { id }, Outcome::existed).await?;
+            Ok(Response::new(pb::DeleteSnapshotResponse { existed }))
         })
         .await
     }
@@ -368,12 +360,8 @@ impl Meta for MetaService {
         timed("CreateGroupSnapshot", async {
             let r = request.into_inner();
             let command = Command::CreateGroupSnapshot { name: r.name, source_volume_ids: r.source_volume_ids };
-            match self.propose(command).await? {
-                Outcome::GroupSnapshot(g) => {
-                    self.read_local(|state| Ok(convert::group_snapshot(state, &g))).map(Response::new)
-                }
-                other => Err(unexpected(other)),
-            }
+            let g = self.propose_for(command, Outcome::group_snapshot).await?;
+            self.read_local(|state| Ok(convert::group_snapshot(state, &g))).map(Response::new)
         })
         .await
     }
@@ -385,10 +373,8 @@ impl Meta for MetaService {
         timed("DeleteGroupSnapshot", async {
             let id = request.into_inner().id;
             required("group snapshot id", &id)?;
-            match self.propose(Command::DeleteGroupSnapshot { id }).await? {
-                Outcome::Existed(existed) => Ok(Response::new(pb::DeleteGroupSnapshotResponse { existed })),
-                other => Err(unexpected(other)),
-            }
+            let existed = self.propose_for(Command::DeleteGroupSnapshot { id }, Outcome::existed).await?;
+            Ok(Response::new(pb::DeleteGroupSnapshotResponse { existed }))
         })
         .await
     }
@@ -433,10 +419,9 @@ impl Meta for MetaService {
             let r = request.into_inner();
             required("snapshot id", &r.snapshot_id)?;
             let chunks = r.chunks.into_iter().map(|c| (c.chunk_index, c.server_ids)).collect();
-            match self.propose(Command::CompleteSnapshot { id: r.snapshot_id, chunks }).await? {
-                Outcome::Snapshot(s) => self.snapshot_reply(&s),
-                other => Err(unexpected(other)),
-            }
+            let s =
+                self.propose_for(Command::CompleteSnapshot { id: r.snapshot_id, chunks }, Outcome::snapshot).await?;
+            self.snapshot_reply(&s)
         })
         .await
     }
@@ -445,10 +430,8 @@ impl Meta for MetaService {
         timed("MarkVolumeReady", async {
             let id = request.into_inner().id;
             required("volume id", &id)?;
-            match self.propose(Command::MarkVolumeReady { id }).await? {
-                Outcome::Volume(v) => Ok(Response::new(convert::volume(&v))),
-                other => Err(unexpected(other)),
-            }
+            let v = self.propose_for(Command::MarkVolumeReady { id }, Outcome::volume).await?;
+            Ok(Response::new(convert::volume(&v)))
         })
         .await
     }
@@ -462,10 +445,7 @@ impl Meta for MetaService {
             let mut cluster_id = self.read(|state| Ok(state.cluster_id.clone())).await?;
             if cluster_id.is_empty() {
                 let id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
-                cluster_id = match self.propose(Command::SetClusterId { id }).await? {
-                    Outcome::ClusterId(id) => id,
-                    other => return Err(unexpected(other)),
-                };
+                cluster_id = self.propose_for(Command::SetClusterId { id }, Outcome::cluster_id).await?;
             }
             let command = Command::RegisterChunkServer {
                 id: r.id,
@@ -474,10 +454,8 @@ impl Meta for MetaService {
                 labels: r.labels.into_iter().collect(),
                 cluster_id: r.cluster_id,
             };
-            match self.propose(command).await? {
-                Outcome::ChunkServer(s) => Ok(Response::new(convert::chunk_server(&s, &cluster_id))),
-                other => Err(unexpected(other)),
-            }
+            let s = self.propose_for(command, Outcome::chunk_server).await?;
+            Ok(Response::new(convert::chunk_server(&s, &cluster_id)))
         })
         .await
     }
@@ -500,22 +478,13 @@ impl Meta for MetaService {
                 held,
                 cluster_id: r.cluster_id,
             };
-            let outcome = self.propose(command).await?;
+            let orphaned = self.propose_for(command, Outcome::orphaned).await?;
             let capability_key = self.capability_issuer().await?.public_key();
-            match outcome {
-                Outcome::Orphaned(list) => Ok(Response::new(pb::HeartbeatResponse {
-                    capability_key,
-                    orphaned: list
-                        .into_iter()
-                        .map(|c| pb::HeldChunk {
-                            data_id: c.data_id,
-                            chunk_index: c.chunk_index,
-                            generation: c.generation,
-                        })
-                        .collect(),
-                })),
-                other => Err(unexpected(other)),
-            }
+            let orphaned = orphaned
+                .into_iter()
+                .map(|c| pb::HeldChunk { data_id: c.data_id, chunk_index: c.chunk_index, generation: c.generation })
+                .collect();
+            Ok(Response::new(pb::HeartbeatResponse { capability_key, orphaned }))
         })
         .await
     }
@@ -537,13 +506,14 @@ impl Meta for MetaService {
         timed("SetDraining", async {
             let r = request.into_inner();
             required("server id", &r.server_id)?;
-            match self.propose(Command::SetDraining { server_id: r.server_id, draining: r.draining }).await? {
-                Outcome::ChunkServer(s) => {
-                    let cluster_id = self.read_local(|state| Ok(state.cluster_id.clone()))?;
-                    Ok(Response::new(convert::chunk_server(&s, &cluster_id)))
-                }
-                other => Err(unexpected(other)),
-            }
+            let s = self
+                .propose_for(
+                    Command::SetDraining { server_id: r.server_id, draining: r.draining },
+                    Outcome::chunk_server,
+                )
+                .await?;
+            let cluster_id = self.read_local(|state| Ok(state.cluster_id.clone()))?;
+            Ok(Response::new(convert::chunk_server(&s, &cluster_id)))
         })
         .await
     }
@@ -613,15 +583,11 @@ impl Meta for MetaService {
             self.check_node_owns(&request, &request.get_ref().volume_id).await?;
             let r = request.into_inner();
             let command = Command::Publish { volume_id: r.volume_id, node_id: r.node_id, readonly: r.readonly };
-            match self.propose(command).await? {
-                Outcome::Attachment(a) => {
-                    // Repeated publishes (the same epoch) fence again: the
-                    // first may have failed halfway.
-                    self.fence(&a.volume_id, a.epoch).await?;
-                    Ok(Response::new(convert::attachment(&a)))
-                }
-                other => Err(unexpected(other)),
-            }
+            let a = self.propose_for(command, Outcome::attachment).await?;
+            // Repeated publishes (the same epoch) fence again: the
+            // first may have failed halfway.
+            self.fence(&a.volume_id, a.epoch).await?;
+            Ok(Response::new(convert::attachment(&a)))
         })
         .await
     }
@@ -633,10 +599,10 @@ impl Meta for MetaService {
         timed("UnpublishVolume", async {
             check_acting_as(&request, Role::Node, &request.get_ref().node_id)?;
             let r = request.into_inner();
-            match self.propose(Command::Unpublish { volume_id: r.volume_id, node_id: r.node_id }).await? {
-                Outcome::Existed(existed) => Ok(Response::new(pb::UnpublishVolumeResponse { existed })),
-                other => Err(unexpected(other)),
-            }
+            let existed = self
+                .propose_for(Command::Unpublish { volume_id: r.volume_id, node_id: r.node_id }, Outcome::existed)
+                .await?;
+            Ok(Response::new(pb::UnpublishVolumeResponse { existed }))
         })
         .await
     }
@@ -667,10 +633,8 @@ impl Meta for MetaService {
                 max_volumes: r.max_volumes,
                 topology: r.topology.into_iter().collect(),
             };
-            match self.propose(command).await? {
-                Outcome::Node(n) => Ok(Response::new(convert::csi_node(&n))),
-                other => Err(unexpected(other)),
-            }
+            let n = self.propose_for(command, Outcome::node).await?;
+            Ok(Response::new(convert::csi_node(&n)))
         })
         .await
     }

@@ -191,5 +191,33 @@ pub enum Outcome {
     Empty,
 }
 
+/// `Outcome::volume(self)` and the like: the value of the variant a command
+/// must produce, or what it produced instead.
+macro_rules! expected_outcomes {
+    ($($name:ident: $variant:ident($ty:ty)),* $(,)?) => {
+        impl Outcome {
+            $(pub fn $name(self) -> Result<$ty, String> {
+                match self {
+                    Outcome::$variant(value) => Ok(value),
+                    other => Err(format!("{other:?}")),
+                }
+            })*
+        }
+    };
+}
+
+expected_outcomes! {
+    volume: Volume(Volume),
+    snapshot: Snapshot(Snapshot),
+    group_snapshot: GroupSnapshot(GroupSnapshot),
+    chunk_server: ChunkServer(ChunkServer),
+    attachment: Attachment(Attachment),
+    node: Node(CsiNode),
+    existed: Existed(bool),
+    orphaned: Orphaned(Vec<HeldChunk>),
+    cluster_id: ClusterId(String),
+    capability_key: CapabilityKey(Vec<u8>),
+}
+
 /// The state machine's answer to one log entry.
 pub type Response = Result<Outcome, MetaError>;

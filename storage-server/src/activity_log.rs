@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::durable;
 use crate::error::StoreError;
 use crate::metrics::metrics;
-use crate::store::chunk::{sync_dir, ChunkKey, REGION_SIZE};
+use crate::store::chunk::{ChunkKey, REGION_SIZE};
 
 const RECORD_LEN: usize = 32;
 const DIRTY: u8 = 1;
@@ -135,16 +136,11 @@ fn decode(rec: &[u8]) -> Option<(u8, RegionKey)> {
 /// Rewrites the log to hold exactly `regions`, atomically; returns the
 /// append handle of the new file.
 fn rewrite(path: &Path, regions: &[RegionKey]) -> io::Result<std::fs::File> {
-    let tmp = path.with_extension("tmp");
     let mut image = Vec::with_capacity(regions.len() * RECORD_LEN);
     for key in regions {
         encode(DIRTY, *key, &mut image);
     }
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&image)?;
-    file.sync_data()?;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path.parent().expect("log path has a parent"))?;
+    durable::replace(path, &image)?;
     std::fs::OpenOptions::new().append(true).open(path)
 }
 

@@ -12,12 +12,11 @@
 //! admin traffic must carry the volume's current epoch.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::StoreError;
-use crate::store::chunk::sync_dir;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"BLEPOCH1");
 
@@ -98,7 +97,7 @@ impl Fencing {
         next.insert(volume, epoch);
         let bytes = encode(&next);
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
+        tokio::task::spawn_blocking(move || crate::durable::replace(&path, &bytes))
             .await
             .map_err(|e| StoreError::io("persisting epochs", io::Error::other(e)))?
             .map_err(|e| StoreError::io("persisting epochs", e))?;
@@ -106,15 +105,6 @@ impl Fencing {
         tracing::info!(volume, epoch, previous = current, "volume epoch raised");
         Ok(())
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_data()?;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path.parent().expect("epoch file has a parent"))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! learnt at its first registration, with the key that cluster signs
 //! capabilities with. All are kept in the data directory.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 const FILE: &str = "server-id";
@@ -97,12 +97,7 @@ pub fn set_capability_key(data_dir: &Path, key: &[u8]) -> io::Result<()> {
 
 /// Writes `DATA_DIR/name` whole or not at all, and durably.
 fn write_durably(data_dir: &Path, name: &str, value: &str) -> io::Result<()> {
-    let tmp = data_dir.join(format!("{name}.tmp"));
-    let mut file = std::fs::File::create(&tmp)?;
-    writeln!(file, "{value}")?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, data_dir.join(name))?;
-    std::fs::File::open(data_dir)?.sync_all()
+    crate::durable::replace(&data_dir.join(name), format!("{value}\n").as_bytes())
 }
 
 #[cfg(test)]

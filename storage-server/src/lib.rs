@@ -11,11 +11,13 @@
 //! - [`fencing`]: newest attachment epoch per volume.
 //! - [`scrub`]: background and on-demand verification of every block.
 //! - [`trash`]: orphaned chunks wait there before they are deleted.
+//! - [`durable`]: files replaced whole or not at all.
 //! - [`metrics`], [`identity`], [`registration`].
 
 pub mod activity_log;
 pub mod checksum;
 pub mod config;
+pub mod durable;
 pub mod error;
 pub mod fencing;
 pub mod identity;

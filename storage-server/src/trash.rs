@@ -12,7 +12,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::store::chunk::{sync_dir, ChunkKey};
+use crate::durable::sync_dir;
+use crate::store::chunk::ChunkKey;
 
 pub const DIR: &str = "trash";
 

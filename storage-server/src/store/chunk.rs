@@ -28,6 +28,7 @@ use super::backend::{aligned, fallocate_fd, open_direct, IoBackend, IoFile};
 use super::bitmap::Bitmap;
 use super::buf::{AlignedBuf, BufPool, ALIGN};
 use crate::checksum::{verify_block, UNWRITTEN};
+use crate::durable;
 use crate::error::StoreError;
 use ballast_proto::range_lock::{RangeGuard, RangeLock};
 
@@ -220,8 +221,7 @@ impl Chunk {
         let header = Header { key, size, generation };
         file.write_all_at(&header.encode(pool), 0)?;
         file.sync_data()?;
-        std::fs::rename(&tmp, path)?;
-        sync_dir(path.parent().expect("chunk path has a parent"))?;
+        durable::rename(&tmp, path)?;
         let blocks = (size / BLOCK) as usize;
         Ok(Chunk::new(path.to_owned(), header, vec![UNWRITTEN; blocks], backend.open(file), pool.clone()))
     }
@@ -247,14 +247,12 @@ impl Chunk {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        std::fs::rename(&tmp, path)?;
-        let dir = path.parent().expect("chunk path has a parent");
-        sync_dir(dir)?;
+        durable::rename(&tmp, path)?;
         match Chunk::load(path, backend, pool) {
             Ok(chunk) if chunk.key == key && chunk.size == size => Ok(chunk),
             loaded => {
                 let _ = std::fs::remove_file(path);
-                let _ = sync_dir(dir);
+                let _ = durable::sync_dir(path.parent().expect("chunk path has a parent"));
                 Err(match loaded {
                     Err(e) => e,
                     Ok(_) => io::Error::other("the copied chunk reads back with another key or size"),
@@ -596,9 +594,4 @@ fn copy_file(src: &std::fs::File, dst: &std::fs::File, len: u64) -> io::Result<(
         at += n as u64;
     }
     Ok(())
-}
-
-/// `fsync` a directory so entries created or removed in it are durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }

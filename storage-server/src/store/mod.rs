@@ -38,7 +38,9 @@ use crate::metrics::metrics;
 use backend::{IoBackend, PUNCH_HOLE, ZERO_RANGE};
 use ballast_proto::range_lock::RangeGuard;
 use buf::BufPool;
-use chunk::{sync_dir, Chunk, ChunkKey, MAX_CHUNK_SIZE, REGION_SIZE};
+use chunk::{Chunk, ChunkKey, MAX_CHUNK_SIZE, REGION_SIZE};
+
+use crate::durable::sync_dir;
 use pause::Pauses;
 
 /// The pause holder a fence drains with (holders of snapshots and rebuilds
