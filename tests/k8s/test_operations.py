@@ -25,13 +25,17 @@ def test_every_node_plugin_says_how_volumes_attach():
     for node in nodes():
         events = log_events(node_plugin_on(node), "csi-plugin")
         said = [e["fields"] for e in events if e.get("target") == "csi_plugin::node::host"]
-        assert said, f"the node plugin on {node} did not say how volumes attach"
-        method = said[-1]["method"]
-        assert method in ("netlink", "ioctl", "fuse-loop"), said[-1]
+        attach = [fields for fields in said if "method" in fields]
+        assert attach, f"the node plugin on {node} did not say how volumes attach: {said}"
+        method = attach[-1]["method"]
+        assert method in ("netlink", "ioctl", "fuse-loop"), attach[-1]
         if method != "netlink":
             # Why not kernel NBD, and what loading the module answered.
-            assert said[-1]["reason"] and said[-1]["module"], said[-1]
-        print(f"{node}: {method}: {said[-1]}")
+            assert attach[-1]["reason"] and attach[-1]["module"], attach[-1]
+        # And whether each kernel feature works, a fallback never silent.
+        features = {fields["feature"]: fields.get("reason", "works") for fields in said if "feature" in fields}
+        assert set(features) == {"nbd", "fuse", "io_uring"}, said
+        print(f"{node}: {method}: {attach[-1]}; {features}")
 
 
 def scrape(service, pod_name_prefix, port):
