@@ -163,14 +163,17 @@ def test_online_expansion(storage_class):
 
     if storage_class == "ballast" and not machine_has_capability(CAP_SYS_RESOURCE):
         # Growing a mounted ext4 needs CAP_SYS_RESOURCE, which this machine
-        # withholds even from root: the refusal reaches the user naming the
-        # capability, and the filesystem grows when the volume is next
-        # staged, for the pod that replaces this one.
-        def reported():
-            events = get("events")["items"]
-            return any("CAP_SYS_RESOURCE" in e.get("message", "") for e in events)
+        # withholds even from root: NodeExpandVolume refuses with
+        # FAILED_PRECONDITION naming the capability (the kubelet then waits
+        # to expand it offline), and the filesystem grows when the volume is
+        # next staged, for the pod that replaces this one.
+        node = get("pod", grower)["spec"]["nodeName"]
 
-        wait_until("the node plugin's refusal to be reported on the pod", reported, timeout=240)
+        def refused():
+            logs = kubectl("logs", "-n", "ballast-system", node_plugin_on(node), "-c", "csi-plugin")
+            return any("NodeExpandVolume" in line and "CAP_SYS_RESOURCE" in line for line in logs.splitlines())
+
+        wait_until("the node plugin to refuse online ext4 growth, naming the capability", refused, timeout=240)
         volume = get("pvc", claim)["spec"]["volumeName"]
 
         def detached():
