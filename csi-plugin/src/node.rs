@@ -120,7 +120,7 @@ fn device_size(device: &Path) -> Result<u64> {
 /// An ext4 filesystem smaller than its device (the volume was expanded
 /// while it could not grow online) is grown before it is mounted.
 async fn grow_ext4_before_mounting(device: &Path) -> Result<()> {
-    let (fs_size, device_size) = (tools::ext4_size(device).await?, device_size(device)?);
+    let (fs_size, device_size) = (tools::ext4_size(device)?, device_size(device)?);
     if fs_size < device_size {
         tracing::info!(fs_size, device_size, "growing the filesystem to its device before mounting it");
         tools::grow_unmounted_ext4(device).await?;
@@ -682,7 +682,7 @@ impl NodeService {
             }
             let data_device = staged.data_device();
             if fs == FsType::Ext4 && !host::can_grow_mounted_ext4() {
-                if tools::ext4_size(&data_device).await? < device_size(&data_device)? {
+                if tools::ext4_size(&data_device)? < device_size(&data_device)? {
                     return Err(CsiError::precondition(format!(
                         "the device has grown to {size} bytes, but growing a mounted ext4 filesystem needs \
                          CAP_SYS_RESOURCE, which this node plugin lacks (run it privileged, with that capability \

@@ -1,6 +1,6 @@
 //! The external programs the node service drives: a runner with a time
-//! limit, and blkid, mkfs, dumpe2fs, e2fsck, resize2fs and xfs_growfs on
-//! top of it.
+//! limit, and blkid, mkfs, e2fsck, resize2fs and xfs_growfs on top of it;
+//! the size an ext4 superblock records.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -192,22 +192,30 @@ pub async fn grow_filesystem(device: &Path, mount_point: &Path, fs: FsType) -> R
     Ok(())
 }
 
-/// The size in bytes of the ext4 filesystem on `device`, from its
-/// superblock.
-pub async fn ext4_size(device: &Path) -> Result<u64> {
-    let dumpe2fs = tool("dumpe2fs")?;
-    let header = run(&dumpe2fs, [OsStr::new("-h"), device.as_os_str()], PROBE_LIMIT).await?;
-    parse_ext4_size(&header).ok_or_else(|| CsiError::Tool {
-        tool: "dumpe2fs".into(),
-        detail: format!("no block count and block size in what it printed for {}", device.display()),
-    })
+/// The size in bytes of the ext4 filesystem on `device`, read from its
+/// superblock (no tool needed: a node may have resize2fs but not dumpe2fs).
+pub fn ext4_size(device: &Path) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut superblock = [0u8; 1024];
+    std::fs::File::open(device)
+        .and_then(|f| f.read_exact_at(&mut superblock, 1024))
+        .map_err(|e| CsiError::io("reading the ext4 superblock of", device, e))?;
+    parse_ext4_size(&superblock)
+        .ok_or_else(|| CsiError::precondition(format!("{} holds no ext4 superblock", device.display())))
 }
 
-fn parse_ext4_size(header: &str) -> Option<u64> {
-    let field = |name: &str| -> Option<u64> {
-        header.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim_start_matches(':').trim().parse().ok())
-    };
-    Some(field("Block count")? * field("Block size")?)
+/// An ext4 superblock's block count times its block size.
+fn parse_ext4_size(superblock: &[u8; 1024]) -> Option<u64> {
+    const MAGIC: u16 = 0xEF53;
+    const INCOMPAT_64BIT: u32 = 0x80;
+    let u32_at = |at: usize| u32::from_le_bytes(superblock[at..at + 4].try_into().expect("4 bytes"));
+    if u16::from_le_bytes([superblock[0x38], superblock[0x39]]) != MAGIC {
+        return None;
+    }
+    let high = if u32_at(0x60) & INCOMPAT_64BIT != 0 { u64::from(u32_at(0x150)) } else { 0 };
+    let blocks = high << 32 | u64::from(u32_at(0x04));
+    let block_size = 1024u64.checked_shl(u32_at(0x18))?;
+    blocks.checked_mul(block_size)
 }
 
 /// Grows the unmounted ext4 filesystem on `device` to fill it. resize2fs
@@ -239,12 +247,18 @@ mod tests {
     }
 
     #[test]
-    fn dumpe2fs_header() {
-        let header =
-            "Filesystem volume name:   <none>\nBlock count:              262144\nReserved block count:     13107\n\
-                      Block size:               4096\nFragment size:            4096\n";
-        assert_eq!(parse_ext4_size(header), Some(1 << 30));
-        assert_eq!(parse_ext4_size("Block count: 12\n"), None);
+    fn ext4_superblock_sizes() {
+        let mut superblock = [0u8; 1024];
+        assert_eq!(parse_ext4_size(&superblock), None, "no magic, no ext4");
+        superblock[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
+        superblock[0x04..0x08].copy_from_slice(&262_144u32.to_le_bytes());
+        superblock[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes()); // 1024 << 2
+        assert_eq!(parse_ext4_size(&superblock), Some(1 << 30));
+        // 64-bit block counts: the high half counts only with the feature.
+        superblock[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(parse_ext4_size(&superblock), Some(1 << 30));
+        superblock[0x60..0x64].copy_from_slice(&0x80u32.to_le_bytes());
+        assert_eq!(parse_ext4_size(&superblock), Some(((1u64 << 32) + 262_144) * 4096));
     }
 
     #[tokio::test]
