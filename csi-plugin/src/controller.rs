@@ -457,9 +457,7 @@ impl ControllerService {
         if req.source_volume_id.is_empty() {
             return Err(CsiError::Missing("source_volume_id"));
         }
-        if let Some(key) = req.parameters.keys().find(|k| !k.starts_with(params::SIDECAR_PREFIX)) {
-            return Err(CsiError::invalid(format!("unknown snapshot parameter {key:?}: snapshots take none")));
-        }
+        params::reject_snapshot_parameters(&req.parameters, "snapshot")?;
         let _guard = self.inflight.claim(format!("snapshot-name/{}", req.name))?;
         let snapshot = self
             .meta

@@ -37,9 +37,7 @@ impl GroupControllerService {
         if req.source_volume_ids.is_empty() {
             return Err(CsiError::Missing("source_volume_ids"));
         }
-        if let Some(key) = req.parameters.keys().find(|k| !k.starts_with(params::SIDECAR_PREFIX)) {
-            return Err(CsiError::invalid(format!("unknown group snapshot parameter {key:?}: they take none")));
-        }
+        params::reject_snapshot_parameters(&req.parameters, "group snapshot")?;
         let _guard = self.inflight.claim(format!("group-snapshot-name/{}", req.name))?;
         let request = pb::CreateGroupSnapshotRequest { name: req.name, source_volume_ids: req.source_volume_ids };
         let group = self.meta.create_group_snapshot(request).await?;

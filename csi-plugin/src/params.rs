@@ -166,6 +166,15 @@ impl VolumeParams {
     }
 }
 
+/// Snapshots (single or group) take no parameters beside the sidecars'
+/// keys: `what` names the kind in the error.
+pub fn reject_snapshot_parameters(parameters: &HashMap<String, String>, what: &str) -> Result<()> {
+    match parameters.keys().find(|k| !k.starts_with(SIDECAR_PREFIX)) {
+        Some(key) => Err(CsiError::invalid(format!("unknown {what} parameter {key:?}: snapshots take none"))),
+        None => Ok(()),
+    }
+}
+
 /// Validated mutable parameters; `None` leaves a value as it is. The
 /// metadata service checks the limits' bounds (one home for them).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

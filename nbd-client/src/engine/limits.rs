@@ -8,6 +8,7 @@
 //! the schedule and may start up to [`BURST`] ahead of it, so short bursts
 //! pass at once and the long-run rate never exceeds the limit.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ pub struct Limits {
 
 #[derive(Default)]
 pub struct Throttle {
+    /// Set while any limit is: an unlimited volume's requests take no lock.
+    limited: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -60,11 +63,15 @@ impl Throttle {
         if state.limits != limits {
             tracing::info!(iops = limits.iops, bytes_per_second = limits.bytes, "I/O limits changed (0: none)");
             state.limits = limits;
+            self.limited.store(limits != Limits::default(), Ordering::Release);
         }
     }
 
     /// Waits until a request moving `bytes` may start.
     pub async fn admit(&self, bytes: u64) {
+        if !self.limited.load(Ordering::Acquire) {
+            return;
+        }
         let (start, now) = {
             let mut state = self.state.lock().expect("throttle lock");
             let (limits, now) = (state.limits, Instant::now());
