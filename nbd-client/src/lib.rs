@@ -6,6 +6,7 @@
 //! - [`attach`]: kernel NBD (netlink, ioctl) and the FUSE + loop fallback.
 //! - [`volume_service`]: opening a volume with its fencing epoch.
 //! - [`mapping`]: records of mapped volumes for `map`/`unmap`/`list`.
+//! - [`handover`]: a live kernel device moving to a new serving process.
 //! - [`cgroup`]: a serving process leaves the node plugin's container.
 //! - [`snapshot`]: crash-consistent snapshots and volumes populated from them.
 
@@ -13,6 +14,7 @@ pub mod attach;
 pub mod cgroup;
 pub mod engine;
 pub mod export;
+pub mod handover;
 pub mod mapping;
 pub mod nbd;
 pub mod snapshot;

@@ -13,9 +13,11 @@ use meta_client::ClientArgs;
 use meta_client::MetaClient;
 use nbd_client::attach::{self, AttachMethod, AttachOptions, AttachedDevice};
 use nbd_client::engine::Volume;
+use nbd_client::handover;
 use nbd_client::mapping::{self, Mapping, StateDir, DEFAULT_STATE_DIR};
 use nbd_client::nbd::{ExportOptions, NbdServer};
 use nbd_client::volume_service::{self, OpenOptions, Opened};
+use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -57,11 +59,17 @@ struct VolumeArgs {
 struct DeviceArgs {
     #[arg(long, value_enum, default_value_t = Method::Auto)]
     method: Method,
-    /// Seconds the kernel gives one request before resending it on another
-    /// connection (netlink devices; 0 keeps the kernel's 30 s). Bounds the
-    /// I/O pause when the serving process is replaced.
-    #[arg(long, default_value_t = attach::DEFAULT_IO_TIMEOUT.as_secs())]
-    io_timeout: u64,
+    /// How long the kernel gives one request before resending it on another
+    /// connection (netlink devices): seconds, or with a unit (`1500ms`,
+    /// `2s`); 0 keeps the kernel's 30 s. Bounds the I/O pause when the
+    /// serving process is replaced.
+    #[arg(long, default_value_t = IoTimeout(attach::DEFAULT_IO_TIMEOUT))]
+    io_timeout: IoTimeout,
+    /// When the volume's device is served by a live process: start a new
+    /// one that takes the device over from it with its connections, so no
+    /// request waits (an upgrade, a restart). Netlink devices only.
+    #[arg(long)]
+    take_over: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,6 +151,33 @@ enum Command {
 /// The logical block size of mapped devices.
 const DEVICE_BLOCK_SIZE: u32 = ballast_proto::volume::BLOCK_SIZE as u32;
 
+/// `--io-timeout`: `8` (seconds), `8s` or `1500ms`.
+#[derive(Clone, Copy)]
+struct IoTimeout(Duration);
+
+impl std::str::FromStr for IoTimeout {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+            Some(at) => text.split_at(at),
+            None => (text, "s"),
+        };
+        let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration such as 8, 8s or 1500ms"))?;
+        match unit {
+            "s" => Ok(IoTimeout(Duration::from_secs(value))),
+            "ms" => Ok(IoTimeout(Duration::from_millis(value))),
+            _ => Err(format!("unknown unit {unit:?} in {text:?}: use s or ms")),
+        }
+    }
+}
+
+impl std::fmt::Display for IoTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}ms", self.0.as_millis())
+    }
+}
+
 fn default_node_id() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
 }
@@ -223,9 +258,10 @@ fn attach_method(method: Method) -> AttachMethod {
 /// (`map` again, or a restarted process); SIGUSR1 (sent by `unmap`)
 /// detaches it. A FUSE + loop device cannot outlive its server, so SIGTERM
 /// detaches it too.
-async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: PathBuf) -> anyhow::Result<()> {
+async fn serve_device(mut args: VolumeArgs, device_args: DeviceArgs, state_dir: PathBuf) -> anyhow::Result<()> {
     let state = StateDir::new(&state_dir)?;
-    let (meta, opened) = start_daemon_side(&args).await?;
+    let predecessor = if device_args.take_over { Some(contact_predecessor(&state, &mut args).await?) } else { None };
+    let (meta, mut opened) = start_daemon_side(&args).await?;
     match nbd_client::cgroup::leave_pod() {
         Ok(Some(cgroup)) => {
             tracing::info!(%cgroup, "left the pod's cgroup: the volume outlives the node plugin's container")
@@ -239,17 +275,28 @@ async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: Path
     let mut options = AttachOptions::new(info.id.clone());
     options.block_size = DEVICE_BLOCK_SIZE;
     options.method = attach_method(device_args.method);
-    options.io_timeout = (device_args.io_timeout > 0).then(|| Duration::from_secs(device_args.io_timeout));
+    options.io_timeout = Some(device_args.io_timeout.0).filter(|t| !t.is_zero());
     options.read_only = args.readonly;
     options.fuse_root = state_dir.join("fuse");
-    let mut device: AttachedDevice<Volume> = match attach::find_nbd_by_backend(&info.id) {
-        // A predecessor left the device configured: take it over.
-        Some(index) => {
-            tracing::info!(index, "re-attaching to the live nbd device of this volume");
-            attach::reconnect(opened.volume.clone(), index, options).await?
+    let mut device: AttachedDevice<Volume> = match predecessor {
+        Some((successor, offer)) => {
+            if offer.published {
+                opened.inherit_publication(&args.node_id, offer.epoch, args.readonly);
+            }
+            let handed = tokio::task::spawn_blocking(move || successor.take()).await??;
+            tracing::info!(index = offer.index, connections = handed.len(), "took the live device over");
+            attach::adopt(opened.volume.clone(), offer.index, handed, options.clone()).await?
         }
-        None => attach::attach(opened.volume.clone(), options).await?,
+        // A predecessor left the device configured: take it over.
+        None => match attach::find_nbd_by_backend(&info.id) {
+            Some(index) => {
+                tracing::info!(index, "re-attaching to the live nbd device of this volume");
+                attach::reconnect(opened.volume.clone(), index, options.clone()).await?
+            }
+            None => attach::attach(opened.volume.clone(), options.clone()).await?,
+        },
     };
+    let handover = bind_handover(&state.handover_path(&info.id), device.kind())?;
     // Handlers first: the record tells `unmap` and `resize` they may signal.
     let mut term = signal(SignalKind::terminate())?;
     let mut unmap = signal(SignalKind::user_defined1())?;
@@ -273,9 +320,17 @@ async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: Path
                 grow_device(&opened.volume, &device, &state.resize_error_path(&info.id)).await;
                 continue;
             }
+            Ok((socket, _)) = accept(&handover) => {
+                if hand_over_device(socket, &mut device, &opened, &options).await {
+                    // The successor serves the device and owns the record now.
+                    return Ok(());
+                }
+                continue;
+            }
         };
         if !detach {
             let index = device.release().await?;
+            let _ = std::fs::remove_file(state.handover_path(&info.id));
             opened.volume.flush().await?;
             tracing::info!(index, "released the device for a successor");
             return Ok(());
@@ -286,10 +341,120 @@ async fn serve_device(args: VolumeArgs, device_args: DeviceArgs, state_dir: Path
         }
     }
     opened.volume.flush().await?;
+    let _ = std::fs::remove_file(state.handover_path(&info.id));
     state.remove(&info.id)?;
     opened.unpublish(&meta).await;
     tracing::info!(device = %mapping.device, "volume unmapped");
     Ok(())
+}
+
+/// Reaches the process serving the volume's device and learns what the
+/// successor must match: the device, and the epoch its writes carry.
+async fn contact_predecessor(
+    state: &StateDir,
+    args: &mut VolumeArgs,
+) -> anyhow::Result<(handover::Successor, handover::Offer)> {
+    let path = state.handover_path(&args.volume);
+    let volume_id = args.volume.clone();
+    let (successor, offer) = match tokio::task::spawn_blocking(move || handover::Successor::connect(&path, &volume_id))
+        .await?
+    {
+        Ok(contacted) => contacted,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            bail!("the volume's serving process takes no successor: only kernel nbd devices attached over netlink can be taken over ({e})")
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("reaching the serving process to take its device over")),
+    };
+    match args.epoch {
+        Some(epoch) if epoch != offer.epoch => {
+            bail!("the device is served at epoch {}, not {epoch}: a successor writes at the same epoch", offer.epoch)
+        }
+        _ => args.epoch = Some(offer.epoch),
+    }
+    Ok((successor, offer))
+}
+
+/// Where successors reach this process: only netlink devices can move.
+/// Readable by this user alone: whoever connects may take the device.
+fn bind_handover(path: &std::path::Path, kind: attach::AttachKind) -> anyhow::Result<Option<UnixListener>> {
+    if kind != attach::AttachKind::Netlink {
+        return Ok(None);
+    }
+    // A predecessor that crashed left its socket file.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(Some(listener))
+}
+
+async fn accept(
+    listener: &Option<UnixListener>,
+) -> std::io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands the device to the successor on `socket`; true when it took it and
+/// this process is done. If the successor goes away before taking the
+/// connections, this process serves them again.
+async fn hand_over_device(
+    socket: tokio::net::UnixStream,
+    device: &mut AttachedDevice<Volume>,
+    opened: &Opened,
+    options: &AttachOptions,
+) -> bool {
+    let offer =
+        handover::Offer { index: device.index(), epoch: opened.volume.epoch(), published: opened.published.is_some() };
+    let volume_id = opened.volume.info().id.clone();
+    let greeted = match socket.into_std() {
+        Ok(socket) => {
+            tokio::task::spawn_blocking(move || handover::Predecessor::greet(socket, &volume_id, offer)).await
+        }
+        Err(e) => Ok(Err(e)),
+    };
+    let predecessor = match greeted {
+        Ok(Ok(predecessor)) => predecessor,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "a successor did not get ready to take the device over");
+            return false;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the hand-over failed");
+            return false;
+        }
+    };
+    let (index, handed) = match device.hand_over().await {
+        Ok(handed) => handed,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hand the device over");
+            return false;
+        }
+    };
+    let delivered = tokio::task::spawn_blocking(move || {
+        let result = predecessor.deliver(&handed);
+        (result, handed)
+    })
+    .await;
+    match delivered {
+        Ok((Ok(()), _)) => {
+            tracing::info!(index, "the device was handed over to a successor");
+            true
+        }
+        Ok((Err(e), handed)) => {
+            tracing::warn!(error = %e, "the successor did not take the connections; serving them again");
+            match attach::adopt(opened.volume.clone(), index, handed, options.clone()).await {
+                Ok(again) => *device = again,
+                Err(e) => tracing::error!(error = %e, "cannot serve the device again; a successor must re-attach"),
+            }
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the hand-over failed; a successor must re-attach");
+            false
+        }
+    }
 }
 
 /// SIGHUP (sent by `resize`): serve the volume's size in metadata and make
@@ -321,11 +486,15 @@ async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow
     let state = StateDir::new(&state_dir)?;
     let meta = args.meta.client()?;
     let info = meta.find_volume(&args.volume).await?;
-    if let Some(existing) = state.load(&info.id)? {
-        if existing.is_served() {
+    // A live serving process keeps the device, unless a successor is to
+    // take it over from it.
+    let mut take_over = false;
+    if let Some(existing) = state.load(&info.id)?.filter(Mapping::is_served) {
+        if !device.take_over {
             println!("{}", existing.device);
             return Ok(());
         }
+        take_over = true;
     }
     // Appended to: after a crash, the predecessor's log explains it.
     let log = std::fs::OpenOptions::new().create(true).append(true).open(state.log_path(&info.id))?;
@@ -346,6 +515,9 @@ async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow
     }
     if args.readonly {
         command.arg("--readonly");
+    }
+    if take_over {
+        command.arg("--take-over");
     }
     if let Some(addr) = args.metrics_addr {
         command.args(["--metrics-addr", &addr.to_string()]);
@@ -368,14 +540,22 @@ async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow
         }
         if let Some(status) = child.try_wait()? {
             let log = std::fs::read_to_string(state.log_path(&info.id)).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            bail!("the serving process exited ({status}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!("the serving process exited ({status}):\n{}", why_it_exited(&log));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             bail!("the device was not attached within 60 s; see {}", state.log_path(&info.id).display());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The error a serving process died of, from its log: from its last
+/// `Error:` up to any backtrace; else the log's last lines.
+fn why_it_exited(log: &str) -> String {
+    match log.rfind("Error: ") {
+        Some(at) => log[at..].split("\nStack backtrace:").next().unwrap_or_default().trim_end().to_owned(),
+        None => log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"),
     }
 }
 
@@ -547,4 +727,27 @@ fn main() -> anyhow::Result<()> {
             Command::ServeDevice { volume, device, state_dir } => serve_device(volume, device, state_dir).await,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_timeouts_take_seconds_or_milliseconds() {
+        let parse = |text: &str| text.parse::<IoTimeout>().map(|t| t.0);
+        assert_eq!(parse("8"), Ok(Duration::from_secs(8)));
+        assert_eq!(parse("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse("1.5s").is_err());
+        assert!(parse("5m").unwrap_err().contains("unknown unit"));
+        assert_eq!(IoTimeout(Duration::from_millis(1500)).to_string(), "1500ms");
+    }
+
+    #[test]
+    fn the_reason_a_serving_process_exited_skips_its_backtrace() {
+        let log = "INFO starting\nError: no device\n\nCaused by:\n    gone\n\nStack backtrace:\n   0: main\n";
+        assert_eq!(why_it_exited(log), "Error: no device\n\nCaused by:\n    gone");
+        assert_eq!(why_it_exited("a\nb\nc\nd\ne\nf\n"), "b\nc\nd\ne\nf");
+    }
 }

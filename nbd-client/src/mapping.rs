@@ -66,6 +66,12 @@ impl StateDir {
         self.dir.join(format!("{volume_id}.log"))
     }
 
+    /// Where the serving process listens for a successor to take its
+    /// device over (see [`crate::handover`]).
+    pub fn handover_path(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{volume_id}.handover"))
+    }
+
     /// Where the serving process reports why its last resize failed.
     pub fn resize_error_path(&self, volume_id: &str) -> PathBuf {
         self.dir.join(format!("{volume_id}.resize-error"))

@@ -54,6 +54,17 @@ pub async fn open(meta: &MetaClient, volume: &str, options: &OpenOptions) -> Res
 }
 
 impl Opened {
+    /// Takes on an attachment a predecessor made for `node_id` at `epoch`:
+    /// this process unpublishes it when it stops.
+    pub fn inherit_publication(&mut self, node_id: &str, epoch: u64, readonly: bool) {
+        self.published = Some(pb::Attachment {
+            volume_id: self.volume.info().id.clone(),
+            node_id: node_id.to_owned(),
+            epoch,
+            readonly,
+        });
+    }
+
     /// Gives back an attachment this process made itself.
     pub async fn unpublish(&self, meta: &MetaClient) {
         if let Some(attachment) = &self.published {

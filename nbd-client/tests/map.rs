@@ -92,6 +92,15 @@ async fn map_mkfs_mount_unmap_map_again_and_grow_online_keeps_the_files() {
     assert!(std::fs::read(mnt.join("data.bin")).unwrap() == payload);
     assert_eq!(std::fs::read(mnt.join("hello.txt")).unwrap(), b"hello ballast\n");
 
+    // Only a kernel nbd device can move to a new serving process: taking a
+    // FUSE + loop one over is refused, and it keeps serving.
+    let mut take_over = Command::new(NBD_CLIENT);
+    take_over.args(["map", "fs", "--take-over"]).args(&meta).arg("--state-dir").arg(&state_dir);
+    let take_over = take_over.output().unwrap();
+    assert!(!take_over.status.success());
+    assert!(String::from_utf8_lossy(&take_over.stderr).contains("takes no successor"), "{take_over:?}");
+    assert!(std::fs::read(mnt.join("data.bin")).unwrap() == payload);
+
     // Online growth: expand the volume, grow the mapped device under the
     // mounted filesystem, then the filesystem; the files stay intact.
     let resize =

@@ -725,7 +725,7 @@ async fn serve_transmission_skips_the_handshake() {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let task = tokio::spawn({
         let server = server.clone();
-        async move { server.serve_transmission(theirs, "").await }
+        async move { server.serve_transmission(theirs, bytes::Bytes::new(), "").await.map(drop) }
     });
     let mut raw = Raw { stream: ours };
     assert_eq!(raw.write(100, b"kernel").await, 0);
@@ -734,7 +734,7 @@ async fn serve_transmission_skips_the_handshake() {
     raw.expect_closed().await;
     task.await.unwrap().unwrap();
     assert!(matches!(
-        server.serve_transmission(UnixStream::pair().unwrap().0, "nope").await,
+        server.serve_transmission(UnixStream::pair().unwrap().0, bytes::Bytes::new(), "nope").await,
         Err(NbdError::UnknownExport(_))
     ));
 }

@@ -191,10 +191,12 @@ basic_round() { # basic_round SCENARIO METHOD_FLAGS EXPECTED_METHOD
 }
 
 # ----------------------------------------------------------------- 2./3. disruption under load
-# under_load SCENARIO ACTION: mounts v1 (mapped), runs loadgen, performs ACTION
-# (a shell function) while it runs, lets the load go on LOAD_SECS, checks.
+# under_load SCENARIO ACTION [MAX_PAUSE_MS]: mounts v1 (mapped), runs loadgen,
+# performs ACTION (a shell function) while it runs, lets the load go on
+# LOAD_SECS, checks; the longest I/O pause must stay under MAX_PAUSE_MS (or
+# vmtest.max_pause_ms) when given.
 under_load() {
-    name=$1; action=$2
+    name=$1; action=$2; pause_limit=${3:-$MAX_PAUSE_MS}
     dev=$(map v1) || { result "$name" FAIL "map failed"; dump_logs "$name"; return 1; }
     ensure_fs "$dev" || { result "$name" FAIL "mkfs.ext4"; return 1; }
     mkdir -p "$MNT"
@@ -229,11 +231,11 @@ under_load() {
     echo "METRIC $name max_io_pause_ms=${maxms:-?} load_errors=${errors:-?} kernel_io_errors=$kcount kernel_request_timeouts=$kretry mount=$rw ops=${ops:-?}"
     echo "kernel log since the start of $name:"; kmsg_since "$name" | tail -n 20
     slow=
-    [ -z "$MAX_PAUSE_MS" ] || [ "${maxms:-0}" -le "$MAX_PAUSE_MS" ] || slow=1
+    [ -z "$pause_limit" ] || [ "${maxms:-0}" -le "$pause_limit" ] || slow=1
     if [ "$lrc" = 0 ] && [ "${errors:-1}" = 0 ] && [ "$kcount" = 0 ] && [ "$rw" = rw ] && [ -z "$slow" ]; then
         result "$name" PASS "$ACTION_DETAIL; load ops=$ops errors=0, longest I/O pause ${maxms} ms, kernel I/O errors 0 (request timeouts retried: $kretry), mount rw"
     else
-        result "$name" FAIL "$ACTION_DETAIL; loadgen rc=$lrc errors=${errors:-?} longest pause ${maxms:-?} ms${slow:+ (limit $MAX_PAUSE_MS)}, kernel errors $kcount, request timeouts $kretry, mount ${rw:-gone}"
+        result "$name" FAIL "$ACTION_DETAIL; loadgen rc=$lrc errors=${errors:-?} longest pause ${maxms:-?} ms${slow:+ (limit $pause_limit)}, kernel errors $kcount, request timeouts $kretry, mount ${rw:-gone}"
         dump_logs "$name"
         return 1
     fi
@@ -265,9 +267,29 @@ restart_with() { # restart_with SIGNAL
         { ACTION_DETAIL="$ACTION_DETAIL; no 'reconnected socket' for $dev in the kernel log"; return 1; }
 }
 action_sigkill() { restart_with KILL; }
+# A successor takes the live device over from the serving process (`map
+# --take-over`): the connections move between the processes, the kernel
+# takes no part, and no request waits for a timeout.
+action_takeover() {
+    dev=$(mapping_field v1 device); old=$(mapping_field v1 pid)
+    [ -n "$old" ] || { ACTION_DETAIL="no serving process listed"; return 1; }
+    t0=$(ts)
+    new_dev=$(map v1 --take-over) || { ACTION_DETAIL="map --take-over failed"; return 1; }
+    t1=$(ts)
+    new=$(mapping_field v1 pid)
+    i=0; while [ -d "/proc/$old" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    ACTION_DETAIL="pid $old handed $dev over to pid $new; map --take-over took $(elapsed "$t0" "$t1") s"
+    echo "METRIC restart-takeover takeover_s=$(elapsed "$t0" "$t1")"
+    [ ! -d "/proc/$old" ] || { ACTION_DETAIL="$ACTION_DETAIL; the predecessor still runs"; return 1; }
+    [ "$new_dev" = "$dev" ] || { ACTION_DETAIL="$ACTION_DETAIL; device changed $dev -> $new_dev"; return 1; }
+    [ "$new" != "$old" ] || { ACTION_DETAIL="$ACTION_DETAIL; same pid"; return 1; }
+    if kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket"; then
+        ACTION_DETAIL="$ACTION_DETAIL; the kernel had to be given new sockets"; return 1
+    fi
+}
 action_sigterm() { restart_with TERM; }
 # The serving process stops answering for longer than the kernel's request
-# timeout (8 s): the kernel drops the connections the stuck requests are on
+# timeout (1 s): the kernel drops the connections the stuck requests are on
 # and requeues them; once the process runs again it hands the kernel new
 # connections (NBD_CMD_RECONFIGURE) and the requeued requests complete.
 action_freeze() {
@@ -280,7 +302,7 @@ action_freeze() {
     kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket" ||
         { ACTION_DETAIL="serving process $pid frozen 12 s: no 'reconnected socket' for $dev afterwards"; return 1; }
     [ "$(mapping_field v1 pid)" = "$pid" ] || { ACTION_DETAIL="the serving process changed"; return 1; }
-    ACTION_DETAIL="serving process $pid frozen 12 s (past the 8 s request timeout), dropped connections replaced by the same process"
+    ACTION_DETAIL="serving process $pid frozen 12 s (past the 1 s request timeout), dropped connections replaced by the same process"
 }
 action_kill_storage() {
     pid=$(cluster_pid storage2)
@@ -534,6 +556,7 @@ if cluster_up; then
         wanted csi-encrypted && csi_encrypted
         wanted restart-sigkill && under_load restart-sigkill action_sigkill
         wanted restart-sigterm && under_load restart-sigterm action_sigterm
+        wanted restart-takeover && under_load restart-takeover action_takeover 1000
         wanted freeze && under_load freeze action_freeze
         wanted storage-kill && under_load storage-kill action_kill_storage
         # Tear down: the filesystem must still check clean.

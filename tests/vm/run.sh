@@ -14,7 +14,8 @@
 #   VM_TIMEOUT=secs   wall-clock limit for the VM (default 420)
 #   VM_ONLY=a,b       scenarios to run (default all): basic-netlink,
 #                     basic-ioctl, grow-netlink, grow-ioctl, identity,
-#                     csi-node, restart-sigkill, restart-sigterm, freeze,
+#                     csi-node, restart-sigkill, restart-sigterm,
+#                     restart-takeover, freeze,
 #                     storage-kill, csi-encrypted
 #   VM_LOAD_SECS=n    seconds of load after each disruption (default 6)
 #   VM_MAX_PAUSE_MS=n fail a disruption whose longest I/O pause is longer

@@ -6,19 +6,24 @@
 //! timeout, and requeues the request on another one. With a [`Replacer`]
 //! (netlink), a dropped connection is replaced at once, so a short timeout
 //! costs a reconnect, not a connection: the device keeps all of them.
+//!
+//! Live connections can also move to another serving process
+//! ([`KernelConnections::hand_over`], [`KernelConnections::adopt`]): the
+//! kernel never notices, so nothing waits for a timeout.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::attach::AttachError;
 use crate::export::BlockExport;
-use crate::nbd::{ExportInfo, ExportOptions, NbdServer};
+use crate::nbd::{ExportInfo, ExportOptions, NbdServer, Served};
 
 /// Hands the kernel end of a new connection to the driver in place of a
 /// dropped one (netlink `NBD_CMD_RECONFIGURE`). Blocking.
@@ -30,12 +35,22 @@ pub(crate) type Replacer = Arc<dyn Fn(OwnedFd) -> Result<(), AttachError> + Send
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// A replacement that ends sooner than this was most likely not taken (the
-/// driver closes a socket it had no slot for): the next waits.
-const SHORT_LIVED: Duration = Duration::from_secs(1);
+/// driver closes a socket it had no slot for): the next waits. Shorter than
+/// any request timeout, so a connection dropped for a slow request is
+/// replaced at once.
+const SHORT_LIVED: Duration = Duration::from_millis(250);
+
+/// A live kernel connection between two serving processes: our end of it,
+/// and what was read from it but not parsed yet.
+#[derive(Debug)]
+pub struct HandedConnection {
+    pub socket: OwnedFd,
+    pub unread: Bytes,
+}
 
 pub(crate) struct KernelConnections<E: BlockExport> {
     server: NbdServer<E>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<Option<HandedConnection>>>,
     /// Set before the device is disconnected or handed over: connections
     /// that end then are not replaced.
     closing: Arc<AtomicBool>,
@@ -51,19 +66,71 @@ impl<E: BlockExport> KernelConnections<E> {
         count: usize,
         replacer: Option<Replacer>,
     ) -> Result<(Self, Vec<OwnedFd>), AttachError> {
+        let mut ours = Vec::with_capacity(count);
+        let mut kernel_ends = Vec::with_capacity(count);
+        for _ in 0..count.max(1) {
+            let (our_end, kernel) = socket_pair()?;
+            ours.push(Some((our_end, Bytes::new())));
+            kernel_ends.push(kernel);
+        }
+        Ok((Self::serve_all(export, read_only, ours, replacer), kernel_ends))
+    }
+
+    /// Goes on serving connections another process handed over, and
+    /// replaces (through `replacer`) those it did not hand over, up to
+    /// `count`. Must run inside the tokio runtime.
+    pub fn adopt(
+        export: Arc<E>,
+        read_only: bool,
+        handed: Vec<HandedConnection>,
+        count: usize,
+        replacer: Replacer,
+    ) -> Result<Self, AttachError> {
+        let mut ours = Vec::with_capacity(count.max(handed.len()));
+        for connection in handed {
+            let socket = std::os::unix::net::UnixStream::from(connection.socket);
+            ours.push(Some((into_tokio(socket)?, connection.unread)));
+        }
+        ours.resize_with(count.max(ours.len()), || None);
+        Ok(Self::serve_all(export, read_only, ours, Some(replacer)))
+    }
+
+    fn serve_all(
+        export: Arc<E>,
+        read_only: bool,
+        ours: Vec<Option<(UnixStream, Bytes)>>,
+        replacer: Option<Replacer>,
+    ) -> Self {
         let options = if read_only { ExportOptions::read_only() } else { ExportOptions::read_write() };
         let server = NbdServer::single(export, options);
         let closing = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::with_capacity(count);
-        let mut kernel_ends = Vec::with_capacity(count);
-        for slot in 0..count.max(1) {
-            let (ours, kernel) = socket_pair()?;
-            let connection =
-                Connection { slot, server: server.clone(), closing: closing.clone(), replacer: replacer.clone() };
-            tasks.push(tokio::spawn(connection.serve(ours)));
-            kernel_ends.push(kernel);
+        let tasks = ours
+            .into_iter()
+            .enumerate()
+            .map(|(slot, first)| {
+                let connection =
+                    Connection { slot, server: server.clone(), closing: closing.clone(), replacer: replacer.clone() };
+                tokio::spawn(connection.serve(first))
+            })
+            .collect();
+        Self { server, tasks, closing }
+    }
+
+    /// Stops every connection between two requests, once those in flight
+    /// are answered, and returns the live ones for another process to
+    /// [`adopt`](Self::adopt). The kernel sees nothing.
+    pub async fn hand_over(self) -> Vec<HandedConnection> {
+        self.set_closing(true);
+        self.server.hand_over();
+        let mut handed = Vec::with_capacity(self.tasks.len());
+        for task in self.tasks {
+            match task.await {
+                Ok(Some(connection)) => handed.push(connection),
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "an nbd connection task failed during a hand-over"),
+            }
         }
-        Ok((Self { server, tasks, closing }, kernel_ends))
+        handed
     }
 
     /// Size and flags to tell the driver.
@@ -102,6 +169,7 @@ impl<E: BlockExport> KernelConnections<E> {
         self.set_closing(true);
         self.server.shutdown();
         let aborts: Vec<_> = self.tasks.iter().map(|t| t.abort_handle()).collect();
+        // A connection handed back now is closed with it.
         if tokio::time::timeout(timeout, futures::future::join_all(self.tasks)).await.is_err() {
             warn!("nbd connections did not finish in time; aborting them");
             aborts.iter().for_each(|a| a.abort());
@@ -121,9 +189,12 @@ impl<E: BlockExport> KernelConnections<E> {
 fn socket_pair() -> Result<(UnixStream, OwnedFd), AttachError> {
     let (ours, kernel) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| AttachError::io("creating a socketpair for the nbd driver", e))?;
-    ours.set_nonblocking(true).map_err(|e| AttachError::io("socketpair", e))?;
-    let ours = UnixStream::from_std(ours).map_err(|e| AttachError::io("socketpair", e))?;
-    Ok((ours, OwnedFd::from(kernel)))
+    Ok((into_tokio(ours)?, OwnedFd::from(kernel)))
+}
+
+fn into_tokio(socket: std::os::unix::net::UnixStream) -> Result<UnixStream, AttachError> {
+    socket.set_nonblocking(true).map_err(|e| AttachError::io("socketpair", e))?;
+    UnixStream::from_std(socket).map_err(|e| AttachError::io("socketpair", e))
 }
 
 /// One connection slot of the device: served, and replaced when the kernel
@@ -136,30 +207,33 @@ struct Connection<E: BlockExport> {
 }
 
 impl<E: BlockExport> Connection<E> {
-    async fn serve(self, mut ours: UnixStream) {
+    /// Serves `first` (a new connection, or one handed over with the bytes
+    /// read from it), or without one starts by replacing the dead slot.
+    /// Returns the connection if it is handed over.
+    async fn serve(self, first: Option<(UnixStream, Bytes)>) -> Option<HandedConnection> {
+        let (mut ours, mut unread) = match first {
+            Some(first) => first,
+            None => (self.replace(self.replacer.as_ref()?).await?, Bytes::new()),
+        };
         let mut pause = Duration::ZERO;
         loop {
             let started = Instant::now();
-            match self.server.serve_transmission(ours, "").await {
-                Ok(()) => debug!(connection = self.slot, "kernel nbd connection closed"),
+            match self.server.serve_transmission(ours, std::mem::take(&mut unread), "").await {
+                Ok(Served::HandedOver { stream, unread }) => return handed(self.slot, stream, unread),
+                Ok(Served::Closed) => debug!(connection = self.slot, "kernel nbd connection closed"),
                 Err(e) => warn!(connection = self.slot, error = %e, "kernel nbd connection failed"),
             }
             if self.closing.load(Ordering::SeqCst) || self.server.is_shutting_down() {
-                return;
+                return None;
             }
-            let Some(replacer) = &self.replacer else {
-                return;
-            };
+            let replacer = self.replacer.as_ref()?;
             pause = if started.elapsed() < SHORT_LIVED {
                 (pause * 2).clamp(RETRY_FIRST, RETRY_MAX)
             } else {
                 Duration::ZERO
             };
             tokio::time::sleep(pause).await;
-            match self.replace(replacer).await {
-                Some(replacement) => ours = replacement,
-                None => return,
-            }
+            ours = self.replace(replacer).await?;
         }
     }
 
@@ -198,5 +272,15 @@ impl<E: BlockExport> Connection<E> {
             delay = (delay * 2).min(RETRY_MAX);
         }
         None
+    }
+}
+
+fn handed(slot: usize, stream: UnixStream, unread: Bytes) -> Option<HandedConnection> {
+    match stream.into_std() {
+        Ok(socket) => Some(HandedConnection { socket: socket.into(), unread }),
+        Err(e) => {
+            warn!(connection = slot, error = %e, "cannot hand over an nbd connection");
+            None
+        }
     }
 }

@@ -33,6 +33,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
+pub use connections::HandedConnection;
 pub use error::AttachError;
 pub use fuse_fs::VOLUME_FILE;
 pub use io_flusher::set_io_flusher;
@@ -46,9 +47,13 @@ use crate::export::BlockExport;
 
 /// How long detach waits for the kernel to close its connections.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default kernel request timeout of netlink devices: above the engine's
-/// replica timeout (5 s), so a failover does not trip it.
-pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(8);
+/// Default kernel request timeout of netlink devices. Short, because it is
+/// how long requests stranded on a crashed serving process's connections
+/// wait before the kernel resends them to its successor. A request that is
+/// merely slow (a replica failing over) is resent too: the kernel drops
+/// its connection, the serving process replaces it at once, and the
+/// engine runs the resent copy only after the first one finished.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How a device was attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,6 +351,25 @@ impl<E: BlockExport> AttachedDevice<E> {
         }
     }
 
+    /// Netlink only: stops serving between two requests, once those in
+    /// flight are answered, and returns the device index and its live
+    /// connections for a successor to [`adopt`]. The device is then this
+    /// process's no more; the kernel notices nothing. Other kinds refuse
+    /// and stay attached.
+    pub async fn hand_over(&mut self) -> Result<(u32, Vec<HandedConnection>), AttachError> {
+        match self.state.take() {
+            Some(State::Netlink { index, connections, .. }) => {
+                let handed = connections.hand_over().await;
+                info!(device = %self.path.display(), connections = handed.len(), "nbd connections handed over");
+                Ok((index, handed))
+            }
+            other => {
+                self.state = other;
+                Err(AttachError::Unsupported("only netlink-attached devices can be handed over"))
+            }
+        }
+    }
+
     /// Tells the kernel the export's current size, after the export grew,
     /// and returns the device's size as the kernel now reports it. Netlink
     /// reconfigures the device with the new size, ioctl sets it, and FUSE +
@@ -436,13 +460,7 @@ pub async fn reconnect<E: BlockExport>(
     index: u32,
     options: AttachOptions,
 ) -> Result<AttachedDevice<E>, AttachError> {
-    if !options.backend_id.is_empty() {
-        if let Some(found) = sysfs::nbd_backend(Path::new(sysfs::SYS_BLOCK), index) {
-            if found != options.backend_id {
-                return Err(AttachError::BackendMismatch { index, expected: options.backend_id, found });
-            }
-        }
-    }
+    check_backend(index, &options.backend_id)?;
     let backend = Some(options.backend_id.clone()).filter(|b| !b.is_empty());
     let replacer = netlink_replacer(Arc::new(AtomicU32::new(index)), backend.clone());
     let (connections, kernel_ends) =
@@ -462,6 +480,7 @@ pub async fn reconnect<E: BlockExport>(
         connections.stop(Duration::from_secs(1)).await;
         return Err(e.into());
     }
+    apply_io_timeout(index, options.io_timeout);
     let path = PathBuf::from(format!("/dev/nbd{index}"));
     info!(device = %path.display(), backend = %options.backend_id, "nbd device reconnected");
     Ok(AttachedDevice {
@@ -472,6 +491,49 @@ pub async fn reconnect<E: BlockExport>(
         block_size: options.block_size,
         state: Some(State::Netlink { index, backend, connections }),
     })
+}
+
+/// Goes on serving live netlink nbd device `index` over the connections
+/// its previous serving process handed over ([`AttachedDevice::hand_over`]),
+/// with no call to the kernel: requests keep flowing. Connections missing
+/// from `handed` are replaced. Checks the device's backend identifier
+/// against `options.backend_id`.
+pub async fn adopt<E: BlockExport>(
+    export: Arc<E>,
+    index: u32,
+    handed: Vec<HandedConnection>,
+    options: AttachOptions,
+) -> Result<AttachedDevice<E>, AttachError> {
+    check_backend(index, &options.backend_id)?;
+    let backend = Some(options.backend_id.clone()).filter(|b| !b.is_empty());
+    let replacer = netlink_replacer(Arc::new(AtomicU32::new(index)), backend.clone());
+    let count = options.connections.max(handed.len());
+    let connections = KernelConnections::adopt(export.clone(), options.read_only, handed, count, replacer)?;
+    apply_io_timeout(index, options.io_timeout);
+    let path = PathBuf::from(format!("/dev/nbd{index}"));
+    info!(device = %path.display(), backend = %options.backend_id, "nbd device adopted");
+    Ok(AttachedDevice {
+        path,
+        kind: AttachKind::Netlink,
+        index,
+        export,
+        block_size: options.block_size,
+        state: Some(State::Netlink { index, backend, connections }),
+    })
+}
+
+/// Refuses device `index` if it serves another backend than `backend_id`
+/// (when both are known).
+fn check_backend(index: u32, backend_id: &str) -> Result<(), AttachError> {
+    if backend_id.is_empty() {
+        return Ok(());
+    }
+    match sysfs::nbd_backend(Path::new(sysfs::SYS_BLOCK), index) {
+        Some(found) if found != backend_id => {
+            Err(AttachError::BackendMismatch { index, expected: backend_id.to_owned(), found })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Lists nbd devices through netlink.
@@ -515,6 +577,7 @@ async fn attach_netlink<E: BlockExport>(
     match result {
         Ok(index) => {
             connected_index.store(index, Ordering::SeqCst);
+            apply_io_timeout(index, options.io_timeout);
             Ok(AttachedDevice {
                 path: PathBuf::from(format!("/dev/nbd{index}")),
                 kind: AttachKind::Netlink,
@@ -620,6 +683,17 @@ fn netlink_replacer(index: Arc<AtomicU32>, backend: Option<String>) -> Replacer 
         let params = ReconfigureParams { backend: backend.clone(), ..Default::default() };
         NbdNetlink::open()?.reconfigure(index, &params, &[kernel_end.as_fd()]).map_err(AttachError::from)
     })
+}
+
+/// Gives the device's requests exactly `timeout` (netlink configured it in
+/// whole seconds, rounded up). Where sysfs refuses, the rounded-up timeout
+/// stays, which is safe, only slower to requeue.
+fn apply_io_timeout(index: u32, timeout: Option<Duration>) {
+    let Some(timeout) = timeout else { return };
+    if let Err(e) = sysfs::set_io_timeout(Path::new(sysfs::SYS_BLOCK), index, timeout) {
+        warn!(device = index, timeout_ms = timeout.as_millis() as u64, error = %e,
+            "cannot set the request timeout in milliseconds; it stays rounded up to whole seconds");
+    }
 }
 
 /// The device size: the export's, rounded down to whole blocks.

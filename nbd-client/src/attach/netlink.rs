@@ -187,6 +187,13 @@ fn message(cmd: NbdCmd, attrs: Vec<Nlattr<NbdAttr, Buffer>>) -> Result<NbdMessag
         .map_err(encode_err)
 }
 
+/// The driver counts its request timeout in seconds and reads 0 as "none":
+/// round up, so a sub-second timeout (set exactly through sysfs afterwards)
+/// never turns into no timeout at all.
+fn whole_seconds(timeout: Duration) -> u64 {
+    timeout.as_millis().div_ceil(1000).max(1) as u64
+}
+
 pub fn connect_message(params: &ConnectParams, sockets: &[BorrowedFd<'_>]) -> Result<NbdMessage, NetlinkError> {
     let mut attrs = Vec::new();
     if let Some(index) = params.index {
@@ -197,7 +204,7 @@ pub fn connect_message(params: &ConnectParams, sockets: &[BorrowedFd<'_>]) -> Re
     attrs.push(attr(NbdAttr::ServerFlags, params.server_flags)?);
     attrs.push(attr(NbdAttr::ClientFlags, params.client_flags)?);
     if let Some(timeout) = params.timeout {
-        attrs.push(attr(NbdAttr::Timeout, timeout.as_secs())?);
+        attrs.push(attr(NbdAttr::Timeout, whole_seconds(timeout))?);
     }
     if let Some(timeout) = params.dead_conn_timeout {
         attrs.push(attr(NbdAttr::DeadConnTimeout, timeout.as_secs())?);
@@ -222,7 +229,7 @@ pub fn reconfigure_message(
         attrs.push(attr(NbdAttr::BlockSizeBytes, block_size)?);
     }
     if let Some(timeout) = params.timeout {
-        attrs.push(attr(NbdAttr::Timeout, timeout.as_secs())?);
+        attrs.push(attr(NbdAttr::Timeout, whole_seconds(timeout))?);
     }
     if let Some(timeout) = params.dead_conn_timeout {
         attrs.push(attr(NbdAttr::DeadConnTimeout, timeout.as_secs())?);
@@ -382,6 +389,14 @@ mod tests {
     /// Descriptors only appear as numbers in the message; nothing is opened.
     fn fds(raw: &[i32]) -> Vec<BorrowedFd<'static>> {
         raw.iter().map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) }).collect()
+    }
+
+    #[test]
+    fn sub_second_timeouts_round_up_to_a_whole_second() {
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_millis(1000)), 1);
+        assert_eq!(whole_seconds(Duration::from_millis(1001)), 2);
+        assert_eq!(whole_seconds(Duration::from_secs(8)), 8);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! backend a connected device serves.
 
 use std::path::Path;
+use std::time::Duration;
 
 pub const SYS_BLOCK: &str = "/sys/block";
 
@@ -29,6 +30,19 @@ pub fn find_nbd_by_backend(sys_block: &Path, backend: &str) -> Option<u32> {
 pub fn block_device_size(sys_block: &Path, name: &str) -> Option<u64> {
     let sectors = std::fs::read_to_string(sys_block.join(name).join("size")).ok()?;
     sectors.trim().parse::<u64>().ok().map(|s| s * 512)
+}
+
+/// Sets the block layer's request timeout of `/dev/nbdN` in milliseconds
+/// (`queue/io_timeout`): netlink only takes whole seconds.
+pub fn set_io_timeout(sys_block: &Path, index: u32, timeout: Duration) -> std::io::Result<()> {
+    let millis = timeout.as_millis().max(1);
+    std::fs::write(sys_block.join(format!("nbd{index}/queue/io_timeout")), format!("{millis}\n"))
+}
+
+/// The request timeout the block layer applies to `/dev/nbdN`.
+pub fn io_timeout(sys_block: &Path, index: u32) -> Option<Duration> {
+    let millis = std::fs::read_to_string(sys_block.join(format!("nbd{index}/queue/io_timeout"))).ok()?;
+    millis.trim().parse().ok().map(Duration::from_millis)
 }
 
 fn nbd_indices(sys_block: &Path) -> Vec<u32> {
@@ -72,5 +86,10 @@ mod tests {
         std::fs::write(root.join("nbd2/size"), "4096\n").unwrap();
         assert_eq!(block_device_size(root, "nbd2"), Some(2 << 20));
         assert_eq!(block_device_size(root, "nbd1"), None);
+
+        std::fs::create_dir(root.join("nbd2/queue")).unwrap();
+        set_io_timeout(root, 2, Duration::from_millis(750)).unwrap();
+        assert_eq!(io_timeout(root, 2), Some(Duration::from_millis(750)));
+        assert!(set_io_timeout(root, 1, Duration::from_secs(1)).is_err(), "nbd1 has no queue directory");
     }
 }

@@ -17,3 +17,4 @@ mod transmission;
 pub use error::NbdError;
 pub use exports::{ExportInfo, ExportOptions};
 pub use server::{NbdServer, ServerConfig};
+pub use transmission::Served;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
 use tokio::task::JoinSet;
@@ -14,6 +15,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::export::BlockExport;
 use crate::nbd::exports::{ExportInfo, ExportOptions, ExportRegistry};
 use crate::nbd::shutdown::ShutdownTrigger;
+use crate::nbd::transmission::Served;
 use crate::nbd::{handshake, transmission, NbdError};
 
 /// Tunables of a server.
@@ -41,6 +43,7 @@ pub struct NbdServer<E: BlockExport> {
 struct Inner<E> {
     exports: ExportRegistry<E>,
     shutdown: ShutdownTrigger,
+    handover: ShutdownTrigger,
     config: ServerConfig,
 }
 
@@ -63,7 +66,8 @@ impl<E: BlockExport> NbdServer<E> {
     }
 
     pub fn with_config(config: ServerConfig) -> Self {
-        Self { inner: Arc::new(Inner { exports: ExportRegistry::new(), shutdown: ShutdownTrigger::new(), config }) }
+        let (shutdown, handover) = (ShutdownTrigger::new(), ShutdownTrigger::new());
+        Self { inner: Arc::new(Inner { exports: ExportRegistry::new(), shutdown, handover, config }) }
     }
 
     /// A server with one export, named "" (the default export).
@@ -104,6 +108,13 @@ impl<E: BlockExport> NbdServer<E> {
     /// and the `serve_*` futures return once that is done.
     pub fn shutdown(&self) {
         self.inner.shutdown.trigger();
+    }
+
+    /// Stops connections served by [`NbdServer::serve_transmission`]
+    /// between two requests, once those in flight are answered, and makes
+    /// them return [`Served::HandedOver`] for another server to go on with.
+    pub fn hand_over(&self) {
+        self.inner.handover.trigger();
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -168,20 +179,27 @@ impl<E: BlockExport> NbdServer<E> {
             return Ok(());
         };
         debug!(export = %entry.name, "NBD handshake done");
-        transmission::serve(stream, entry, shutdown, self.inner.config.max_in_flight).await
+        let max_in_flight = self.inner.config.max_in_flight;
+        transmission::serve(stream, Bytes::new(), entry, shutdown, None, max_in_flight).await.map(drop)
     }
 
     /// Serves one stream that is already in the transmission phase, with no
     /// handshake: the kernel end of a socket handed to the nbd driver, which
     /// was told size and flags directly (see [`NbdServer::export_info`]).
-    pub async fn serve_transmission<S>(&self, stream: S, export_name: &str) -> Result<(), NbdError>
+    /// `unread` is what a previous server read from it and did not parse.
+    pub async fn serve_transmission<S>(
+        &self,
+        stream: S,
+        unread: Bytes,
+        export_name: &str,
+    ) -> Result<Served<S>, NbdError>
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let entry =
             self.inner.exports.lookup(export_name).ok_or_else(|| NbdError::UnknownExport(export_name.into()))?;
-        let shutdown = self.inner.shutdown.signal();
-        transmission::serve(stream, entry, shutdown, self.inner.config.max_in_flight).await
+        let (shutdown, handover) = (self.inner.shutdown.signal(), self.inner.handover.signal());
+        transmission::serve(stream, unread, entry, shutdown, Some(handover), self.inner.config.max_in_flight).await
     }
 
     async fn accept_loop<S, F, Fut>(&self, mut accept: F) -> Result<(), NbdError>

@@ -2,11 +2,13 @@
 //! starts each as its own task, the tasks answer in whatever order they
 //! finish, and one writer puts the replies on the wire.
 
-use std::io;
+use std::io::{self, Cursor};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
@@ -43,22 +45,39 @@ enum ReadEnd {
     Eof,
     /// The server is shutting down.
     Shutdown,
+    /// The connection goes to another server, between two requests.
+    HandOver,
 }
 
-/// Serves requests on `stream` until the client disconnects or the server
-/// shuts down; in both cases every request already read is answered first.
+/// How serving a connection ended.
+pub enum Served<S> {
+    /// The client disconnected or the server shut down; every request read
+    /// was answered.
+    Closed,
+    /// Stopped between two requests for another server to go on with: every
+    /// request read was answered, and `unread` holds what was read from the
+    /// stream but not parsed yet (the start of the next requests), which
+    /// that server must take first.
+    HandedOver { stream: S, unread: Bytes },
+}
+
+/// Serves requests on `stream`, after the bytes in `unread`, until the
+/// client disconnects, the server shuts down, or `handover` fires; in every
+/// case the requests already read are answered first.
 pub(crate) async fn serve<E, S>(
     stream: S,
+    unread: Bytes,
     entry: Arc<ExportEntry<E>>,
     mut shutdown: ShutdownSignal,
+    mut handover: Option<ShutdownSignal>,
     max_in_flight: usize,
-) -> Result<(), NbdError>
+) -> Result<Served<S>, NbdError>
 where
     E: BlockExport,
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (read_half, write_half) = tokio::io::split(stream);
-    let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
+    let mut reader = BufReader::with_capacity(READ_BUFFER, Cursor::new(unread).chain(read_half));
     // Capacity equals the permit count, so a task never waits to queue its reply.
     let (tx, rx) = mpsc::channel(max_in_flight);
     let permits = Arc::new(Semaphore::new(max_in_flight));
@@ -66,24 +85,41 @@ where
     let writer = write_replies(write_half, rx);
     tokio::pin!(writer);
     let reader_result = {
-        let read = read_requests(&mut reader, &entry, &tx, &permits, &mut shutdown);
+        let read = read_requests(&mut reader, &entry, &tx, &permits, &mut shutdown, &mut handover);
         tokio::pin!(read);
         tokio::select! {
             end = &mut read => end,
             // The writer only ends early when the peer is gone.
-            written = &mut writer => return written.map_err(NbdError::from),
+            written = &mut writer => return written.map(|_| Served::Closed).map_err(NbdError::from),
         }
     };
     // Tasks still running hold clones of `tx`: the writer finishes once the
     // last of them has queued its reply.
     drop(tx);
-    let written = writer.await;
-    match reader_result {
-        Ok(end) => {
-            debug!(?end, "NBD connection finished");
-            written.map_err(NbdError::from)
+    let mut write_half = writer.await?;
+    match reader_result? {
+        ReadEnd::HandOver => {
+            // What the buffer holds comes before what the cursor still has.
+            let mut rest = BytesMut::from(reader.buffer());
+            let (cursor, read_half) = reader.into_inner().into_inner();
+            rest.extend_from_slice(&cursor.get_ref()[cursor.position() as usize..]);
+            Ok(Served::HandedOver { stream: read_half.unsplit(write_half), unread: rest.freeze() })
         }
-        Err(e) => Err(e),
+        end => {
+            debug!(?end, "NBD connection finished");
+            match write_half.shutdown().await {
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e.into()),
+                _ => Ok(Served::Closed),
+            }
+        }
+    }
+}
+
+/// Resolves when the connection is to be handed over; never without a signal.
+async fn handover_wanted(handover: &mut Option<ShutdownSignal>) {
+    match handover {
+        Some(signal) => signal.wait().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -93,10 +129,11 @@ async fn read_requests<E, R>(
     tx: &mpsc::Sender<Reply>,
     permits: &Arc<Semaphore>,
     shutdown: &mut ShutdownSignal,
+    handover: &mut Option<ShutdownSignal>,
 ) -> Result<ReadEnd, NbdError>
 where
     E: BlockExport,
-    R: AsyncRead + Unpin,
+    R: AsyncBufRead + Unpin,
 {
     let mut payloads = BytesMut::new();
     loop {
@@ -104,8 +141,21 @@ where
         let permit = tokio::select! {
             biased;
             _ = shutdown.wait() => return Ok(ReadEnd::Shutdown),
+            _ = handover_wanted(handover) => return Ok(ReadEnd::HandOver),
             permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
         };
+        // Wait for the next request without consuming any of it, so that a
+        // hand-over between requests leaves every byte to the next server.
+        tokio::select! {
+            biased;
+            _ = shutdown.wait() => return Ok(ReadEnd::Shutdown),
+            _ = handover_wanted(handover) => return Ok(ReadEnd::HandOver),
+            filled = reader.fill_buf() => match filled {
+                Ok([]) => return Ok(ReadEnd::Eof),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
         let mut header = [0u8; RequestHeader::LEN];
         tokio::select! {
             biased;
@@ -298,7 +348,9 @@ async fn drain<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> io::Result<()>
     Ok(())
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<Reply>) -> io::Result<()> {
+/// Writes replies until every sender is gone; returns the writer with
+/// everything flushed, for the caller to close or hand over.
+async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<Reply>) -> io::Result<W> {
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
     while let Some(reply) = rx.recv().await {
         write_reply(&mut writer, reply).await?;
@@ -308,10 +360,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<
         }
         writer.flush().await?;
     }
-    match writer.shutdown().await {
-        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-        _ => Ok(()),
-    }
+    Ok(writer.into_inner())
 }
 
 async fn write_reply<W: AsyncWrite + Unpin>(writer: &mut BufWriter<W>, reply: Reply) -> io::Result<()> {
