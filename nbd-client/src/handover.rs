@@ -12,7 +12,8 @@
 //!    sends `connections` with its ends of the kernel's sockets attached
 //!    (`SCM_RIGHTS`), followed by the bytes it had read from each but not
 //!    parsed;
-//! 5. successor: `received`, before it reads a byte from them; the
+//! 5. successor: `received`, once the state directory names it as the
+//!    device's server and before it reads a byte from them; the
 //!    predecessor exits.
 //!
 //! Until `received`, the predecessor keeps its own copies of the sockets
@@ -131,10 +132,12 @@ impl Successor {
         }
     }
 
-    /// Says it is ready and receives the connections; confirms receipt
-    /// before returning, after which they are this process's alone.
-    /// Blocking.
-    pub fn take(mut self) -> io::Result<Vec<HandedConnection>> {
+    /// Says it is ready and receives the connections. They are this
+    /// process's once it [confirms](Receipt::confirm) receipt, which it does
+    /// after recording itself as the device's server (the predecessor's
+    /// standby reads that record when the predecessor exits) and before it
+    /// reads from them. Blocking.
+    pub fn take(mut self) -> io::Result<(Vec<HandedConnection>, Receipt)> {
         self.0.send(&Message::Ready, &[])?;
         let unread = match self.0.recv()? {
             Message::Connections { unread } => unread,
@@ -149,8 +152,17 @@ impl Successor {
         for (socket, len) in sockets.into_iter().zip(unread) {
             connections.push(HandedConnection { socket, unread: self.0.recv_bytes(len)?.into() });
         }
-        self.0.send(&Message::Received, &[])?;
-        Ok(connections)
+        Ok((connections, Receipt(self.0)))
+    }
+}
+
+/// The successor's last word: it has the connections; the predecessor may go.
+pub struct Receipt(Channel);
+
+impl Receipt {
+    /// Blocking.
+    pub fn confirm(mut self) -> io::Result<()> {
+        self.0.send(&Message::Received, &[])
     }
 }
 
@@ -269,7 +281,8 @@ mod tests {
         });
         let (successor, got) = Successor::connect_stream(b, "vol-a").unwrap();
         assert_eq!(got, offer());
-        let connections = successor.take().unwrap();
+        let (connections, receipt) = successor.take().unwrap();
+        receipt.confirm().unwrap();
         predecessor.join().unwrap();
         assert_eq!(connections.len(), 2);
         assert_eq!(&connections[0].unread[..], b"half a request");

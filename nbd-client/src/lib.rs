@@ -7,6 +7,7 @@
 //! - [`volume_service`]: opening a volume with its fencing epoch.
 //! - [`mapping`]: records of mapped volumes for `map`/`unmap`/`list`.
 //! - [`handover`]: a live kernel device moving to a new serving process.
+//! - [`standby`]: a second process per kernel device, ready to take it over.
 //! - [`cgroup`]: a serving process leaves the node plugin's container.
 //! - [`snapshot`]: crash-consistent snapshots and volumes populated from them.
 
@@ -18,6 +19,7 @@ pub mod handover;
 pub mod mapping;
 pub mod nbd;
 pub mod snapshot;
+pub mod standby;
 pub mod volume_service;
 
 pub use export::{BlockExport, ExportError};

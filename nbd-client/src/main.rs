@@ -13,10 +13,10 @@ use meta_client::ClientArgs;
 use meta_client::MetaClient;
 use nbd_client::attach::{self, AttachMethod, AttachOptions, AttachedDevice};
 use nbd_client::engine::Volume;
-use nbd_client::handover;
 use nbd_client::mapping::{self, Mapping, StateDir, DEFAULT_STATE_DIR};
 use nbd_client::nbd::{ExportOptions, NbdServer};
 use nbd_client::volume_service::{self, OpenOptions, Opened};
+use nbd_client::{handover, standby};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -54,6 +54,18 @@ struct VolumeArgs {
     log_format: LogFormat,
 }
 
+/// Whose device a serving process serves.
+#[derive(Args, Clone, Copy, Default)]
+struct Role {
+    /// Stand by for serving process PID: take its device over when it dies,
+    /// or when it asks (SIGUSR2).
+    #[arg(long, value_name = "PID")]
+    standby_for: Option<u32>,
+    /// The attachment was published by a predecessor: unpublish it on unmap.
+    #[arg(long)]
+    inherits_attachment: bool,
+}
+
 /// How a mapped device is attached.
 #[derive(Args, Clone, Copy)]
 struct DeviceArgs {
@@ -70,6 +82,11 @@ struct DeviceArgs {
     /// request waits (an upgrade, a restart). Netlink devices only.
     #[arg(long)]
     take_over: bool,
+    /// Run no standby process beside the serving one. A standby takes the
+    /// device over the moment the serving process dies, and with no pause
+    /// when it is stopped (SIGTERM). Netlink devices only.
+    #[arg(long)]
+    no_standby: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -145,6 +162,8 @@ enum Command {
         device: DeviceArgs,
         #[arg(long)]
         state_dir: PathBuf,
+        #[command(flatten)]
+        role: Role,
     },
 }
 
@@ -192,21 +211,46 @@ fn open_options(args: &VolumeArgs) -> OpenOptions {
     }
 }
 
-async fn start_daemon_side(args: &VolumeArgs) -> anyhow::Result<(MetaClient, Opened)> {
+/// Logging and the metadata client: first in every daemon.
+fn start_daemon(args: &VolumeArgs) -> anyhow::Result<MetaClient> {
     ballast_telemetry::init_tracing(args.log_format);
+    Ok(args.meta.client()?)
+}
+
+/// Metrics, and the volume open for serving.
+async fn open_for_serving(args: &VolumeArgs, meta: &MetaClient) -> anyhow::Result<Opened> {
     if let Some(addr) = args.metrics_addr {
-        ballast_telemetry::serve_metrics(addr).await.context("serving metrics")?;
+        serve_metrics(addr).await;
     }
-    let meta = args.meta.client()?;
-    let opened = volume_service::open(&meta, &args.volume, &open_options(args)).await?;
+    let opened = volume_service::open(meta, &args.volume, &open_options(args)).await?;
     let info = opened.volume.info();
     tracing::info!(volume = %info.id, name = %info.name, size = info.size_bytes, replicas = info.replicas,
         epoch = opened.volume.epoch(), "volume open");
-    Ok((meta, opened))
+    Ok(opened)
+}
+
+/// Serves metrics on `addr`; while a predecessor still holds it (a
+/// hand-over), keeps trying in the background.
+async fn serve_metrics(addr: std::net::SocketAddr) {
+    if ballast_telemetry::serve_metrics(addr).await.is_ok() {
+        return;
+    }
+    tokio::spawn(async move {
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match ballast_telemetry::serve_metrics(addr).await {
+                Ok(_) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+                Err(e) => return tracing::error!(%addr, error = %e, "cannot serve metrics"),
+            }
+        }
+        tracing::error!(%addr, "cannot serve metrics: the address stayed in use");
+    });
 }
 
 async fn serve(args: VolumeArgs, listen: String) -> anyhow::Result<()> {
-    let (meta, opened) = start_daemon_side(&args).await?;
+    let meta = start_daemon(&args)?;
+    let opened = open_for_serving(&args, &meta).await?;
     let options = if args.readonly { ExportOptions::read_only() } else { ExportOptions::read_write() };
     let server = Arc::new(NbdServer::single(opened.volume.clone(), options));
     let serving = {
@@ -253,15 +297,45 @@ fn attach_method(method: Method) -> AttachMethod {
     }
 }
 
-/// The process behind a mapped device. SIGTERM hands the device over: a
-/// kernel nbd device stays configured and a successor re-attaches to it
-/// (`map` again, or a restarted process); SIGUSR1 (sent by `unmap`)
-/// detaches it. A FUSE + loop device cannot outlive its server, so SIGTERM
-/// detaches it too.
-async fn serve_device(mut args: VolumeArgs, device_args: DeviceArgs, state_dir: PathBuf) -> anyhow::Result<()> {
+/// The process behind a mapped device. SIGTERM hands a kernel nbd device
+/// over: to the standby with its live connections if one is ready, else
+/// the device stays configured for a successor to re-attach (`map` again,
+/// or a restarted process); SIGUSR1 (sent by `unmap`) detaches it. A FUSE +
+/// loop device cannot outlive its server, so SIGTERM detaches it too.
+///
+/// With `role.standby_for`, the process first stands by (see
+/// [`nbd_client::standby`]) and serves only once it takes the device over.
+async fn serve_device(
+    mut args: VolumeArgs,
+    device_args: DeviceArgs,
+    state_dir: PathBuf,
+    role: Role,
+) -> anyhow::Result<()> {
     let state = StateDir::new(&state_dir)?;
-    let predecessor = if device_args.take_over { Some(contact_predecessor(&state, &mut args).await?) } else { None };
-    let (meta, mut opened) = start_daemon_side(&args).await?;
+    let meta = start_daemon(&args)?;
+    let mut take_over = device_args.take_over;
+    // A standby opens the volume before it is needed: connections made and
+    // the capability in hand when every moment counts.
+    let mut warm = None;
+    if let Some(active) = role.standby_for {
+        let opened = volume_service::open(&meta, &args.volume, &open_options(&args)).await?;
+        match stand_by(&state, &args.volume, active).await? {
+            Standing::Leave => return Ok(()),
+            Standing::Crashed => {}
+            Standing::Asked => take_over = true,
+        }
+        warm = Some(opened);
+    }
+    let predecessor = if take_over { Some(contact_predecessor(&state, &mut args).await?) } else { None };
+    let mut opened = match warm {
+        Some(opened) => {
+            if let Some(addr) = args.metrics_addr {
+                serve_metrics(addr).await;
+            }
+            opened
+        }
+        None => open_for_serving(&args, &meta).await?,
+    };
     match nbd_client::cgroup::leave_pod() {
         Ok(Some(cgroup)) => {
             tracing::info!(%cgroup, "left the pod's cgroup: the volume outlives the node plugin's container")
@@ -271,19 +345,37 @@ async fn serve_device(mut args: VolumeArgs, device_args: DeviceArgs, state_dir: 
             "cannot leave the pod's cgroup ({e}): stopping the node plugin's container will stop this volume"
         ),
     }
+    if role.inherits_attachment || predecessor.as_ref().is_some_and(|(_, offer)| offer.published) {
+        opened.inherit_publication(&args.node_id, opened.volume.epoch(), args.readonly);
+    }
     let info = opened.volume.info().clone();
     let mut options = AttachOptions::new(info.id.clone());
     options.block_size = DEVICE_BLOCK_SIZE;
     options.method = attach_method(device_args.method);
-    options.io_timeout = Some(device_args.io_timeout.0).filter(|t| !t.is_zero());
+    let configured_timeout = Some(device_args.io_timeout.0).filter(|t| !t.is_zero());
+    let mut limited = opened.volume.limits().any();
+    options.io_timeout = attach::io_timeout_for(configured_timeout, limited);
     options.read_only = args.readonly;
     options.fuse_root = state_dir.join("fuse");
     let mut device: AttachedDevice<Volume> = match predecessor {
         Some((successor, offer)) => {
-            if offer.published {
-                opened.inherit_publication(&args.node_id, offer.epoch, args.readonly);
+            let (handed, receipt) = tokio::task::spawn_blocking(move || successor.take()).await??;
+            // The predecessor served until now: learn what it allocated.
+            opened.volume.reload_chunk_map().await?;
+            // Named as the server before the predecessor exits, so that its
+            // standby leaves the device to this process.
+            state.save(&Mapping {
+                volume_id: info.id.clone(),
+                volume_name: info.name.clone(),
+                device: format!("/dev/nbd{}", offer.index),
+                method: attach::AttachKind::Netlink.to_string(),
+                pid: std::process::id(),
+                epoch: opened.volume.epoch(),
+                resizable: true,
+            })?;
+            if let Err(e) = tokio::task::spawn_blocking(move || receipt.confirm()).await? {
+                tracing::warn!(error = %e, "the predecessor did not hear that the device was taken over");
             }
-            let handed = tokio::task::spawn_blocking(move || successor.take()).await??;
             tracing::info!(index = offer.index, connections = handed.len(), "took the live device over");
             attach::adopt(opened.volume.clone(), offer.index, handed, options.clone()).await?
         }
@@ -291,6 +383,8 @@ async fn serve_device(mut args: VolumeArgs, device_args: DeviceArgs, state_dir: 
         None => match attach::find_nbd_by_backend(&info.id) {
             Some(index) => {
                 tracing::info!(index, "re-attaching to the live nbd device of this volume");
+                // A standby opened the volume while the predecessor served.
+                opened.volume.reload_chunk_map().await?;
                 attach::reconnect(opened.volume.clone(), index, options.clone()).await?
             }
             None => attach::attach(opened.volume.clone(), options.clone()).await?,
@@ -312,9 +406,42 @@ async fn serve_device(mut args: VolumeArgs, device_args: DeviceArgs, state_dir: 
     };
     state.save(&mapping)?;
     tracing::info!(device = %mapping.device, method = %mapping.method, "volume mapped");
+    let standby = (handover.is_some() && !device_args.no_standby).then(|| {
+        let command =
+            standby_command(&args, device_args, &state_dir, opened.volume.epoch(), opened.published.is_some());
+        Standby::keep(command, state.log_path(&info.id))
+    });
+    // Set once SIGTERM asked the standby to take the device over: if it has
+    // not come by then, the device is released instead.
+    let mut handing_to_standby: Option<tokio::time::Instant> = None;
+    let mut follow_limits = tokio::time::interval(nbd_client::engine::FOLLOW_INTERVAL);
     loop {
         let detach = tokio::select! {
-            _ = term.recv() => device.kind() == attach::AttachKind::FuseLoop,
+            // The volume's limits change while it is served.
+            _ = follow_limits.tick() => {
+                if opened.volume.limits().any() != limited {
+                    limited = !limited;
+                    if let Some(timeout) = attach::io_timeout_for(configured_timeout, limited) {
+                        device.set_io_timeout(timeout);
+                    }
+                }
+                continue;
+            }
+            _ = term.recv() => {
+                match standby.as_ref().and_then(Standby::ready) {
+                    Some(pid) if handing_to_standby.is_none() => {
+                        tracing::info!(standby = pid, "asking the standby to take the device over");
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGUSR2);
+                        handing_to_standby = Some(tokio::time::Instant::now() + STANDBY_HANDOVER_TIMEOUT);
+                        continue;
+                    }
+                    _ => device.kind() == attach::AttachKind::FuseLoop,
+                }
+            }
+            _ = tokio::time::sleep_until(handing_to_standby.unwrap_or_else(far_future)), if handing_to_standby.is_some() => {
+                tracing::warn!("the standby did not take the device over; releasing it for a successor");
+                false
+            }
             _ = unmap.recv() => true,
             _ = grow.recv() => {
                 grow_device(&opened.volume, &device, &state.resize_error_path(&info.id)).await;
@@ -325,6 +452,8 @@ async fn serve_device(mut args: VolumeArgs, device_args: DeviceArgs, state_dir: 
                     // The successor serves the device and owns the record now.
                     return Ok(());
                 }
+                // A successor that failed may have named itself already.
+                state.save(&mapping)?;
                 continue;
             }
         };
@@ -346,6 +475,120 @@ async fn serve_device(mut args: VolumeArgs, device_args: DeviceArgs, state_dir: 
     opened.unpublish(&meta).await;
     tracing::info!(device = %mapping.device, "volume unmapped");
     Ok(())
+}
+
+/// How long SIGTERM waits for the standby to take the device over.
+const STANDBY_HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+/// How standing by ended.
+enum Standing {
+    /// The serving process died serving the device.
+    Crashed,
+    /// The serving process asked for its device to be taken over.
+    Asked,
+    /// The serving process ended and the device needs no successor.
+    Leave,
+}
+
+/// Waits for serving process `active` to die or to ask (SIGUSR2) for its
+/// device to be taken over.
+async fn stand_by(state: &StateDir, volume_id: &str, active: u32) -> anyhow::Result<Standing> {
+    let mut asked = signal(SignalKind::user_defined2())?;
+    tracing::info!(active, "standing by");
+    tokio::select! {
+        exited = standby::exited(active) => {
+            exited?;
+            match standby::after_exit(state, volume_id, active)? {
+                standby::AfterExit::TakeOver(mapping) => {
+                    tracing::warn!(active, device = %mapping.device, "the serving process died: taking its device over");
+                    Ok(Standing::Crashed)
+                }
+                standby::AfterExit::Leave(why) => {
+                    tracing::info!(active, why, "the serving process ended; the standby is not needed");
+                    Ok(Standing::Leave)
+                }
+            }
+        }
+        _ = asked.recv() => {
+            tracing::info!(active, "asked to take the device over");
+            Ok(Standing::Asked)
+        }
+    }
+}
+
+/// The standby's command line: this process's, standing by for it at its
+/// epoch.
+fn standby_command(
+    args: &VolumeArgs,
+    device: DeviceArgs,
+    state_dir: &std::path::Path,
+    epoch: u64,
+    published: bool,
+) -> std::process::Command {
+    let mut command = serve_device_command(args, device, state_dir, &args.volume, Some(epoch));
+    command.args(["--standby-for", &std::process::id().to_string()]);
+    if published {
+        command.arg("--inherits-attachment");
+    }
+    command
+}
+
+/// The running standby, started again if it dies.
+struct Standby {
+    pid: Arc<std::sync::atomic::AtomicU32>,
+    _keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Standby {
+    /// How long a standby that died waits before it is started again.
+    const RESTART_DELAY: Duration = Duration::from_secs(5);
+
+    fn keep(command: std::process::Command, log: PathBuf) -> Self {
+        let pid = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let keeper = {
+            let pid = pid.clone();
+            let mut command = tokio::process::Command::from(command);
+            tokio::spawn(async move {
+                loop {
+                    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log);
+                    let stderr = log.map(Stdio::from).unwrap_or_else(|_| Stdio::null());
+                    let spawned =
+                        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).process_group(0).spawn();
+                    match spawned {
+                        Ok(mut child) => {
+                            pid.store(child.id().unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+                            let status = child.wait().await;
+                            pid.store(0, std::sync::atomic::Ordering::SeqCst);
+                            tracing::warn!(?status, "the standby exited; starting another");
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot start a standby"),
+                    }
+                    tokio::time::sleep(Self::RESTART_DELAY).await;
+                }
+            })
+        };
+        Self { pid, _keeper: keeper }
+    }
+
+    /// The standby's pid once it listens for SIGUSR2.
+    fn ready(&self) -> Option<u32> {
+        let pid = self.pid.load(std::sync::atomic::Ordering::SeqCst);
+        (pid != 0 && catches_signal(pid, libc::SIGUSR2)).then_some(pid)
+    }
+}
+
+/// Whether process `pid` has a handler for `signal` (`SigCgt` in its status).
+fn catches_signal(pid: u32, signal: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
 }
 
 /// Reaches the process serving the volume's device and learns what the
@@ -498,29 +741,9 @@ async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow
     }
     // Appended to: after a crash, the predecessor's log explains it.
     let log = std::fs::OpenOptions::new().create(true).append(true).open(state.log_path(&info.id))?;
-    let mut command = std::process::Command::new(std::env::current_exe()?);
-    command
-        .args(["serve-device", &info.id])
-        .args(args.meta.to_args())
-        .args(["--node-id", &args.node_id])
-        .args(["--min-replicas", &args.min_replicas.to_string()])
-        .args(["--replica-timeout", &args.replica_timeout.to_string()])
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .args(["--method", device.method.to_possible_value().expect("named").get_name()])
-        .args(["--io-timeout", &device.io_timeout.to_string()])
-        .args(["--log-format", args.log_format.to_possible_value().expect("named").get_name()]);
-    if let Some(epoch) = args.epoch {
-        command.args(["--epoch", &epoch.to_string()]);
-    }
-    if args.readonly {
-        command.arg("--readonly");
-    }
+    let mut command = serve_device_command(&args, device, &state_dir, &info.id, args.epoch);
     if take_over {
         command.arg("--take-over");
-    }
-    if let Some(addr) = args.metrics_addr {
-        command.args(["--metrics-addr", &addr.to_string()]);
     }
     use std::os::unix::process::CommandExt;
     let mut child = command
@@ -548,6 +771,42 @@ async fn map(args: VolumeArgs, device: DeviceArgs, state_dir: PathBuf) -> anyhow
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `nbd-client serve-device` for `volume_id` with `args` and `device`.
+fn serve_device_command(
+    args: &VolumeArgs,
+    device: DeviceArgs,
+    state_dir: &std::path::Path,
+    volume_id: &str,
+    epoch: Option<u64>,
+) -> std::process::Command {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("nbd-client"));
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(["serve-device", volume_id])
+        .args(args.meta.to_args())
+        .args(["--node-id", &args.node_id])
+        .args(["--min-replicas", &args.min_replicas.to_string()])
+        .args(["--replica-timeout", &args.replica_timeout.to_string()])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--method", device.method.to_possible_value().expect("named").get_name()])
+        .args(["--io-timeout", &device.io_timeout.to_string()])
+        .args(["--log-format", args.log_format.to_possible_value().expect("named").get_name()]);
+    if let Some(epoch) = epoch {
+        command.args(["--epoch", &epoch.to_string()]);
+    }
+    if args.readonly {
+        command.arg("--readonly");
+    }
+    if device.no_standby {
+        command.arg("--no-standby");
+    }
+    if let Some(addr) = args.metrics_addr {
+        command.args(["--metrics-addr", &addr.to_string()]);
+    }
+    command
 }
 
 /// The error a serving process died of, from its log: from its last
@@ -724,7 +983,9 @@ fn main() -> anyhow::Result<()> {
             Command::Resize { target, meta, state_dir } => resize(target, meta, state_dir).await,
             Command::List { state_dir, output } => list(state_dir, &output),
             Command::Probe { load_module, output } => probe(load_module, &output),
-            Command::ServeDevice { volume, device, state_dir } => serve_device(volume, device, state_dir).await,
+            Command::ServeDevice { volume, device, state_dir, role } => {
+                serve_device(volume, device, state_dir, role).await
+            }
         }
     })
 }

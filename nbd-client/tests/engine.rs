@@ -262,3 +262,27 @@ async fn a_corrupted_replica_is_never_served_and_is_reported() {
     let set = &chunk_map(&meta, &info).await[0];
     assert_eq!(set.replicas.len(), 2, "the corrupt replica was reported and dropped: {set:?}");
 }
+
+/// A successor opens the volume while its predecessor still serves it (a
+/// hand-over, a standby): chunks the predecessor allocates meanwhile must
+/// not read as zeros once the successor serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_successor_reads_what_its_predecessor_allocated_after_it_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(dir.path(), 3, 3).await.unwrap();
+    let meta = cluster.meta();
+    let volume = create(&meta, "handed", 8 * MIB, 3).await;
+    let epoch = publish(&meta, &volume, "n1").await;
+    let predecessor = open(&meta, &volume, epoch).await;
+    predecessor.write_at(0, pattern(1, 4096), false).await.unwrap();
+    let successor = open(&meta, &volume, epoch).await;
+    // Chunk 5 is allocated by the predecessor after the successor opened.
+    predecessor.write_at(5 * MIB, pattern(2, 4096), true).await.unwrap();
+
+    successor.reload_chunk_map().await.unwrap();
+    assert!(successor.read_at(0, 4096).await.unwrap() == pattern(1, 4096));
+    assert!(
+        successor.read_at(5 * MIB, 4096).await.unwrap() == pattern(2, 4096),
+        "the chunk allocated later reads back"
+    );
+}

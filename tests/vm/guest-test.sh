@@ -6,17 +6,20 @@
 # and exits non-zero if any scenario failed.
 #
 # Kernel command line knobs: vmtest.only=a,b,c (scenario names, default all),
-# vmtest.load_secs=N (load after a restart, default 6), vmtest.max_pause_ms=N
+# vmtest.load_secs=N (load after a restart, default 6), vmtest.io_timeout=T
+# (request timeout of the volume under load, default 1s), vmtest.max_pause_ms=N
 # (fail a disruption whose longest I/O pause is longer; default: report only).
 
 set -u
 ONLY=all
 LOAD_SECS=6
+IO_TIMEOUT=1s
 MAX_PAUSE_MS=
 for a in $(cat /proc/cmdline); do
     case "$a" in
         vmtest.only=*) ONLY=${a#*=} ;;
         vmtest.load_secs=*) LOAD_SECS=${a#*=} ;;
+        vmtest.io_timeout=*) IO_TIMEOUT=${a#*=} ;;
         vmtest.max_pause_ms=*) MAX_PAUSE_MS=${a#*=} ;;
     esac
 done
@@ -197,7 +200,7 @@ basic_round() { # basic_round SCENARIO METHOD_FLAGS EXPECTED_METHOD
 # vmtest.max_pause_ms) when given.
 under_load() {
     name=$1; action=$2; pause_limit=${3:-$MAX_PAUSE_MS}
-    dev=$(map v1) || { result "$name" FAIL "map failed"; dump_logs "$name"; return 1; }
+    dev=$(map v1 --io-timeout "$IO_TIMEOUT") || { result "$name" FAIL "map failed"; dump_logs "$name"; return 1; }
     ensure_fs "$dev" || { result "$name" FAIL "mkfs.ext4"; return 1; }
     mkdir -p "$MNT"
     is_mounted "$MNT" || mount -t ext4 "$dev" "$MNT" || { result "$name" FAIL "mount"; return 1; }
@@ -241,32 +244,67 @@ under_load() {
     fi
 }
 
-# The serving process dies (SIGKILL) or hands over (SIGTERM); `map` again starts a successor.
-restart_with() { # restart_with SIGNAL
-    sig=$1
+# The standby of serving process PID, once it stands by (catches SIGUSR2).
+wait_standby() { # wait_standby PID -> prints the standby's pid
+    i=0
+    while [ $i -lt 300 ]; do
+        for p in /proc/[0-9]*; do
+            tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "--standby-for $1 " || continue
+            mask=$(awk '/^SigCgt:/ {print $2}' "$p/status" 2>/dev/null)
+            # SIGUSR2 is signal 12: bit 11 of the mask.
+            [ -n "$mask" ] && [ $(( 0x$mask & 0x800 )) -ne 0 ] && { basename "$p"; return 0; }
+        done
+        sleep 0.1; i=$((i + 1))
+    done
+    return 1
+}
+
+# The serving process dies (SIGKILL) or is stopped (SIGTERM) while its
+# standby stands by: the standby takes the device over, no `map` needed
+# (SIGTERM hands it the live connections; after SIGKILL it re-attaches).
+# With `both`, the standby is killed too and `map` starts a successor.
+restart_with() { # restart_with SIGNAL [both]
+    sig=$1; both=${2:-}
     dev=$(mapping_field v1 device); old=$(mapping_field v1 pid)
     [ -n "$old" ] || { ACTION_DETAIL="no serving process listed"; return 1; }
+    sb=$(wait_standby "$old") || { ACTION_DETAIL="no standby stood by for pid $old"; return 1; }
     t0=$(ts)
-    kill "-$sig" "$old"
-    i=0; while [ -d "/proc/$old" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-    [ ! -d "/proc/$old" ] || { ACTION_DETAIL="pid $old still alive 30 s after SIG$sig"; return 1; }
+    if [ -n "$both" ]; then kill -KILL "$old" "$sb"; else kill "-$sig" "$old"; fi
+    i=0; while [ -d "/proc/$old" ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i + 1)); done
+    [ ! -d "/proc/$old" ] || { ACTION_DETAIL="pid $old still alive 15 s after SIG$sig"; return 1; }
     t1=$(ts)
     # `map` starts the successor's log afresh: keep the predecessor's.
     vid=$(mapping_field v1 volume)
     cp "$STATE/$vid.log" "/tmp/serve-$sig.log" 2>/dev/null
     echo "serving process log before SIG$sig (tail):"; tail -n 4 "/tmp/serve-$sig.log" 2>/dev/null
-    new_dev=$(map v1) || { ACTION_DETAIL="map after SIG$sig failed"; return 1; }
+    if [ -z "$both" ]; then
+        i=0
+        until [ "$(mapping_field v1 served)" = true ] && [ "$(mapping_field v1 pid)" != "$old" ]; do
+            [ $i -lt 600 ] || { ACTION_DETAIL="the standby $sb did not take the device over within 30 s of SIG$sig"; return 1; }
+            sleep 0.05; i=$((i + 1))
+        done
+    fi
+    new_dev=$(map v1 --io-timeout "$IO_TIMEOUT") || { ACTION_DETAIL="map after SIG$sig failed"; return 1; }
     t2=$(ts)
     new=$(mapping_field v1 pid)
-    ACTION_DETAIL="SIG$sig pid $old (exited after $(elapsed "$t0" "$t1") s), successor pid $new re-attached $new_dev in $(elapsed "$t1" "$t2") s"
-    echo "METRIC restart-$sig gone_s=$(elapsed "$t0" "$t1") reattach_s=$(elapsed "$t1" "$t2")"
+    who="successor pid $new"; [ -n "$both" ] || who="standby pid $new"
+    ACTION_DETAIL="SIG$sig pid $old${both:+ and its standby $sb} (gone after $(elapsed "$t0" "$t1") s), $who serves $new_dev $(elapsed "$t1" "$t2") s later"
+    echo "METRIC restart-$sig${both:+-both} gone_s=$(elapsed "$t0" "$t1") reattach_s=$(elapsed "$t1" "$t2")"
     [ "$new_dev" = "$dev" ] || { ACTION_DETAIL="$ACTION_DETAIL; device changed $dev -> $new_dev"; return 1; }
     [ "$new" != "$old" ] || { ACTION_DETAIL="$ACTION_DETAIL; same pid"; return 1; }
-    # The successor handed the live device new sockets (NBD_CMD_RECONFIGURE), not a new device.
-    kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket" ||
-        { ACTION_DETAIL="$ACTION_DETAIL; no 'reconnected socket' for $dev in the kernel log"; return 1; }
+    [ -n "$both" ] || [ "$new" = "$sb" ] || { ACTION_DETAIL="$ACTION_DETAIL; not the standby ($sb)"; return 1; }
+    if [ "$sig" = TERM ]; then
+        # The standby was handed the live connections: the kernel took no part.
+        ! kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket" ||
+            { ACTION_DETAIL="$ACTION_DETAIL; the kernel had to be given new sockets"; return 1; }
+    else
+        # The live device was handed new sockets (NBD_CMD_RECONFIGURE), not replaced.
+        kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket" ||
+            { ACTION_DETAIL="$ACTION_DETAIL; no 'reconnected socket' for $dev in the kernel log"; return 1; }
+    fi
 }
 action_sigkill() { restart_with KILL; }
+action_sigkill_both() { restart_with KILL both; }
 # A successor takes the live device over from the serving process (`map
 # --take-over`): the connections move between the processes, the kernel
 # takes no part, and no request waits for a timeout.
@@ -274,7 +312,7 @@ action_takeover() {
     dev=$(mapping_field v1 device); old=$(mapping_field v1 pid)
     [ -n "$old" ] || { ACTION_DETAIL="no serving process listed"; return 1; }
     t0=$(ts)
-    new_dev=$(map v1 --take-over) || { ACTION_DETAIL="map --take-over failed"; return 1; }
+    new_dev=$(map v1 --take-over --io-timeout "$IO_TIMEOUT") || { ACTION_DETAIL="map --take-over failed"; return 1; }
     t1=$(ts)
     new=$(mapping_field v1 pid)
     i=0; while [ -d "/proc/$old" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
@@ -283,13 +321,23 @@ action_takeover() {
     [ ! -d "/proc/$old" ] || { ACTION_DETAIL="$ACTION_DETAIL; the predecessor still runs"; return 1; }
     [ "$new_dev" = "$dev" ] || { ACTION_DETAIL="$ACTION_DETAIL; device changed $dev -> $new_dev"; return 1; }
     [ "$new" != "$old" ] || { ACTION_DETAIL="$ACTION_DETAIL; same pid"; return 1; }
+    # The predecessor's standby must see that the device went on elsewhere
+    # and leave: never a second process serving it.
+    sleep 2
     if kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket"; then
         ACTION_DETAIL="$ACTION_DETAIL; the kernel had to be given new sockets"; return 1
     fi
+    [ "$(mapping_field v1 pid)" = "$new" ] ||
+        { ACTION_DETAIL="$ACTION_DETAIL; pid $(mapping_field v1 pid) serves the device now, not $new"; return 1; }
+    for p in /proc/[0-9]*; do
+        tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "--standby-for $old " &&
+            { ACTION_DETAIL="$ACTION_DETAIL; the predecessor's standby ${p#/proc/} still runs"; return 1; }
+    done
+    return 0
 }
 action_sigterm() { restart_with TERM; }
 # The serving process stops answering for longer than the kernel's request
-# timeout (1 s): the kernel drops the connections the stuck requests are on
+# timeout: the kernel drops the connections the stuck requests are on
 # and requeues them; once the process runs again it hands the kernel new
 # connections (NBD_CMD_RECONFIGURE) and the requeued requests complete.
 action_freeze() {
@@ -302,7 +350,7 @@ action_freeze() {
     kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket" ||
         { ACTION_DETAIL="serving process $pid frozen 12 s: no 'reconnected socket' for $dev afterwards"; return 1; }
     [ "$(mapping_field v1 pid)" = "$pid" ] || { ACTION_DETAIL="the serving process changed"; return 1; }
-    ACTION_DETAIL="serving process $pid frozen 12 s (past the 1 s request timeout), dropped connections replaced by the same process"
+    ACTION_DETAIL="serving process $pid frozen 12 s (past the $IO_TIMEOUT request timeout), dropped connections replaced by the same process"
 }
 action_kill_storage() {
     pid=$(cluster_pid storage2)
@@ -554,8 +602,9 @@ if cluster_up; then
         wanted identity && identity
         wanted csi-node && csi_node
         wanted csi-encrypted && csi_encrypted
-        wanted restart-sigkill && under_load restart-sigkill action_sigkill
-        wanted restart-sigterm && under_load restart-sigterm action_sigterm
+        wanted restart-sigkill && under_load restart-sigkill action_sigkill 1500
+        wanted restart-sigkill-both && under_load restart-sigkill-both action_sigkill_both
+        wanted restart-sigterm && under_load restart-sigterm action_sigterm 1000
         wanted restart-takeover && under_load restart-takeover action_takeover 1000
         wanted freeze && under_load freeze action_freeze
         wanted storage-kill && under_load storage-kill action_kill_storage

@@ -54,6 +54,19 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// its connection, the serving process replaces it at once, and the
 /// engine runs the resent copy only after the first one finished.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// The least request timeout of a device whose volume has I/O limits: its
+/// requests may queue in the throttle for longer than a short timeout, and
+/// a resent copy would only queue again behind its first.
+pub const LIMITED_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The request timeout a device gets: `configured`, raised to
+/// [`LIMITED_IO_TIMEOUT`] while its volume is `limited`.
+pub fn io_timeout_for(configured: Option<Duration>, limited: bool) -> Option<Duration> {
+    match configured {
+        Some(timeout) if limited => Some(timeout.max(LIMITED_IO_TIMEOUT)),
+        other => other,
+    }
+}
 
 /// How a device was attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,6 +380,15 @@ impl<E: BlockExport> AttachedDevice<E> {
                 self.state = other;
                 Err(AttachError::Unsupported("only netlink-attached devices can be handed over"))
             }
+        }
+    }
+
+    /// Gives the device's requests `timeout` from now on (netlink only;
+    /// others keep theirs).
+    pub fn set_io_timeout(&self, timeout: Duration) {
+        if let Some(State::Netlink { index, .. }) = &self.state {
+            apply_io_timeout(*index, Some(timeout));
+            info!(device = %self.path.display(), timeout_ms = timeout.as_millis() as u64, "request timeout set");
         }
     }
 
@@ -765,6 +787,15 @@ mod tests {
         assert!(matches!(p.choose(AttachMethod::Netlink), Err(AttachError::Unavailable { method: "netlink", .. })));
         assert_eq!(p.choose(AttachMethod::FuseLoop).unwrap().0, AttachKind::FuseLoop);
         assert_eq!(p.choose(AttachMethod::Ioctl).unwrap().0, AttachKind::Ioctl);
+    }
+
+    #[test]
+    fn limited_volumes_get_a_long_request_timeout() {
+        let short = Some(Duration::from_millis(500));
+        assert_eq!(io_timeout_for(short, false), short);
+        assert_eq!(io_timeout_for(short, true), Some(LIMITED_IO_TIMEOUT));
+        assert_eq!(io_timeout_for(Some(Duration::from_secs(60)), true), Some(Duration::from_secs(60)));
+        assert_eq!(io_timeout_for(None, true), None, "the kernel's own default stays");
     }
 
     #[test]

@@ -24,6 +24,13 @@ pub struct Limits {
     pub bytes: u64,
 }
 
+impl Limits {
+    /// Whether requests may wait here at all.
+    pub fn any(&self) -> bool {
+        self.iops > 0 || self.bytes > 0
+    }
+}
+
 #[derive(Default)]
 pub struct Throttle {
     /// Set while any limit is: an unlimited volume's requests take no lock.

@@ -150,6 +150,19 @@ impl Volume {
         Ok(size)
     }
 
+    /// Learns the chunks another process allocated since this volume was
+    /// opened. A successor that opened the volume while its predecessor
+    /// still served it calls this before serving: a chunk missing from the
+    /// map reads as zeros without asking anyone.
+    pub async fn reload_chunk_map(&self) -> Result<(), EngineError> {
+        let map = self.meta.get_chunk_map(pb::GetChunkMapRequest { volume_id: self.info.id.clone() }).await?;
+        for set in &map.chunks {
+            self.map.update(set.chunk_index, ChunkView::from(set));
+        }
+        self.update_degraded_gauge();
+        Ok(())
+    }
+
     fn follow(&self, record: &pb::Volume) {
         let limits = record.limits.unwrap_or_default();
         self.throttle.set(limits::Limits { iops: limits.max_iops, bytes: limits.max_bandwidth_bytes });
