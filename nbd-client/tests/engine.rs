@@ -286,3 +286,33 @@ async fn a_successor_reads_what_its_predecessor_allocated_after_it_opened() {
         "the chunk allocated later reads back"
     );
 }
+
+/// A flush after a chunk server died drops it from every chunk it held,
+/// chunks the flush did not write included, all of them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flush_drops_a_dead_server_from_every_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(dir.path(), 3, 3).await.unwrap();
+    let meta = cluster.meta();
+    let info = create(&meta, "flushed", 6 * MIB, 3).await;
+    let epoch = publish(&meta, &info, "node-1").await;
+    let volume = open(&meta, &info, epoch).await;
+    for chunk in 0..6 {
+        volume.write_at(chunk * MIB, pattern(chunk as u8, 4096), false).await.unwrap();
+    }
+    let before = chunk_map(&meta, &info).await;
+    assert_eq!(before.len(), 6);
+
+    cluster.kill("storage2");
+    volume.flush().await.unwrap();
+
+    let after = chunk_map(&meta, &info).await;
+    for (old, new) in before.iter().zip(&after) {
+        assert_eq!(new.replicas.len(), 2, "chunk {} still lists the dead server: {new:?}", new.chunk_index);
+        assert!(new.generation > old.generation);
+    }
+    assert_eq!(volume.degraded_chunks(), (0..6).collect::<Vec<u64>>());
+    for chunk in 0..6 {
+        assert!(volume.read_at(chunk * MIB, 4096).await.unwrap() == pattern(chunk as u8, 4096));
+    }
+}

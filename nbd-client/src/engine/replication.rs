@@ -7,7 +7,7 @@ use std::future::Future;
 
 use ballast_proto::frame::{ClientError, DataClient, ErrorCode};
 use ballast_proto::meta as pb;
-use futures::future::join_all;
+use futures::future::{join_all, try_join_all};
 
 use super::chunk_map::{ChunkView, Replica};
 use super::{metrics, EngineError, Volume};
@@ -289,16 +289,29 @@ impl Volume {
         if let Some(refusal) = refused(&results) {
             return Err(refusal);
         }
-        for (server, result) in servers.iter().zip(results) {
-            let Err(error) = result else { continue };
-            for (chunk, view) in
-                chunks.iter().filter(|(_, v)| v.replicas.iter().any(|r| r.server_id == server.server_id))
-            {
-                let current = self.map.get(*chunk).unwrap_or_else(|| view.clone());
-                let failed = vec![(server.clone(), ClientError::Closed(format!("flush failed: {error}")))];
-                self.drop_replicas(*chunk, current, failed).await?;
-            }
+        let failed: Vec<(&Replica, String)> = servers
+            .iter()
+            .zip(results)
+            .filter_map(|(server, result)| result.err().map(|e| (server, format!("flush failed: {e}"))))
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
         }
+        // Every chunk on a failed server leaves it, all chunks at once: the
+        // flush waits for the slowest drop, not for their sum.
+        try_join_all(chunks.iter().filter_map(|(chunk, view)| {
+            let on_chunk: Vec<(Replica, ClientError)> = failed
+                .iter()
+                .filter(|(server, _)| view.replicas.iter().any(|r| r.server_id == server.server_id))
+                .map(|(server, why)| ((*server).clone(), ClientError::Closed(why.clone())))
+                .collect();
+            if on_chunk.is_empty() {
+                return None;
+            }
+            let current = self.map.get(*chunk).unwrap_or_else(|| view.clone());
+            Some(self.drop_replicas(*chunk, current, on_chunk))
+        }))
+        .await?;
         Ok(())
     }
 }
