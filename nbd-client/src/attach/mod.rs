@@ -502,17 +502,7 @@ pub async fn reconnect<E: BlockExport>(
         connections.stop(Duration::from_secs(1)).await;
         return Err(e.into());
     }
-    apply_io_timeout(index, options.io_timeout);
-    let path = PathBuf::from(format!("/dev/nbd{index}"));
-    info!(device = %path.display(), backend = %options.backend_id, "nbd device reconnected");
-    Ok(AttachedDevice {
-        path,
-        kind: AttachKind::Netlink,
-        index,
-        export,
-        block_size: options.block_size,
-        state: Some(State::Netlink { index, backend, connections }),
-    })
+    Ok(live_netlink_device(export, index, &options, backend, connections, "reconnected"))
 }
 
 /// Goes on serving live netlink nbd device `index` over the connections
@@ -531,17 +521,30 @@ pub async fn adopt<E: BlockExport>(
     let replacer = netlink_replacer(Arc::new(AtomicU32::new(index)), backend.clone());
     let count = options.connections.max(handed.len());
     let connections = KernelConnections::adopt(export.clone(), options.read_only, handed, count, replacer)?;
+    Ok(live_netlink_device(export, index, &options, backend, connections, "adopted"))
+}
+
+/// A live netlink device this process now serves through `connections`
+/// (`how`: reconnected or adopted), with this process's request timeout.
+fn live_netlink_device<E: BlockExport>(
+    export: Arc<E>,
+    index: u32,
+    options: &AttachOptions,
+    backend: Option<String>,
+    connections: KernelConnections<E>,
+    how: &str,
+) -> AttachedDevice<E> {
     apply_io_timeout(index, options.io_timeout);
     let path = PathBuf::from(format!("/dev/nbd{index}"));
-    info!(device = %path.display(), backend = %options.backend_id, "nbd device adopted");
-    Ok(AttachedDevice {
+    info!(device = %path.display(), backend = %options.backend_id, "nbd device {how}");
+    AttachedDevice {
         path,
         kind: AttachKind::Netlink,
         index,
         export,
         block_size: options.block_size,
         state: Some(State::Netlink { index, backend, connections }),
-    })
+    }
 }
 
 /// Refuses device `index` if it serves another backend than `backend_id`
