@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use ballast_cli::output::{self, Format};
-use ballast_cli::{chunks, dev, pki, size};
+use ballast_cli::{chunks, dev, pki};
 use ballast_proto::frame::Connector;
 use ballast_proto::meta as pb;
+use ballast_proto::size;
 use clap::{Parser, Subcommand};
 use meta_client::ClientArgs;
 use meta_client::MetaClient;

@@ -3,7 +3,7 @@
 use ballast_proto::meta as pb;
 use serde_json::{json, Value};
 
-use crate::size::format_size;
+use ballast_proto::size::format_size;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

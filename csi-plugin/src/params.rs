@@ -26,6 +26,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use ballast_proto::csi;
+use ballast_proto::size::SizeError;
 
 use crate::error::{CsiError, Result};
 
@@ -278,25 +279,12 @@ pub fn round_up(value: u64, multiple: u64) -> u64 {
     value.div_ceil(multiple).saturating_mul(multiple)
 }
 
-/// Parses a Kubernetes-style quantity (`1Gi`, `500M`, `1048576`) into bytes.
+/// Parses a Kubernetes quantity (`1Gi`, `500M`, `1048576`) into bytes.
 pub fn parse_quantity(text: &str) -> Result<u64> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, suffix) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| CsiError::invalid(format!("size {text:?} is not a quantity")))?;
-    let multiplier: u64 = match suffix {
-        "" => 1,
-        "k" | "K" => 1000,
-        "M" => 1000u64.pow(2),
-        "G" => 1000u64.pow(3),
-        "T" => 1000u64.pow(4),
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        other => return Err(CsiError::invalid(format!("size {text:?} has an unknown unit {other:?}"))),
-    };
-    number.checked_mul(multiplier).ok_or_else(|| CsiError::OutOfRange(format!("size {text:?} is too large")))
+    ballast_proto::size::parse_quantity(text).map_err(|e| match e {
+        SizeError::Invalid { .. } => CsiError::invalid(e.to_string()),
+        SizeError::TooLarge(_) => CsiError::OutOfRange(e.to_string()),
+    })
 }
 
 /// Topology segments as `key=value` labels, e.g. `topology.ballast.io/zone=a`.

@@ -123,18 +123,10 @@ impl StateDir {
     }
 }
 
-/// Where `device` is mounted, if anywhere (from /proc/self/mountinfo).
+/// Where `device` is mounted, if anywhere.
 pub fn mount_points(device: &str) -> Vec<String> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    info.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            (fields.get(sep + 2) == Some(&device)).then(|| fields[4].to_string())
-        })
-        .collect()
+    let table = crate::mountinfo::read().unwrap_or_default();
+    table.into_iter().filter(|m| m.source == device).map(|m| m.mount_point.display().to_string()).collect()
 }
 
 #[cfg(test)]

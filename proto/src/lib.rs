@@ -8,6 +8,7 @@
 //! - [`frame`]: the binary data-plane protocol between volume engines and
 //!   chunk servers.
 //! - [`range_lock`]: the byte range lock both ends of it order writes with.
+//! - [`size`]: byte counts as flags and Kubernetes quantities write them.
 //! - [`volume`]: the limits of a volume's shape and of listings.
 
 pub mod csi {
@@ -24,4 +25,5 @@ pub mod pluginregistration {
 
 pub mod frame;
 pub mod range_lock;
+pub mod size;
 pub mod volume;

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_proto::frame::{block_checksums, DataClient};
+use ballast_proto::size::parse_size;
 use bytes::Bytes;
 use clap::Parser;
 use rand::{Rng, RngCore, SeedableRng};
-use storage_server::config::parse_size;
 use tokio::sync::Mutex;
 
 #[derive(Parser)]

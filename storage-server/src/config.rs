@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ballast_proto::size::parse_size;
 use ballast_telemetry::LogFormat;
 
 use crate::store::backend::BackendChoice;
@@ -68,24 +69,6 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
-}
-
-/// Parses a byte count: `4096`, `64MiB`, `1G`, `10GiB`, `512k`...
-/// (K/M/G/T with or without `i`/`B` are powers of 1024).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let value: u64 = digits.parse().map_err(|_| format!("invalid size {text:?}"))?;
-    let shift = match unit.trim().to_ascii_lowercase().trim_end_matches('b').trim_end_matches('i') {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => return Err(format!("invalid size unit in {text:?}")),
-    };
-    value.checked_mul(1 << shift).ok_or_else(|| format!("size {text:?} too large"))
 }
 
 /// Failure-domain labels: `key=value,key=value`.
@@ -180,13 +163,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_labels_parse() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("2tb"), Ok(2 << 40));
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("").is_err());
+    fn labels_parse() {
         let labels = parse_labels("zone=a, rack=r1").unwrap();
         assert_eq!(labels.0.get("rack").map(String::as_str), Some("r1"));
         assert_eq!(parse_labels("").unwrap(), Labels::default());
