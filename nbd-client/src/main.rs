@@ -475,14 +475,8 @@ async fn resize(target: String, meta: ClientArgs, state_dir: PathBuf) -> anyhow:
 fn list(state_dir: PathBuf, output: &str) -> anyhow::Result<()> {
     let mappings = StateDir::new(&state_dir)?.all()?;
     if output == "json" {
-        let rows: Vec<serde_json::Value> = mappings
-            .iter()
-            .map(|m| {
-                serde_json::json!({"volume": m.volume_id, "name": m.volume_name, "device": m.device,
-                    "method": m.method, "pid": m.pid, "epoch": m.epoch, "served": m.is_served()})
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        let rows: Vec<mapping::Listed> = mappings.iter().map(mapping::Listed::from).collect();
+        println!("{}", serde_json::to_string(&rows)?);
     } else {
         println!("{:<20} {:<20} {:<14} {:<10} {:>8}  SERVED", "VOLUME", "NAME", "DEVICE", "METHOD", "PID");
         for m in mappings {

@@ -34,6 +34,48 @@ impl Mapping {
     }
 }
 
+/// One entry of `nbd-client list -o json`: what it prints and what the CSI
+/// node reads. Older versions printed only `volume`, `device` and `pid`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listed {
+    pub volume: String,
+    #[serde(default)]
+    pub name: String,
+    pub device: PathBuf,
+    /// `netlink`, `ioctl` or `fuse-loop`.
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub pid: u32,
+    #[serde(default)]
+    pub epoch: u64,
+    /// Whether the serving process still runs, as `nbd-client` saw it.
+    #[serde(default)]
+    pub served: Option<bool>,
+}
+
+impl Listed {
+    /// Whether the serving process is still there; without `served`, by
+    /// its pid.
+    pub fn is_served(&self) -> bool {
+        self.served.unwrap_or_else(|| self.pid == 0 || Path::new(&format!("/proc/{}", self.pid)).exists())
+    }
+}
+
+impl From<&Mapping> for Listed {
+    fn from(mapping: &Mapping) -> Self {
+        Listed {
+            volume: mapping.volume_id.clone(),
+            name: mapping.volume_name.clone(),
+            device: PathBuf::from(&mapping.device),
+            method: Some(mapping.method.clone()),
+            pid: mapping.pid,
+            epoch: mapping.epoch,
+            served: Some(mapping.is_served()),
+        }
+    }
+}
+
 pub fn process_is_nbd_client(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|cmdline| {

@@ -33,27 +33,7 @@ const RESIZE_LIMIT: Duration = Duration::from_secs(60);
 const PROBE_LIMIT: Duration = Duration::from_secs(30);
 
 /// One attached volume, as `nbd-client list` reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct Mapping {
-    pub volume: String,
-    pub device: PathBuf,
-    #[serde(default)]
-    pub pid: u32,
-    /// Whether `nbd-client` saw its serving process alive (it also rules
-    /// out a recycled pid); older versions do not report it.
-    #[serde(default)]
-    pub served: Option<bool>,
-    /// How the device is attached: `netlink`, `ioctl` or `fuse-loop`.
-    #[serde(default)]
-    pub method: Option<String>,
-}
-
-impl Mapping {
-    /// Whether the serving process is still there.
-    pub fn is_served(&self) -> bool {
-        self.served.unwrap_or_else(|| self.pid == 0 || Path::new(&format!("/proc/{}", self.pid)).exists())
-    }
-}
+pub use nbd_client::mapping::Listed as Mapping;
 
 /// How `nbd-client probe` says devices attach on this host.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -237,7 +217,7 @@ mod tests {
         let list = parse_list(r#"[{"volume": "vol-1a", "device": "/dev/nbd0", "pid": 42}]"#).unwrap();
         assert_eq!(
             list,
-            vec![Mapping { volume: "vol-1a".into(), device: "/dev/nbd0".into(), pid: 42, served: None, method: None }]
+            vec![Mapping { volume: "vol-1a".into(), device: "/dev/nbd0".into(), pid: 42, ..Mapping::default() }]
         );
         // What nbd-client prints today, extra fields and all.
         let real = r#"[{"device":"/dev/loop0","epoch":1,"method":"fuse-loop","name":"t1","pid":4730,"served":false,"volume":"vol-8"}]"#;
