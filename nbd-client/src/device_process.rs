@@ -76,9 +76,11 @@ pub(crate) async fn serve_device(
     let mut options = AttachOptions::new(info.id.clone());
     options.block_size = DEVICE_BLOCK_SIZE;
     options.method = attach_method(device_args.method);
-    let configured_timeout = Some(device_args.io_timeout.0).filter(|t| !t.is_zero());
-    let mut limited = opened.volume.limits().any();
-    options.io_timeout = attach::io_timeout_for(configured_timeout, limited);
+    // 0 leaves the kernel's own timeout, unmanaged.
+    let mut request_timeout = Some(device_args.io_timeout.0)
+        .filter(|t| !t.is_zero())
+        .map(|t| attach::RequestTimeout::new(t, opened.volume.limits().any(), std::time::Instant::now()));
+    options.io_timeout = request_timeout.as_ref().map(attach::RequestTimeout::current);
     options.read_only = args.readonly;
     options.fuse_root = state_dir.join("fuse");
     let mut device: AttachedDevice<Volume> = match predecessor {
@@ -138,15 +140,16 @@ pub(crate) async fn serve_device(
     // Set once SIGTERM asked the standby to take the device over: if it has
     // not come by then, the device is released instead.
     let mut handing_to_standby: Option<tokio::time::Instant> = None;
-    let mut follow_limits = tokio::time::interval(nbd_client::engine::FOLLOW_INTERVAL);
+    let mut follow = tokio::time::interval(nbd_client::engine::FOLLOW_INTERVAL);
     loop {
         let detach = tokio::select! {
-            // The volume's limits change while it is served.
-            _ = follow_limits.tick() => {
-                if opened.volume.limits().any() != limited {
-                    limited = !limited;
-                    if let Some(timeout) = attach::io_timeout_for(configured_timeout, limited) {
-                        device.set_io_timeout(timeout);
+            // The volume's limits, and the kernel's resending, change the
+            // request timeout while the device is served.
+            _ = follow.tick() => {
+                if let Some(timeout) = request_timeout.as_mut() {
+                    let (limited, dropped) = (opened.volume.limits().any(), device.dropped_connections());
+                    if let Some(now) = timeout.update(limited, dropped, std::time::Instant::now()) {
+                        device.set_io_timeout(now);
                     }
                 }
                 continue;

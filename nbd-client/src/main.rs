@@ -73,7 +73,7 @@ struct DeviceArgs {
     /// How long the kernel gives one request before resending it on another
     /// connection (netlink devices): seconds, or with a unit (`1500ms`,
     /// `2s`); 0 keeps the kernel's 30 s. Bounds the I/O pause when the
-    /// serving process is replaced.
+    /// serving process dies; raised for a while when requests are slower.
     #[arg(long, default_value_t = IoTimeout(attach::DEFAULT_IO_TIMEOUT))]
     io_timeout: IoTimeout,
     /// When the volume's device is served by a live process: start a new

@@ -6,20 +6,17 @@
 # and exits non-zero if any scenario failed.
 #
 # Kernel command line knobs: vmtest.only=a,b,c (scenario names, default all),
-# vmtest.load_secs=N (load after a restart, default 6), vmtest.io_timeout=T
-# (request timeout of the volume under load, default 1s), vmtest.max_pause_ms=N
+# vmtest.load_secs=N (load after a restart, default 6), vmtest.max_pause_ms=N
 # (fail a disruption whose longest I/O pause is longer; default: report only).
 
 set -u
 ONLY=all
 LOAD_SECS=6
-IO_TIMEOUT=1s
 MAX_PAUSE_MS=
 for a in $(cat /proc/cmdline); do
     case "$a" in
         vmtest.only=*) ONLY=${a#*=} ;;
         vmtest.load_secs=*) LOAD_SECS=${a#*=} ;;
-        vmtest.io_timeout=*) IO_TIMEOUT=${a#*=} ;;
         vmtest.max_pause_ms=*) MAX_PAUSE_MS=${a#*=} ;;
     esac
 done
@@ -200,7 +197,7 @@ basic_round() { # basic_round SCENARIO METHOD_FLAGS EXPECTED_METHOD
 # vmtest.max_pause_ms) when given.
 under_load() {
     name=$1; action=$2; pause_limit=${3:-$MAX_PAUSE_MS}
-    dev=$(map v1 --io-timeout "$IO_TIMEOUT") || { result "$name" FAIL "map failed"; dump_logs "$name"; return 1; }
+    dev=$(map v1) || { result "$name" FAIL "map failed"; dump_logs "$name"; return 1; }
     ensure_fs "$dev" || { result "$name" FAIL "mkfs.ext4"; return 1; }
     mkdir -p "$MNT"
     is_mounted "$MNT" || mount -t ext4 "$dev" "$MNT" || { result "$name" FAIL "mount"; return 1; }
@@ -284,7 +281,7 @@ restart_with() { # restart_with SIGNAL [both]
             sleep 0.05; i=$((i + 1))
         done
     fi
-    new_dev=$(map v1 --io-timeout "$IO_TIMEOUT") || { ACTION_DETAIL="map after SIG$sig failed"; return 1; }
+    new_dev=$(map v1) || { ACTION_DETAIL="map after SIG$sig failed"; return 1; }
     t2=$(ts)
     new=$(mapping_field v1 pid)
     who="successor pid $new"; [ -n "$both" ] || who="standby pid $new"
@@ -312,7 +309,7 @@ action_takeover() {
     dev=$(mapping_field v1 device); old=$(mapping_field v1 pid)
     [ -n "$old" ] || { ACTION_DETAIL="no serving process listed"; return 1; }
     t0=$(ts)
-    new_dev=$(map v1 --take-over --io-timeout "$IO_TIMEOUT") || { ACTION_DETAIL="map --take-over failed"; return 1; }
+    new_dev=$(map v1 --take-over) || { ACTION_DETAIL="map --take-over failed"; return 1; }
     t1=$(ts)
     new=$(mapping_field v1 pid)
     i=0; while [ -d "/proc/$old" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
@@ -350,7 +347,7 @@ action_freeze() {
     kmsg_since "$name" | grep -q "$(basename "$dev"): reconnected socket" ||
         { ACTION_DETAIL="serving process $pid frozen 12 s: no 'reconnected socket' for $dev afterwards"; return 1; }
     [ "$(mapping_field v1 pid)" = "$pid" ] || { ACTION_DETAIL="the serving process changed"; return 1; }
-    ACTION_DETAIL="serving process $pid frozen 12 s (past the $IO_TIMEOUT request timeout), dropped connections replaced by the same process"
+    ACTION_DETAIL="serving process $pid frozen 12 s (past the request timeout), dropped connections replaced by the same process"
 }
 action_kill_storage() {
     pid=$(cluster_pid storage2)

@@ -18,8 +18,6 @@
 #                     restart-sigterm, restart-takeover, freeze,
 #                     storage-kill, csi-encrypted
 #   VM_LOAD_SECS=n    seconds of load after each disruption (default 6)
-#   VM_IO_TIMEOUT=t   request timeout of the volume the disruptions hit
-#                     (nbd-client map --io-timeout; default 500ms)
 #   VM_MAX_PAUSE_MS=n fail a disruption whose longest I/O pause is longer
 #                     (default: measure and report only)
 #   VM_BUILD=0        do not run cargo build (use VM_BIN_DIR as it is)
@@ -36,7 +34,6 @@ CACHE=${VM_CACHE:-$ROOT/.cache/vm}
 TIMEOUT=${VM_TIMEOUT:-600}
 ONLY=${VM_ONLY:-all}
 LOAD_SECS=${VM_LOAD_SECS:-6}
-IO_TIMEOUT=${VM_IO_TIMEOUT:-500ms}
 BIN_DIR=${VM_BIN_DIR:-$ROOT/target/release}
 MEM=${VM_MEM:-2048}
 SMP=${VM_SMP:-2}
@@ -257,7 +254,7 @@ rm -rf "$IR"
 truncate -s 4G "$WORK/scratch.img" # the cluster's data disk (sparse)
 LOG=$WORK/console.log
 : > "$LOG"
-APPEND="console=ttyS0 panic=-1 quiet loglevel=4 vmtest.only=$ONLY vmtest.load_secs=$LOAD_SECS vmtest.io_timeout=$IO_TIMEOUT"
+APPEND="console=ttyS0 panic=-1 quiet loglevel=4 vmtest.only=$ONLY vmtest.load_secs=$LOAD_SECS"
 [ -z "${VM_MAX_PAUSE_MS:-}" ] || APPEND="$APPEND vmtest.max_pause_ms=$VM_MAX_PAUSE_MS"
 say "booting: $SMP vCPUs, $MEM MiB, TCG, timeout ${TIMEOUT}s"
 tail -n +1 -f "$LOG" &

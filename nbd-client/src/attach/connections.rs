@@ -12,7 +12,7 @@
 //! kernel never notices, so nothing waits for a timeout.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,9 @@ pub(crate) struct KernelConnections<E: BlockExport> {
     /// Set before the device is disconnected or handed over: connections
     /// that end then are not replaced.
     closing: Arc<AtomicBool>,
+    /// Live connections the kernel dropped: each is a request that outlived
+    /// the request timeout.
+    dropped: Arc<AtomicU64>,
 }
 
 impl<E: BlockExport> KernelConnections<E> {
@@ -104,16 +107,27 @@ impl<E: BlockExport> KernelConnections<E> {
         let options = if read_only { ExportOptions::read_only() } else { ExportOptions::read_write() };
         let server = NbdServer::single(export, options);
         let closing = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
         let tasks = ours
             .into_iter()
             .enumerate()
             .map(|(slot, first)| {
-                let connection =
-                    Connection { slot, server: server.clone(), closing: closing.clone(), replacer: replacer.clone() };
+                let connection = Connection {
+                    slot,
+                    server: server.clone(),
+                    closing: closing.clone(),
+                    dropped: dropped.clone(),
+                    replacer: replacer.clone(),
+                };
                 tokio::spawn(connection.serve(first))
             })
             .collect();
-        Self { server, tasks, closing }
+        Self { server, tasks, closing, dropped }
+    }
+
+    /// How many live connections the kernel has dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Stops every connection between two requests, once those in flight
@@ -203,6 +217,7 @@ struct Connection<E: BlockExport> {
     slot: usize,
     server: NbdServer<E>,
     closing: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
     replacer: Option<Replacer>,
 }
 
@@ -226,6 +241,7 @@ impl<E: BlockExport> Connection<E> {
             if self.closing.load(Ordering::SeqCst) || self.server.is_shutting_down() {
                 return None;
             }
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             let replacer = self.replacer.as_ref()?;
             pause = if started.elapsed() < SHORT_LIVED {
                 (pause * 2).clamp(RETRY_FIRST, RETRY_MAX)

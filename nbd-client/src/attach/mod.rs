@@ -19,6 +19,7 @@ mod io_flusher;
 pub mod ioctl;
 mod loop_dev;
 pub mod netlink;
+mod request_timeout;
 pub mod sysfs;
 
 use std::fmt;
@@ -34,6 +35,7 @@ use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 pub use connections::HandedConnection;
+pub use request_timeout::{RequestTimeout, DEFAULT_IO_TIMEOUT, LIMITED_IO_TIMEOUT};
 pub use error::AttachError;
 pub use fuse_fs::VOLUME_FILE;
 pub use io_flusher::set_io_flusher;
@@ -47,27 +49,6 @@ use crate::export::BlockExport;
 
 /// How long detach waits for the kernel to close its connections.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default kernel request timeout of netlink devices. Short, because it is
-/// how long requests stranded on a crashed serving process's connections
-/// wait before the kernel resends them to its successor. A request that is
-/// merely slow (a replica failing over) is resent too: the kernel drops
-/// its connection, the serving process replaces it at once, and the
-/// engine runs the resent copy only after the first one finished.
-pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(1);
-/// The least request timeout of a device whose volume has I/O limits: its
-/// requests may queue in the throttle for longer than a short timeout, and
-/// a resent copy would only queue again behind its first.
-pub const LIMITED_IO_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The request timeout a device gets: `configured`, raised to
-/// [`LIMITED_IO_TIMEOUT`] while its volume is `limited`.
-pub fn io_timeout_for(configured: Option<Duration>, limited: bool) -> Option<Duration> {
-    match configured {
-        Some(timeout) if limited => Some(timeout.max(LIMITED_IO_TIMEOUT)),
-        other => other,
-    }
-}
-
 /// How a device was attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachKind {
@@ -380,6 +361,15 @@ impl<E: BlockExport> AttachedDevice<E> {
                 self.state = other;
                 Err(AttachError::Unsupported("only netlink-attached devices can be handed over"))
             }
+        }
+    }
+
+    /// How many live connections the kernel has dropped so far, each for a
+    /// request that outlived the request timeout.
+    pub fn dropped_connections(&self) -> u64 {
+        match &self.state {
+            Some(State::Netlink { connections, .. } | State::Ioctl { connections, .. }) => connections.dropped(),
+            _ => 0,
         }
     }
 
@@ -790,15 +780,6 @@ mod tests {
         assert!(matches!(p.choose(AttachMethod::Netlink), Err(AttachError::Unavailable { method: "netlink", .. })));
         assert_eq!(p.choose(AttachMethod::FuseLoop).unwrap().0, AttachKind::FuseLoop);
         assert_eq!(p.choose(AttachMethod::Ioctl).unwrap().0, AttachKind::Ioctl);
-    }
-
-    #[test]
-    fn limited_volumes_get_a_long_request_timeout() {
-        let short = Some(Duration::from_millis(500));
-        assert_eq!(io_timeout_for(short, false), short);
-        assert_eq!(io_timeout_for(short, true), Some(LIMITED_IO_TIMEOUT));
-        assert_eq!(io_timeout_for(Some(Duration::from_secs(60)), true), Some(Duration::from_secs(60)));
-        assert_eq!(io_timeout_for(None, true), None, "the kernel's own default stays");
     }
 
     #[test]
