@@ -15,7 +15,7 @@
 //!   `[{"volume": .., "device": .., "pid": .., "served": ..}, ...]`.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ballast_telemetry::LogFormat;

@@ -35,11 +35,11 @@ use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 pub use connections::HandedConnection;
-pub use request_timeout::{RequestTimeout, DEFAULT_IO_TIMEOUT, LIMITED_IO_TIMEOUT};
 pub use error::AttachError;
 pub use fuse_fs::VOLUME_FILE;
 pub use io_flusher::set_io_flusher;
 pub use netlink::{DeviceStatus, NetlinkError};
+pub use request_timeout::{RequestTimeout, DEFAULT_IO_TIMEOUT, LIMITED_IO_TIMEOUT};
 
 use crate::attach::connections::{KernelConnections, Replacer};
 use crate::attach::fuse_loop::{FuseLoop, FuseLoopOptions};
