@@ -53,9 +53,7 @@ pub(crate) async fn serve_device(
     let predecessor = if take_over { Some(contact_predecessor(&state, &mut args).await?) } else { None };
     let mut opened = match warm {
         Some(opened) => {
-            if let Some(addr) = args.metrics_addr {
-                serve_metrics(addr).await;
-            }
+            serve_metrics(args.metrics_addr).await;
             opened
         }
         None => open_for_serving(&args, &meta).await?,
@@ -90,15 +88,8 @@ pub(crate) async fn serve_device(
             opened.volume.reload_chunk_map().await?;
             // Named as the server before the predecessor exits, so that its
             // standby leaves the device to this process.
-            state.save(&Mapping {
-                volume_id: info.id.clone(),
-                volume_name: info.name.clone(),
-                device: format!("/dev/nbd{}", offer.index),
-                method: attach::AttachKind::Netlink.to_string(),
-                pid: std::process::id(),
-                epoch: opened.volume.epoch(),
-                resizable: true,
-            })?;
+            let device = format!("/dev/nbd{}", offer.index);
+            state.save(&this_process_serves(&opened, device, attach::AttachKind::Netlink))?;
             if let Err(e) = tokio::task::spawn_blocking(move || receipt.confirm()).await? {
                 tracing::warn!(error = %e, "the predecessor did not hear that the device was taken over");
             }
@@ -121,15 +112,7 @@ pub(crate) async fn serve_device(
     let mut term = signal(SignalKind::terminate())?;
     let mut unmap = signal(SignalKind::user_defined1())?;
     let mut grow = signal(SignalKind::hangup())?;
-    let mapping = Mapping {
-        volume_id: info.id.clone(),
-        volume_name: info.name.clone(),
-        device: device.path().display().to_string(),
-        method: device.kind().to_string(),
-        pid: std::process::id(),
-        epoch: opened.volume.epoch(),
-        resizable: true,
-    };
+    let mapping = this_process_serves(&opened, device.path().display().to_string(), device.kind());
     state.save(&mapping)?;
     tracing::info!(device = %mapping.device, method = %mapping.method, "volume mapped");
     let standby = (handover.is_some() && !device_args.no_standby).then(|| {
@@ -202,6 +185,20 @@ pub(crate) async fn serve_device(
     opened.unpublish(&meta).await;
     tracing::info!(device = %mapping.device, "volume unmapped");
     Ok(())
+}
+
+/// The record naming this process as the server of `device`.
+fn this_process_serves(opened: &Opened, device: String, kind: attach::AttachKind) -> Mapping {
+    let info = opened.volume.info();
+    Mapping {
+        volume_id: info.id.clone(),
+        volume_name: info.name.clone(),
+        device,
+        method: kind.to_string(),
+        pid: std::process::id(),
+        epoch: opened.volume.epoch(),
+        resizable: true,
+    }
 }
 
 /// How long SIGTERM waits for the standby to take the device over.

@@ -218,9 +218,7 @@ fn start_daemon(args: &VolumeArgs) -> anyhow::Result<MetaClient> {
 
 /// Metrics, and the volume open for serving.
 async fn open_for_serving(args: &VolumeArgs, meta: &MetaClient) -> anyhow::Result<Opened> {
-    if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr).await;
-    }
+    serve_metrics(args.metrics_addr).await;
     let opened = volume_service::open(meta, &args.volume, &open_options(args)).await?;
     let info = opened.volume.info();
     tracing::info!(volume = %info.id, name = %info.name, size = info.size_bytes, replicas = info.replicas,
@@ -228,9 +226,10 @@ async fn open_for_serving(args: &VolumeArgs, meta: &MetaClient) -> anyhow::Resul
     Ok(opened)
 }
 
-/// Serves metrics on `addr`; while a predecessor still holds it (a
-/// hand-over), keeps trying in the background.
-async fn serve_metrics(addr: std::net::SocketAddr) {
+/// Serves metrics on `addr`, if given; while a predecessor still holds it
+/// (a hand-over), keeps trying in the background.
+async fn serve_metrics(addr: Option<std::net::SocketAddr>) {
+    let Some(addr) = addr else { return };
     if ballast_telemetry::serve_metrics(addr).await.is_ok() {
         return;
     }
