@@ -599,7 +599,11 @@ if cluster_up; then
         wanted identity && identity
         wanted csi-node && csi_node
         wanted csi-encrypted && csi_encrypted
-        wanted restart-sigkill && under_load restart-sigkill action_sigkill 1500
+        # A request stranded on the killed process's socket is resent when its
+        # timer fires: the 500 ms request timeout, checked by a block-layer
+        # timer rounded up to the next whole second, so 0.5-1.5 s, plus one
+        # TCG operation (150-300 ms). The old 8 s timeout paused 8.2 s here.
+        wanted restart-sigkill && under_load restart-sigkill action_sigkill 2500
         wanted restart-sigkill-both && under_load restart-sigkill-both action_sigkill_both
         wanted restart-sigterm && under_load restart-sigterm action_sigterm 1000
         wanted restart-takeover && under_load restart-takeover action_takeover 1000
