@@ -69,6 +69,7 @@ bench-meta:
 	$(CARGO) build --release -p meta-raft --bins --examples
 	./target/release/examples/create_volumes 2000
 
+# PEERS=ceph adds a single-host Ceph cluster beside the baselines (bench/ceph.py).
 .PHONY: bench
 bench: release
 	python3 bench/run.py

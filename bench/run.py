@@ -7,21 +7,27 @@ Targets, all measured in the same run on the same machine:
   ballast-r1   a Ballast volume with replicas=1 served by `nbd-client serve`, ioengine=nbd
   ballast-r3   the same with replicas=3
   ballast-r3-plain  replicas=3 on a second cluster started --insecure: what mutual TLS costs
+  ceph-rbd     with PEERS=ceph: a 3-OSD Ceph cluster on this host, pool size 3,
+               fio's rbd engine (bench/ceph.py); installs Debian's Ceph if missing
 
 Ballast clusters run with mutual TLS (as `ballast dev up` does) unless the
-target says plain. For Ballast targets the report also gives the CPU time
-the serving process and the chunk servers spent per I/O (µs; their
-user+system time over the job divided by IOPS × the job's duration with
-its ramp).
+target says plain. The report gives the CPU time each target's server side
+spent per I/O (µs; user+system time of its processes over the job divided
+by IOPS × the job's duration with its ramp): qemu-nbd; for Ballast the
+serving process and the chunk servers; for Ceph the monitor and the OSDs
+(its client library runs inside fio and is not counted).
 
-Writes bench/results/<timestamp>.json, .md (table with ratios to qemu-nbd) and
-.svg (chart). Environment: BENCH_RUNTIME (s, default 10), BENCH_SIZE (default
-512MiB), BENCH_TARGETS (comma list, default all), BENCH_DIR (work directory).
+Writes bench/results/<timestamp>.json, .md (tables with ratios to qemu-nbd
+and to Ceph, the machine and the commit) and .svg (chart). Environment:
+BENCH_RUNTIME (s, default 10), BENCH_SIZE (default 512MiB), BENCH_TARGETS
+(comma list, default all but the peers), PEERS (comma list: ceph),
+BENCH_DIR (work directory).
 """
 
 import datetime
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -30,13 +36,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import ceph
+
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "bench" / "jobs"
 RESULTS = ROOT / "bench" / "results"
 BIN = ROOT / "target" / "release"
-ALL_TARGETS = ["local-file", "qemu-nbd", "ballast-r1", "ballast-r3", "ballast-r3-plain"]
+ALL_TARGETS = ["local-file", "qemu-nbd", "ceph-rbd", "ballast-r1", "ballast-r3", "ballast-r3-plain"]
+# Measured only when asked for (PEERS=ceph): they need packages and minutes.
+PEER_TARGETS = {"ceph": "ceph-rbd"}
 RAMP_S = 2
 BASELINE = "qemu-nbd"
+# The peer Ballast is compared with when it ran, and the Ballast target compared.
+PEER, OURS = "ceph-rbd", "ballast-r3"
 DAEMONS = ["meta-raft", "storage-server", "nbd-client"]
 # Where each job's headline figure comes from.
 JOB_ORDER = [p.stem for p in sorted(JOBS.glob("*.fio"))]
@@ -62,12 +74,14 @@ def wait_for(path, timeout=30):
 class Target:
     """Where fio sends I/O: the [global] lines that point it there."""
 
-    def __init__(self, name, global_lines, processes=(), cpu_pids=()):
+    def __init__(self, name, global_lines, processes=(), cpu_pids=(), env=None):
         self.name = name
         self.global_lines = global_lines
         self.processes = list(processes)
         # Whose CPU time counts as this target's (empty: not measured).
         self.cpu_pids = list(cpu_pids)
+        # Added to fio's environment.
+        self.env = env or {}
 
     def cpu_seconds(self):
         ticks = 0
@@ -97,7 +111,8 @@ def fio(target, job, size, runtime, workdir, time_based=True):
     jobfile = Path(workdir) / f"{target.name}.fio"
     jobfile.write_text(text)
     out = subprocess.run(
-        ["fio", "--output-format=json", str(jobfile)], check=True, capture_output=True, text=True
+        ["fio", "--output-format=json", str(jobfile)], check=True, capture_output=True, text=True,
+        env=os.environ | target.env,
     ).stdout
     return json.loads(out[out.index("{"):])["jobs"][0]
 
@@ -143,7 +158,11 @@ def start_qemu_nbd(workdir, size):
         stderr=subprocess.DEVNULL,
     )
     wait_for(sock)
-    return Target("qemu-nbd", ["ioengine=nbd", f"uri=nbd+unix:///?socket={sock}"], [proc])
+    return Target("qemu-nbd", ["ioengine=nbd", f"uri=nbd+unix:///?socket={sock}"], [proc], [proc.pid])
+
+
+def start_ceph(cluster, size):
+    return Target("ceph-rbd", cluster.image("bench", size), cpu_pids=cluster.cpu_pids(), env=cluster.env())
 
 
 class Cluster:
@@ -197,6 +216,7 @@ def markdown(report):
         f"# Ballast fio benchmark, {report['timestamp']}",
         "",
         f"size {report['size']} bytes, runtime {report['runtime_s']} s per job, fio {report['fio']}.",
+        f"Commit {report.get('commit', '?')}; machine: {describe_machine(report.get('machine', {}))}.",
         f"Ratios are against `{BASELINE}` from the same run (IOPS; for latency, ours / baseline).",
         "",
         "| "
@@ -223,9 +243,71 @@ def markdown(report):
             else:
                 row += ["-", "-"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += peer_ratios(report)
+    lines += cpu_per_io(report)
     lines += tls_cost(report)
     lines += ["", "Peak RSS (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(report["peak_rss_mib"].items()))]
     return "\n".join(lines) + "\n"
+
+
+def describe_machine(machine):
+    if not machine:
+        return "not recorded"
+    return (f"{machine['cpus']} × {machine['cpu_model']}, {machine['memory_gib']:.0f} GiB, "
+            f"Linux {machine['kernel']}")
+
+
+def machine():
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), "unknown")
+    meminfo = Path("/proc/meminfo").read_text().split()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": int(meminfo[meminfo.index("MemTotal:") + 1]) / (1 << 20),
+        "kernel": platform.release(),
+    }
+
+
+def commit():
+    """The commit measured, marked dirty when the work tree differs from it."""
+    described = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                               capture_output=True, text=True)
+    return described.stdout.strip() or "unknown"
+
+
+def peer_ratios(report):
+    """Ballast beside the system its users would otherwise run, when both ran."""
+    ours, peer = (report["results"].get(t) for t in (OURS, PEER))
+    if not ours or not peer:
+        return []
+    lines = ["", f"`{OURS}` against `{PEER}` (same run; IOPS ratio, and p50 latency ours / theirs).", "",
+             f"| job | {OURS} IOPS | {PEER} IOPS | IOPS ratio | p50 ratio |", "|---|---|---|---|---|"]
+    for job in JOB_ORDER:
+        o, p = (r.get(job, {}).get("headline") for r in (ours, peer))
+        if not o or not p or not p["iops"] or not p["p50_us"]:
+            continue
+        lines.append(f"| {job} | {o['iops']:.0f} | {p['iops']:.0f} | {o['iops'] / p['iops']:.2f} | "
+                     f"{o['p50_us'] / p['p50_us']:.2f} |")
+    return lines
+
+
+def cpu_per_io(report):
+    """Server-side CPU µs per I/O of every target that has it, and ours against the baseline's."""
+    measured = [t for t in ALL_TARGETS if any("cpu_us_per_io" in r for r in report["results"].get(t, {}).values())]
+    if not measured:
+        return []
+    compare = OURS in measured and BASELINE in measured
+    lines = ["", "Server-side CPU µs per I/O (same run).", "",
+             "| job | " + " | ".join(measured) + (f" | {OURS}/{BASELINE} |" if compare else " |"),
+             "|---" * (1 + len(measured) + compare) + "|"]
+    for job in JOB_ORDER:
+        cpu = {t: report["results"][t].get(job, {}).get("cpu_us_per_io") for t in measured}
+        row = [job] + [f"{cpu[t]:.1f}" if cpu[t] is not None else "-" for t in measured]
+        if compare:
+            row.append(f"{cpu[OURS] / cpu[BASELINE]:.2f}" if cpu[OURS] and cpu[BASELINE] else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def tls_cost(report):
@@ -248,7 +330,7 @@ def tls_cost(report):
 def svg(report):
     """Grouped bars: IOPS of each target per job, normalised to the baseline."""
     targets = [t for t in ALL_TARGETS if t in report["results"]]
-    colors = ["#888888", "#4c72b0", "#55a868", "#c44e52"]
+    colors = ["#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
     width, height, left, bottom = 900, 360, 60, 80
     group = (width - left - 20) / max(1, len(JOB_ORDER))
     bar = group * 0.8 / max(1, len(targets))
@@ -287,7 +369,12 @@ def main():
     size = os.environ.get("BENCH_SIZE", "512MiB")
     units = {"KiB": 10, "MiB": 20, "GiB": 30}
     size_bytes = next((int(size[: -len(u)]) << s for u, s in units.items() if size.endswith(u)), None) or int(size)
-    wanted = os.environ.get("BENCH_TARGETS", ",".join(ALL_TARGETS)).split(",")
+    peers = [p for p in os.environ.get("PEERS", "").split(",") if p]
+    for peer in peers:
+        if peer not in PEER_TARGETS:
+            sys.exit(f"unknown peer {peer} (known: {', '.join(PEER_TARGETS)})")
+    default = [t for t in ALL_TARGETS if t not in PEER_TARGETS.values() or any(PEER_TARGETS[p] == t for p in peers)]
+    wanted = os.environ.get("BENCH_TARGETS", ",".join(default)).split(",")
     for tool in ["fio", "qemu-nbd"]:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (apt-get install fio qemu-utils)")
@@ -298,6 +385,8 @@ def main():
         "runtime_s": runtime,
         "size": size_bytes,
         "fio": subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip(),
+        "commit": commit(),
+        "machine": machine(),
         "results": {},
         "peak_rss_mib": {},
     }
@@ -310,6 +399,10 @@ def main():
                 targets.append(start_local_file(workdir, size_bytes))
             elif name == "qemu-nbd":
                 targets.append(start_qemu_nbd(workdir, size_bytes))
+            elif name == "ceph-rbd":
+                ceph.ensure_installed(log)
+                clusters["ceph"] = ceph.CephCluster(workdir, log)
+                targets.append(start_ceph(clusters["ceph"], size_bytes))
             elif name in ("ballast-r1", "ballast-r3", "ballast-r3-plain"):
                 insecure = name.endswith("-plain")
                 if insecure not in clusters:
