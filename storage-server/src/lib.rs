@@ -3,6 +3,7 @@
 //! (`ballast_proto::frame`).
 //!
 //! - [`config`]: configuration and the `serve` command line.
+//! - [`runtime`]: the whole server on one io_uring thread.
 //! - [`server`]: listeners, connections, request handling, lifecycle.
 //! - [`store`]: chunk files behind a small I/O [`store::backend`] trait
 //!   (io_uring or a pread/pwrite thread pool).
@@ -23,6 +24,7 @@ pub mod fencing;
 pub mod identity;
 pub mod metrics;
 pub mod registration;
+pub mod runtime;
 pub mod scrub;
 pub mod server;
 pub mod store;

@@ -69,14 +69,18 @@ fn trash(command: TrashCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
         Command::Trash(command) => return trash(command),
     };
     ballast_telemetry::init_tracing(args.log_format);
-    let server = storage_server::start((*args).into_config()?).await.context("starting the storage server")?;
+    let config = (*args).into_config()?;
+    storage_server::runtime::block_on(config.io_backend, serve(config)).context("starting a runtime")?
+}
+
+async fn serve(config: storage_server::Config) -> anyhow::Result<()> {
+    let server = storage_server::start(config).await.context("starting the storage server")?;
     // One machine-readable line on stdout with the bound addresses.
     let mut line = format!("ready server_id={} io_backend={}", server.server_id(), server.backend());
     if let Some(addr) = server.tcp_addr() {

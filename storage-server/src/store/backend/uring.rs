@@ -1,13 +1,22 @@
 //! The io_uring backend, on tokio-uring.
 //!
 //! tokio-uring runs its own current-thread runtime whose futures are not
-//! `Send`, so it cannot run on the server's multi-thread runtime. Each ring
-//! lives on a dedicated OS thread that receives operations over a channel and
-//! answers on oneshots. A file is always served by the same ring thread, which
-//! keeps its own duplicate of the descriptor while the file is open.
+//! `Send`. A ring serves operations sent over a channel and answers on
+//! oneshots, from one of two places:
+//!
+//! - the thread the server runs on, when [`Ring::block_on`] runs the whole
+//!   server on the ring's runtime (the chunk server binary): sockets,
+//!   requests and disk I/O share one thread, and a request never wakes
+//!   another one;
+//! - otherwise dedicated OS threads, one per ring (a server started inside
+//!   some other runtime, as the tests do).
+//!
+//! A file is always served by the same ring, which keeps its own duplicate
+//! of the descriptor while the file is open.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,28 +69,64 @@ struct FileRef {
     std: Arc<std::fs::File>,
 }
 
+thread_local! {
+    /// Set while this thread runs a [`Ring::block_on`].
+    static ON_RING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// An io_uring runtime to run a whole program on.
+pub struct Ring(tokio_uring::Runtime);
+
+impl Ring {
+    /// Fails if the kernel refuses to set up a ring (old kernels, seccomp).
+    pub fn new() -> io::Result<Ring> {
+        tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES)).map(Ring)
+    }
+
+    /// Runs `future` on this thread; a [`UringBackend`] started inside it
+    /// submits to this ring rather than starting ring threads.
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        struct Leave;
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                ON_RING.set(false);
+            }
+        }
+        ON_RING.set(true);
+        let _leave = Leave;
+        self.0.block_on(future)
+    }
+}
+
 pub struct UringBackend {
     rings: Vec<mpsc::UnboundedSender<Op>>,
     next_id: AtomicU64,
 }
 
 impl UringBackend {
-    /// Starts `threads` ring threads; fails if the kernel refuses to set up a ring.
+    /// Serves on the current thread's ring inside [`Ring::block_on`];
+    /// elsewhere starts `threads` ring threads. Fails if the kernel refuses
+    /// to set up a ring.
     pub fn start(threads: usize) -> io::Result<UringBackend> {
+        if ON_RING.get() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio_uring::spawn(serve(rx));
+            return Ok(UringBackend { rings: vec![tx], next_id: AtomicU64::new(0) });
+        }
         let mut rings = Vec::with_capacity(threads);
         for n in 0..threads.max(1) {
             let (tx, rx) = mpsc::unbounded_channel();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             std::thread::Builder::new().name(format!("uring-io-{n}")).spawn(move || {
-                let rt = match tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES)) {
-                    Ok(rt) => rt,
+                let ring = match Ring::new() {
+                    Ok(ring) => ring,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                rt.block_on(serve(rx));
+                ring.0.block_on(serve(rx));
             })?;
             ready_rx.recv().map_err(|_| io::Error::other("ring thread exited during setup"))??;
             rings.push(tx);
