@@ -357,9 +357,10 @@ def svg(report):
             out.append(f'<rect x="{x0 + k * bar:.1f}" y="{height - bottom - h:.1f}" width="{bar - 1:.1f}" '
                        f'height="{h:.1f}" fill="{colors[k % len(colors)]}"><title>{t} {job}: {r:.2f}×</title></rect>')
         out.append(f'<text x="{x0:.1f}" y="{height - bottom + 14}" transform="rotate(20 {x0:.1f} {height - bottom + 14})">{job}</text>')
+    step = min(150, (width - left) // max(1, len(targets)))
     for k, t in enumerate(targets):
-        out.append(f'<rect x="{left + k * 150}" y="{height - 18}" width="10" height="10" fill="{colors[k % len(colors)]}"/>')
-        out.append(f'<text x="{left + k * 150 + 14}" y="{height - 9}">{t}</text>')
+        out.append(f'<rect x="{left + k * step}" y="{height - 18}" width="10" height="10" fill="{colors[k % len(colors)]}"/>')
+        out.append(f'<text x="{left + k * step + 14}" y="{height - 9}">{t}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
