@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use ballast_proto::frame::{Connector, DataClient, DirtyRegion};
+use ballast_proto::frame::{ChunkAt, Connector, DataClient, DirtyRegion};
 use futures::future::join_all;
 
 use crate::{metrics, CHUNK_SERVER_ANSWER};
@@ -122,7 +122,13 @@ pub async fn resync_unflushed(
             let clean = |id: &String| !recovered.contains(&(id.clone(), chunk.chunk_index));
             for (id, _) in chunk.members.iter().filter(|(id, _)| clean(id)) {
                 if let Some(c) = client(id) {
-                    if let Ok(read) = c.read(data_id, chunk.chunk_index, offset, length, epoch, 0).await {
+                    if let Ok(read) = c
+                        .read(
+                            ChunkAt { volume: data_id, chunk: chunk.chunk_index, offset, epoch, generation: 0 },
+                            length,
+                        )
+                        .await
+                    {
                         source = Some((id.clone(), read));
                         break;
                     }
@@ -141,13 +147,15 @@ pub async fn resync_unflushed(
                 let written = match client(id) {
                     Some(c) => c
                         .write_holding_pause(
-                            data_id,
-                            chunk.chunk_index,
-                            offset,
+                            ChunkAt {
+                                volume: data_id,
+                                chunk: chunk.chunk_index,
+                                offset,
+                                epoch,
+                                generation: chunk.generation,
+                            },
                             data.clone(),
                             &checksums,
-                            epoch,
-                            chunk.generation,
                         )
                         .await
                         .map_err(|e| e.to_string()),

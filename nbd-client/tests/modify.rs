@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use ballast_cli::dev::DevCluster;
+use ballast_proto::frame::ChunkAt;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_client::MetaClient;
@@ -48,7 +49,13 @@ async fn assert_replicas_hold(cluster: &DevCluster, info: &pb::Volume, epoch: u6
         let base = (set.chunk_index * MIB) as usize;
         for replica in &set.replicas {
             let client = cluster.chunk_servers().connect(&replica.address).await.unwrap();
-            let (data, _) = client.read(info.data_id, set.chunk_index, 0, MIB as u32, epoch, 0).await.unwrap();
+            let (data, _) = client
+                .read(
+                    ChunkAt { volume: info.data_id, chunk: set.chunk_index, offset: 0, epoch, generation: 0 },
+                    MIB as u32,
+                )
+                .await
+                .unwrap();
             assert!(
                 data[..] == image[base..base + MIB as usize],
                 "chunk {} on {} differs from what was written",

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use ballast_cli::dev::DevCluster;
+use ballast_proto::frame::ChunkAt;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 
@@ -100,7 +101,10 @@ async fn a_wiped_metadata_cluster_makes_no_chunk_server_delete_its_chunks() {
     // The data is intact on every server.
     for (address, _) in &before {
         let client = cluster.chunk_servers().connect(address).await.unwrap();
-        let (data, _) = client.read(info.data_id, 3, 0, MIB as u32, epoch, 0).await.unwrap();
+        let (data, _) = client
+            .read(ChunkAt { volume: info.data_id, chunk: 3, offset: 0, epoch, generation: 0 }, MIB as u32)
+            .await
+            .unwrap();
         assert!(data[..] == written[3 * MIB as usize..4 * MIB as usize], "chunk 3 on {address}");
     }
     // The servers refused to join the other cluster, and say why.
@@ -158,7 +162,10 @@ async fn orphans_wait_in_the_trash_and_an_admin_restores_them() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let (data, _) = client.read(info.data_id, 5, 0, MIB as u32, epoch, 0).await.unwrap();
+    let (data, _) = client
+        .read(ChunkAt { volume: info.data_id, chunk: 5, offset: 0, epoch, generation: 0 }, MIB as u32)
+        .await
+        .unwrap();
     assert!(data[..] == written[5 * MIB as usize..6 * MIB as usize], "the restored chunk holds what was written");
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use ballast_cli::dev::DevCluster;
+use ballast_proto::frame::ChunkAt;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_client::MetaClient;
@@ -126,8 +127,19 @@ async fn lost_replicas_are_rebuilt_on_a_spare_server_while_writes_go_on() {
         let base = (set.chunk_index * MIB) as usize;
         for replica in &set.replicas {
             let client = cluster.chunk_servers().connect(&replica.address).await.unwrap();
-            let (data, _checksums) =
-                client.read(info.data_id, set.chunk_index, 0, MIB as u32, volume.epoch(), 0).await.unwrap();
+            let (data, _checksums) = client
+                .read(
+                    ChunkAt {
+                        volume: info.data_id,
+                        chunk: set.chunk_index,
+                        offset: 0,
+                        epoch: volume.epoch(),
+                        generation: 0,
+                    },
+                    MIB as u32,
+                )
+                .await
+                .unwrap();
             assert!(
                 data[..] == image[base..base + MIB as usize],
                 "chunk {} on {} differs from what was written",
@@ -196,7 +208,10 @@ async fn a_restarted_servers_dirty_chunks_are_rebuilt_from_a_peer() {
     };
     eprintln!("suspect replica rebuilt {:?} after the restart", restarted.elapsed());
     assert_eq!(chunk_map(&meta, &info.id).await[1], clean_chunk, "a chunk flushed before the crash is left alone");
-    let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, 0, 0).await.expect("every block verifies");
+    let (data, _) = client
+        .read(ChunkAt { volume: info.data_id, chunk: 0, offset: 0, epoch: 0, generation: 0 }, MIB as u32)
+        .await
+        .expect("every block verifies");
     assert!(data[..] == unflushed[..], "the restarted replica holds what its peers hold");
     assert_eq!(volume.read_at(0, MIB).await.unwrap(), Bytes::from(unflushed));
 }
@@ -244,7 +259,10 @@ async fn a_bit_flip_found_by_scrub_is_rewritten_from_a_good_replica() {
         assert!(Instant::now() < deadline, "the flipped block was not repaired within 30 s: {report:?} {map:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, volume.epoch(), 0).await.unwrap();
+    let (data, _) = client
+        .read(ChunkAt { volume: info.data_id, chunk: 0, offset: 0, epoch: volume.epoch(), generation: 0 }, MIB as u32)
+        .await
+        .unwrap();
     assert!(data[..] == written[..MIB as usize], "the repaired replica holds what was written");
 }
 
@@ -320,7 +338,10 @@ async fn a_copy_left_behind_by_a_crash_is_never_a_rebuild_source() {
     let mut contents = Vec::new();
     for replica in &healed.replicas {
         let client = cluster.chunk_servers().connect(&replica.address).await.unwrap();
-        let (data, _) = client.read(info.data_id, 0, 0, MIB as u32, 0, 0).await.expect("every block verifies");
+        let (data, _) = client
+            .read(ChunkAt { volume: info.data_id, chunk: 0, offset: 0, epoch: 0, generation: 0 }, MIB as u32)
+            .await
+            .expect("every block verifies");
         assert!(data == newer || data == older, "{} holds neither write", replica.server_id);
         contents.push(data);
     }

@@ -155,7 +155,7 @@ mod held_pause;
 mod payload;
 mod wire;
 
-pub use client::{ChunkStream, ClientError, DataClient, ScrubReport, Segment};
+pub use client::{ChunkAt, ChunkStream, ClientError, DataClient, ScrubReport, Segment};
 pub use connector::Connector;
 pub use copy::{copy_chunk, holds_clean_copy, sync_chunk, CopyTarget};
 pub use held_pause::HeldPause;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ballast_proto::frame::{block_checksums, DataClient};
+use ballast_proto::frame::{block_checksums, ChunkAt, DataClient};
 use ballast_proto::size::parse_size;
 use bytes::Bytes;
 use clap::Parser;
@@ -116,10 +116,16 @@ async fn random_io(client: &DataClient, args: &Args, kind: Kind, depth: usize) -
                         rng.fill_bytes(&mut buf);
                         let crcs = block_checksums(&buf);
                         let data = Bytes::copy_from_slice(&buf);
-                        client.write(volume, chunk, offset, data, &crcs, 1, 1, false).await.expect("write");
+                        client
+                            .write(ChunkAt { volume, chunk, offset, epoch: 1, generation: 1 }, data, &crcs, false)
+                            .await
+                            .expect("write");
                     }
                     Kind::Read => {
-                        client.read(volume, chunk, offset, 4096, 1, 0).await.expect("read");
+                        client
+                            .read(ChunkAt { volume, chunk, offset, epoch: 1, generation: 0 }, 4096)
+                            .await
+                            .expect("read");
                     }
                     Kind::Ping => client.ping().await.expect("ping"),
                 }
@@ -172,7 +178,12 @@ async fn sequential_write(client: &DataClient, args: &Args) -> Phase {
                 let t = Instant::now();
                 let crcs = block_checksums(&data);
                 client
-                    .write(volume, i / per_chunk, i % per_chunk * IO, data.clone(), &crcs, 1, 1, false)
+                    .write(
+                        ChunkAt { volume, chunk: i / per_chunk, offset: i % per_chunk * IO, epoch: 1, generation: 1 },
+                        data.clone(),
+                        &crcs,
+                        false,
+                    )
                     .await
                     .expect("write");
                 latencies.push(t.elapsed().as_micros() as u32);

@@ -13,7 +13,7 @@ use common::{issue, meta_raft_binary};
 
 use std::time::{Duration, Instant};
 
-use ballast_proto::frame::{ClientError, Connector, DataClient, ErrorCode};
+use ballast_proto::frame::{ChunkAt, ClientError, Connector, DataClient, ErrorCode};
 use ballast_proto::meta as pb;
 use ballast_testkit::meta_cluster::LocalMetaCluster;
 use ballast_tls::pki::Authority;
@@ -107,7 +107,15 @@ async fn a_node_reaches_only_the_volumes_published_to_it_at_their_epoch() {
     worker1.data.create_chunk(a.data_id, 0, 1 << 20, 1).await.unwrap();
     let written = common::pattern(1, 0, 4);
     common::write(&worker1.data, a.data_id, 0, 0, written.clone(), epoch, true).await.unwrap();
-    assert_eq!(worker1.data.read(a.data_id, 0, 0, written.len() as u32, epoch, 1).await.unwrap().0, written);
+    assert_eq!(
+        worker1
+            .data
+            .read(ChunkAt { volume: a.data_id, chunk: 0, offset: 0, epoch, generation: 1 }, written.len() as u32)
+            .await
+            .unwrap()
+            .0,
+        written
+    );
 
     // Not another volume: volume b's chunk, written by an operator, stays
     // out of reach, and no capability for it is issued to worker-1.
@@ -115,7 +123,13 @@ async fn a_node_reaches_only_the_volumes_published_to_it_at_their_epoch() {
     operator.create_chunk(b.data_id, 0, 1 << 20, 1).await.unwrap();
     let secret = common::pattern(9, 0, 4);
     common::write(&operator, b.data_id, 0, 0, secret.clone(), 0, true).await.unwrap();
-    denied(worker1.data.read(b.data_id, 0, 0, secret.len() as u32, 0, 1).await, "another volume");
+    denied(
+        worker1
+            .data
+            .read(ChunkAt { volume: b.data_id, chunk: 0, offset: 0, epoch: 0, generation: 1 }, secret.len() as u32)
+            .await,
+        "another volume",
+    );
     denied(common::write(&worker1.data, b.data_id, 0, 0, written.clone(), 0, true).await, "another volume");
     let request = pb::IssueCapabilityRequest { volume_id: b.id.clone(), node_id: "worker-1".into() };
     assert_eq!(worker1.meta.issue_capability(request).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
@@ -124,11 +138,23 @@ async fn a_node_reaches_only_the_volumes_published_to_it_at_their_epoch() {
     // worker-1's token, or worker-1's token made read-write for volume b,
     // gets nothing.
     denied(worker2.data.authorize(token.clone()).await, "another node's capability");
-    denied(worker2.data.read(a.data_id, 0, 0, written.len() as u32, epoch, 1).await, "another node's capability");
+    denied(
+        worker2
+            .data
+            .read(ChunkAt { volume: a.data_id, chunk: 0, offset: 0, epoch, generation: 1 }, written.len() as u32)
+            .await,
+        "another node's capability",
+    );
     let mut forged = capability.token.clone();
     forged[6..14].copy_from_slice(&b.data_id.to_le_bytes());
     denied(worker1.data.authorize(Bytes::from(forged)).await, "a forged capability");
-    denied(worker1.data.read(b.data_id, 0, 0, secret.len() as u32, 0, 1).await, "a forged capability");
+    denied(
+        worker1
+            .data
+            .read(ChunkAt { volume: b.data_id, chunk: 0, offset: 0, epoch: 0, generation: 1 }, secret.len() as u32)
+            .await,
+        "a forged capability",
+    );
 
     // No raising the epoch to lock the owner out: a change must carry the
     // capability's epoch, and the server's epoch stays where it was.
@@ -156,14 +182,26 @@ async fn a_node_reaches_only_the_volumes_published_to_it_at_their_epoch() {
     worker2.data.authorize(Bytes::from(fresh.token)).await.unwrap();
     let newer = common::pattern(4, 0, 4);
     common::write(&worker2.data, a.data_id, 0, 0, newer.clone(), moved.epoch, true).await.unwrap();
-    let (read, _) = operator.read(a.data_id, 0, 0, newer.len() as u32, moved.epoch, 1).await.unwrap();
+    let (read, _) = operator
+        .read(ChunkAt { volume: a.data_id, chunk: 0, offset: 0, epoch: moved.epoch, generation: 1 }, newer.len() as u32)
+        .await
+        .unwrap();
     assert_eq!(read, newer);
-    let (read, _) = operator.read(b.data_id, 0, 0, secret.len() as u32, 0, 1).await.unwrap();
+    let (read, _) = operator
+        .read(ChunkAt { volume: b.data_id, chunk: 0, offset: 0, epoch: 0, generation: 1 }, secret.len() as u32)
+        .await
+        .unwrap();
     assert_eq!(read, secret, "volume b changed");
 
     // Once worker-1's capability expires it reads nothing either.
     let left = Duration::from_millis(capability.expires_at_ms.saturating_sub(now_ms()));
     tokio::time::sleep(left + Duration::from_millis(500)).await;
-    denied(worker1.data.read(a.data_id, 0, 0, newer.len() as u32, epoch, 1).await, "an expired capability");
+    denied(
+        worker1
+            .data
+            .read(ChunkAt { volume: a.data_id, chunk: 0, offset: 0, epoch, generation: 1 }, newer.len() as u32)
+            .await,
+        "an expired capability",
+    );
     denied(worker1.data.authorize(token).await, "an expired capability");
 }

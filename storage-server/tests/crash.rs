@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ballast_proto::frame::{DataClient, ErrorCode};
+use ballast_proto::frame::{ChunkAt, DataClient, ErrorCode};
 use bytes::Bytes;
 use common::{pattern, write, Binary, BLOCK};
 use rand::{Rng, SeedableRng};
@@ -112,7 +112,10 @@ async fn read_all(client: &DataClient, volume: u64) -> Vec<Result<Bytes, ErrorCo
     const STEP: u64 = 64;
     let mut out = Vec::with_capacity(CHUNK_BLOCKS as usize);
     for first in (0..CHUNK_BLOCKS).step_by(STEP as usize) {
-        match client.read(volume, 0, first * BLOCK, (STEP * BLOCK) as u32, 1, 0).await {
+        match client
+            .read(ChunkAt { volume, chunk: 0, offset: first * BLOCK, epoch: 1, generation: 0 }, (STEP * BLOCK) as u32)
+            .await
+        {
             Ok((data, _)) => {
                 out.extend((0..STEP as usize).map(|i| Ok(data.slice(i * BLOCK as usize..(i + 1) * BLOCK as usize))))
             }
@@ -120,7 +123,10 @@ async fn read_all(client: &DataClient, volume: u64) -> Vec<Result<Bytes, ErrorCo
                 for b in first..first + STEP {
                     out.push(
                         client
-                            .read(volume, 0, b * BLOCK, BLOCK as u32, 1, 0)
+                            .read(
+                                ChunkAt { volume, chunk: 0, offset: b * BLOCK, epoch: 1, generation: 0 },
+                                BLOCK as u32,
+                            )
                             .await
                             .map(|(d, _)| d)
                             .map_err(|e| e.code().unwrap_or_else(|| panic!("{e}"))),
@@ -255,7 +261,10 @@ async fn sigterm_flushes_and_exits_cleanly() {
     let client = DataClient::connect_tcp(server.tcp).await.unwrap();
     assert!(client.dirty_regions(None).await.unwrap().is_empty(), "clean shutdown leaves no dirty regions");
     for b in 0..32 {
-        let (data, _) = client.read(1, 0, b * 8 * BLOCK, (8 * BLOCK) as u32, 1, 1).await.unwrap();
+        let (data, _) = client
+            .read(ChunkAt { volume: 1, chunk: 0, offset: b * 8 * BLOCK, epoch: 1, generation: 1 }, (8 * BLOCK) as u32)
+            .await
+            .unwrap();
         assert_eq!(data, pattern(b + 1, b * 8, 8));
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use ballast_proto::frame::{ClientError, ErrorCode};
+use ballast_proto::frame::{ChunkAt, ClientError, ErrorCode};
 use common::{code, pattern, write, TestServer, BLOCK};
 use storage_server::BackendChoice;
 
@@ -26,11 +26,31 @@ async fn stale_epochs_are_refused(backend: BackendChoice) {
         }
         other => panic!("{other}"),
     }
-    assert_eq!(code(c.trim(VOL, 0, 0, BLOCK as u32, 4, 1, false).await), ErrorCode::StaleEpoch);
-    assert_eq!(code(c.write_zeroes(VOL, 0, 0, BLOCK as u32, 0, 1, false, false).await), ErrorCode::StaleEpoch);
+    assert_eq!(
+        code(c.trim(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 4, generation: 1 }, BLOCK as u32, false).await),
+        ErrorCode::StaleEpoch
+    );
+    assert_eq!(
+        code(
+            c.write_zeroes(
+                ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 0, generation: 1 },
+                BLOCK as u32,
+                false,
+                false
+            )
+            .await
+        ),
+        ErrorCode::StaleEpoch
+    );
     // Nor may it read what the new owner wrote.
-    assert_eq!(code(c.read(VOL, 0, 0, BLOCK as u32, 4, 0).await), ErrorCode::StaleEpoch);
-    assert_eq!(c.read(VOL, 0, 0, BLOCK as u32, 5, 0).await.unwrap().0, pattern(2, 0, 1));
+    assert_eq!(
+        code(c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 4, generation: 0 }, BLOCK as u32).await),
+        ErrorCode::StaleEpoch
+    );
+    assert_eq!(
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 5, generation: 0 }, BLOCK as u32).await.unwrap().0,
+        pattern(2, 0, 1)
+    );
     // Epochs are per volume.
     write(&c, VOL + 1, 0, 0, pattern(4, 0, 1), 1, false).await.unwrap();
 
@@ -38,12 +58,21 @@ async fn stale_epochs_are_refused(backend: BackendChoice) {
     let c = t.client.clone();
     assert_eq!(code(write(&c, VOL, 0, 0, pattern(3, 0, 1), 4, false).await), ErrorCode::StaleEpoch);
     assert_eq!(code(write(&c, VOL, 0, 0, pattern(3, 0, 1), 0, false).await), ErrorCode::StaleEpoch);
-    assert_eq!(code(c.read(VOL, 0, 0, BLOCK as u32, 0, 0).await), ErrorCode::StaleEpoch);
-    assert_eq!(c.read(VOL, 0, 0, BLOCK as u32, 5, 0).await.unwrap().0, pattern(2, 0, 1));
+    assert_eq!(
+        code(c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 0, generation: 0 }, BLOCK as u32).await),
+        ErrorCode::StaleEpoch
+    );
+    assert_eq!(
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 5, generation: 0 }, BLOCK as u32).await.unwrap().0,
+        pattern(2, 0, 1)
+    );
     write(&c, VOL, 0, 0, pattern(6, 0, 1), 5, false).await.unwrap();
     write(&c, VOL, 0, 0, pattern(7, 0, 1), 6, false).await.unwrap();
     assert_eq!(code(write(&c, VOL, 0, 0, pattern(8, 0, 1), 5, false).await), ErrorCode::StaleEpoch);
-    assert_eq!(c.read(VOL, 0, 0, BLOCK as u32, 6, 0).await.unwrap().0, pattern(7, 0, 1));
+    assert_eq!(
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 6, generation: 0 }, BLOCK as u32).await.unwrap().0,
+        pattern(7, 0, 1)
+    );
     t.stop().await;
 }
 
@@ -69,7 +98,8 @@ async fn raising_epoch_races_old_writer(backend: BackendChoice) {
     write(&c, VOL, 1, 0, pattern(2, 0, 1), 2, false).await.unwrap();
     let refused = old.await.unwrap();
     // Old-epoch writes either landed before the new one or were refused.
-    let (got, _) = c.read(VOL, 1, 0, BLOCK as u32, 2, 0).await.unwrap();
+    let (got, _) =
+        c.read(ChunkAt { volume: VOL, chunk: 1, offset: 0, epoch: 2, generation: 0 }, BLOCK as u32).await.unwrap();
     assert_eq!(got, pattern(2, 0, 1), "a stale write landed after the new epoch's write ({refused} refused)");
     t.stop().await;
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 
-use ballast_proto::frame::{block_checksums, BadBlocks, ErrorCode, BAD_BLOCK_HASH};
+use ballast_proto::frame::{block_checksums, BadBlocks, ChunkAt, ErrorCode, BAD_BLOCK_HASH};
 use common::{code, pattern, write, TestServer, BLOCK};
 use storage_server::BackendChoice;
 
@@ -38,16 +38,28 @@ async fn flipped_byte_is_reported_not_served(backend: BackendChoice) {
     flip_byte(&t.chunk_file(VOL, 0), HEADER + 5 * BLOCK + 123);
     flip_byte(&t.chunk_file(VOL, 0), HEADER + 300 * BLOCK + 7);
 
-    let err = c.read(VOL, 0, 0, 16 * BLOCK as u32, 1, 0).await.unwrap_err();
+    let err = c
+        .read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 16 * BLOCK as u32)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::CorruptBlock));
     match err {
         ballast_proto::frame::ClientError::Remote { aux, .. } => assert_eq!(aux, 5 * BLOCK, "offset of the bad block"),
         other => panic!("{other}"),
     }
-    assert_eq!(code(c.read(VOL, 0, 5 * BLOCK, BLOCK as u32, 1, 0).await), ErrorCode::CorruptBlock);
-    assert_eq!(code(c.read(VOL, 0, 300 * BLOCK, BLOCK as u32, 1, 0).await), ErrorCode::CorruptBlock);
+    assert_eq!(
+        code(c.read(ChunkAt { volume: VOL, chunk: 0, offset: 5 * BLOCK, epoch: 1, generation: 0 }, BLOCK as u32).await),
+        ErrorCode::CorruptBlock
+    );
+    assert_eq!(
+        code(
+            c.read(ChunkAt { volume: VOL, chunk: 0, offset: 300 * BLOCK, epoch: 1, generation: 0 }, BLOCK as u32).await
+        ),
+        ErrorCode::CorruptBlock
+    );
     // Neighbours are fine.
-    let (ok, _) = c.read(VOL, 0, 0, 5 * BLOCK as u32, 1, 0).await.unwrap();
+    let (ok, _) =
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 5 * BLOCK as u32).await.unwrap();
     assert_eq!(ok, data.slice(..5 * BLOCK as usize));
     let mut stream = c.read_chunk_stream(VOL, 0, 0, 0, 0).await.unwrap();
     assert_eq!(code(stream.next().await.unwrap()), ErrorCode::CorruptBlock);
@@ -74,10 +86,21 @@ async fn flipped_byte_is_reported_not_served(backend: BackendChoice) {
     // Still reported after a restart; a rewrite repairs the block.
     t.restart().await;
     let c = t.client.clone();
-    assert_eq!(code(c.read(VOL, 0, 0, 16 * BLOCK as u32, 1, 0).await), ErrorCode::CorruptBlock);
+    assert_eq!(
+        code(c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 16 * BLOCK as u32).await),
+        ErrorCode::CorruptBlock
+    );
     write(&c, VOL, 0, 5 * BLOCK, data.slice(5 * BLOCK as usize..6 * BLOCK as usize), 0, false).await.unwrap();
-    assert_eq!(c.read(VOL, 0, 0, 16 * BLOCK as u32, 1, 0).await.unwrap().0, data);
-    c.trim(VOL, 0, 300 * BLOCK, BLOCK as u32, 0, 1, false).await.unwrap();
+    assert_eq!(
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 16 * BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        data
+    );
+    c.trim(ChunkAt { volume: VOL, chunk: 0, offset: 300 * BLOCK, epoch: 0, generation: 1 }, BLOCK as u32, false)
+        .await
+        .unwrap();
     let report = c.scrub(Some(VOL)).await.unwrap();
     assert!(report.bad.is_empty(), "{report:?}");
     t.stop().await;
@@ -93,10 +116,19 @@ async fn mismatched_payload_is_refused(backend: BackendChoice) {
     let new = pattern(2, 0, 4);
     let mut crcs = block_checksums(&new);
     crcs[2] ^= 1;
-    let err = c.write(VOL, 0, 0, new.clone(), &crcs, 0, 1, true).await.unwrap_err();
+    let err = c
+        .write(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 0, generation: 1 }, new.clone(), &crcs, true)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::ChecksumMismatch));
     // Nothing landed, not even the blocks before the bad one.
-    assert_eq!(c.read(VOL, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, old);
+    assert_eq!(
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        old
+    );
     // Too few checksums are a malformed frame.
     let mut raw = bytes::BytesMut::new();
     let header = ballast_proto::frame::RequestHeader {
@@ -109,7 +141,13 @@ async fn mismatched_payload_is_refused(backend: BackendChoice) {
     raw.extend_from_slice(&[0; 4]);
     let reply = common_raw::round_trip(t.addr(), &raw).await;
     assert_eq!(reply.header.status, Err(ErrorCode::BadFrame));
-    assert_eq!(c.read(VOL, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, old);
+    assert_eq!(
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        old
+    );
     t.stop().await;
 }
 

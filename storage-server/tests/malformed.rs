@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use ballast_proto::frame::{
-    decode_reply, ErrorCode, Opcode, Reply, RequestHeader, BLOCK_SIZE, MAX_PAYLOAD, REQUEST_MAGIC,
+    decode_reply, ChunkAt, ErrorCode, Opcode, Reply, RequestHeader, BLOCK_SIZE, MAX_PAYLOAD, REQUEST_MAGIC,
 };
 use bytes::BytesMut;
 use common::{pattern, write, TestServer, BLOCK};
@@ -111,7 +111,10 @@ async fn malformed_frames(backend: BackendChoice) {
     // The long-lived client connection and a new one still work.
     t.client.ping().await.unwrap();
     let fresh = t.connect().await;
-    assert_eq!(fresh.read(1, 0, 0, BLOCK as u32, 1, 0).await.unwrap().0, pattern(1, 0, 1));
+    assert_eq!(
+        fresh.read(ChunkAt { volume: 1, chunk: 0, offset: 0, epoch: 1, generation: 0 }, BLOCK as u32).await.unwrap().0,
+        pattern(1, 0, 1)
+    );
     t.stop().await;
 }
 

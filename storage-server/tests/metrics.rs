@@ -3,7 +3,7 @@
 
 mod common;
 
-use ballast_proto::frame::DataClient;
+use ballast_proto::frame::{ChunkAt, DataClient};
 use common::{pattern, write, BLOCK};
 use storage_server::BackendChoice;
 
@@ -23,7 +23,7 @@ async fn metrics_are_served() {
         let c = DataClient::connect_tcp(server.tcp_addr().unwrap()).await.unwrap();
         c.create_chunk(1, 1, MIB as u32, 1).await.unwrap();
         write(&c, 1, 1, 0, pattern(1, 0, 1), 0, false).await.unwrap();
-        c.read(1, 1, 0, BLOCK as u32, 1, 0).await.unwrap();
+        c.read(ChunkAt { volume: 1, chunk: 1, offset: 0, epoch: 1, generation: 0 }, BLOCK as u32).await.unwrap();
         c.pause_volume(1, std::time::Duration::from_secs(10)).await.unwrap();
         c.clone_chunk(1, 1, 2, 1, 1).await.unwrap();
         c.resume_volume(1).await.unwrap();

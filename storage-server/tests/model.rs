@@ -3,6 +3,7 @@
 
 mod common;
 
+use ballast_proto::frame::ChunkAt;
 use common::{pattern, write, TestServer, BLOCK};
 use proptest::prelude::*;
 use storage_server::BackendChoice;
@@ -55,15 +56,34 @@ async fn run(backend: BackendChoice, ops: Vec<Op>) {
                 model[chunk as usize][span(block, len)].copy_from_slice(&data);
             }
             Op::Read { chunk, block, len } => {
-                let (got, _) = c.read(VOL, chunk, block * BLOCK, (len * BLOCK) as u32, 1, 1).await.unwrap();
+                let (got, _) = c
+                    .read(
+                        ChunkAt { volume: VOL, chunk, offset: block * BLOCK, epoch: 1, generation: 1 },
+                        (len * BLOCK) as u32,
+                    )
+                    .await
+                    .unwrap();
                 assert!(got[..] == model[chunk as usize][span(block, len)], "read {chunk}:{block}+{len} differs");
             }
             Op::Trim { chunk, block, len } => {
-                c.trim(VOL, chunk, block * BLOCK, (len * BLOCK) as u32, 1, 1, false).await.unwrap();
+                c.trim(
+                    ChunkAt { volume: VOL, chunk, offset: block * BLOCK, epoch: 1, generation: 1 },
+                    (len * BLOCK) as u32,
+                    false,
+                )
+                .await
+                .unwrap();
                 model[chunk as usize][span(block, len)].fill(0);
             }
             Op::WriteZeroes { chunk, block, len, no_hole } => {
-                c.write_zeroes(VOL, chunk, block * BLOCK, (len * BLOCK) as u32, 1, 1, false, no_hole).await.unwrap();
+                c.write_zeroes(
+                    ChunkAt { volume: VOL, chunk, offset: block * BLOCK, epoch: 1, generation: 1 },
+                    (len * BLOCK) as u32,
+                    false,
+                    no_hole,
+                )
+                .await
+                .unwrap();
                 model[chunk as usize][span(block, len)].fill(0);
             }
             Op::Flush => c.flush(Some(VOL)).await.unwrap(),
@@ -71,7 +91,11 @@ async fn run(backend: BackendChoice, ops: Vec<Op>) {
         }
     }
     for chunk in 0..CHUNKS {
-        let (got, _) = t.client.read(VOL, chunk, 0, (BLOCKS * BLOCK) as u32, 1, 0).await.unwrap();
+        let (got, _) = t
+            .client
+            .read(ChunkAt { volume: VOL, chunk, offset: 0, epoch: 1, generation: 0 }, (BLOCKS * BLOCK) as u32)
+            .await
+            .unwrap();
         assert!(got[..] == model[chunk as usize][..], "chunk {chunk} differs at the end");
     }
     let report = t.client.scrub(None).await.unwrap();

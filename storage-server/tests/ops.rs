@@ -2,7 +2,7 @@
 
 mod common;
 
-use ballast_proto::frame::{block_checksums, ChunkEntry, DataClient, ErrorCode, DIRTY_RECOVERED};
+use ballast_proto::frame::{block_checksums, ChunkAt, ChunkEntry, DataClient, ErrorCode, DIRTY_RECOVERED};
 use bytes::Bytes;
 use common::{code, pattern, write, TestServer, BLOCK};
 use storage_server::BackendChoice;
@@ -27,18 +27,25 @@ async fn write_and_read_round_trip(backend: BackendChoice) {
     c.create_chunk(VOL, 0, (4 * MIB) as u32, 1).await.unwrap();
 
     // Unwritten blocks read as zeros, with the checksum of a zero block.
-    let (data, crcs) = c.read(VOL, 0, 0, 2 * BLOCK as u32, 1, 0).await.unwrap();
+    let (data, crcs) =
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 2 * BLOCK as u32).await.unwrap();
     assert!(data.iter().all(|&b| b == 0));
     assert_eq!(crcs, block_checksums(&data));
 
     let data = pattern(1, 3, 5);
     write(c, VOL, 0, 3 * BLOCK, data.clone(), 1, false).await.unwrap();
-    let (got, crcs) = c.read(VOL, 0, 3 * BLOCK, 5 * BLOCK as u32, 1, 1).await.unwrap();
+    let (got, crcs) = c
+        .read(ChunkAt { volume: VOL, chunk: 0, offset: 3 * BLOCK, epoch: 1, generation: 1 }, 5 * BLOCK as u32)
+        .await
+        .unwrap();
     assert_eq!(got, data);
     assert_eq!(crcs, block_checksums(&data));
 
     // A read spanning written and unwritten blocks.
-    let (got, _) = c.read(VOL, 0, 2 * BLOCK, 7 * BLOCK as u32, 1, 0).await.unwrap();
+    let (got, _) = c
+        .read(ChunkAt { volume: VOL, chunk: 0, offset: 2 * BLOCK, epoch: 1, generation: 0 }, 7 * BLOCK as u32)
+        .await
+        .unwrap();
     assert!(got[..BLOCK as usize].iter().all(|&b| b == 0));
     assert_eq!(&got[BLOCK as usize..6 * BLOCK as usize], &data[..]);
     assert!(got[6 * BLOCK as usize..].iter().all(|&b| b == 0));
@@ -46,17 +53,35 @@ async fn write_and_read_round_trip(backend: BackendChoice) {
     // A large write and a FUA write.
     let big = pattern(2, 256, 512);
     write(c, VOL, 0, MIB, big.clone(), 1, true).await.unwrap();
-    assert_eq!(c.read(VOL, 0, MIB, 2 * MIB as u32, 1, 0).await.unwrap().0, big);
+    assert_eq!(
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: MIB, epoch: 1, generation: 0 }, 2 * MIB as u32)
+            .await
+            .unwrap()
+            .0,
+        big
+    );
     // The last block of the chunk.
     let last = pattern(3, 1023, 1);
     write(c, VOL, 0, 4 * MIB - BLOCK, last.clone(), 1, false).await.unwrap();
-    assert_eq!(c.read(VOL, 0, 4 * MIB - BLOCK, BLOCK as u32, 1, 0).await.unwrap().0, last);
+    assert_eq!(
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 4 * MIB - BLOCK, epoch: 1, generation: 0 }, BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        last
+    );
     c.flush(Some(VOL)).await.unwrap();
     c.flush(None).await.unwrap();
 
     // Unix socket too.
     let unix = DataClient::connect_unix(t.server().unix_path().unwrap()).await.unwrap();
-    assert_eq!(unix.read(VOL, 0, 3 * BLOCK, 5 * BLOCK as u32, 1, 0).await.unwrap().0, data);
+    assert_eq!(
+        unix.read(ChunkAt { volume: VOL, chunk: 0, offset: 3 * BLOCK, epoch: 1, generation: 0 }, 5 * BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        data
+    );
     assert!(!unix.is_closed());
     t.stop().await;
     // The server is gone: calls fail and the client says it is closed.
@@ -74,7 +99,13 @@ async fn pipelined_requests_complete(backend: BackendChoice) {
         tasks.push(tokio::spawn(async move {
             let data = pattern(100 + i, i * 4, 4);
             write(&c, VOL, 1, i * 4 * BLOCK, data.clone(), 0, false).await.unwrap();
-            let (got, _) = c.read(VOL, 1, i * 4 * BLOCK, 4 * BLOCK as u32, 1, 0).await.unwrap();
+            let (got, _) = c
+                .read(
+                    ChunkAt { volume: VOL, chunk: 1, offset: i * 4 * BLOCK, epoch: 1, generation: 0 },
+                    4 * BLOCK as u32,
+                )
+                .await
+                .unwrap();
             assert_eq!(got, data);
         }));
     }
@@ -91,10 +122,27 @@ async fn trim_and_write_zeroes(backend: BackendChoice) {
     let data = pattern(7, 0, 64);
     write(c, VOL, 2, 0, data.clone(), 0, false).await.unwrap();
 
-    c.trim(VOL, 2, 4 * BLOCK, 4 * BLOCK as u32, 0, 1, false).await.unwrap();
-    c.write_zeroes(VOL, 2, 16 * BLOCK, 4 * BLOCK as u32, 0, 1, true, false).await.unwrap();
-    c.write_zeroes(VOL, 2, 32 * BLOCK, 4 * BLOCK as u32, 0, 1, false, true).await.unwrap();
-    let (got, crcs) = c.read(VOL, 2, 0, 64 * BLOCK as u32, 1, 0).await.unwrap();
+    c.trim(ChunkAt { volume: VOL, chunk: 2, offset: 4 * BLOCK, epoch: 0, generation: 1 }, 4 * BLOCK as u32, false)
+        .await
+        .unwrap();
+    c.write_zeroes(
+        ChunkAt { volume: VOL, chunk: 2, offset: 16 * BLOCK, epoch: 0, generation: 1 },
+        4 * BLOCK as u32,
+        true,
+        false,
+    )
+    .await
+    .unwrap();
+    c.write_zeroes(
+        ChunkAt { volume: VOL, chunk: 2, offset: 32 * BLOCK, epoch: 0, generation: 1 },
+        4 * BLOCK as u32,
+        false,
+        true,
+    )
+    .await
+    .unwrap();
+    let (got, crcs) =
+        c.read(ChunkAt { volume: VOL, chunk: 2, offset: 0, epoch: 1, generation: 0 }, 64 * BLOCK as u32).await.unwrap();
     assert_eq!(crcs, block_checksums(&got));
     for b in 0..64usize {
         let block = &got[b * BLOCK as usize..(b + 1) * BLOCK as usize];
@@ -108,7 +156,11 @@ async fn trim_and_write_zeroes(backend: BackendChoice) {
     // Zeroes survive a restart (the checksum table was flushed on shutdown).
     let mut t = t;
     t.restart().await;
-    let (again, _) = t.client.read(VOL, 2, 0, 64 * BLOCK as u32, 1, 0).await.unwrap();
+    let (again, _) = t
+        .client
+        .read(ChunkAt { volume: VOL, chunk: 2, offset: 0, epoch: 1, generation: 0 }, 64 * BLOCK as u32)
+        .await
+        .unwrap();
     assert_eq!(again, got);
     t.stop().await;
 }
@@ -137,27 +189,78 @@ async fn chunk_admin(backend: BackendChoice) {
     assert_eq!((info.size, info.generation), (MIB, 3));
     assert_eq!(info.blocks_unknown, 256);
     let crcs = block_checksums(&pattern(1, 0, 2));
-    c.write(VOL, 5, 0, pattern(1, 0, 2), &crcs, 0, 3, false).await.unwrap();
+    c.write(ChunkAt { volume: VOL, chunk: 5, offset: 0, epoch: 0, generation: 3 }, pattern(1, 0, 2), &crcs, false)
+        .await
+        .unwrap();
     let info = c.chunk_info(VOL, 5).await.unwrap();
     assert_eq!((info.blocks_ok, info.blocks_bad, info.blocks_unknown), (2, 0, 254));
     assert_eq!(info.dirty_regions, 1);
 
     // Generations: writes must match, reads with 0 skip the check.
-    assert_eq!(code(c.write(VOL, 5, 0, pattern(1, 0, 1), &crcs[..1], 0, 2, false).await), ErrorCode::StaleGeneration);
+    assert_eq!(
+        code(
+            c.write(
+                ChunkAt { volume: VOL, chunk: 5, offset: 0, epoch: 0, generation: 2 },
+                pattern(1, 0, 1),
+                &crcs[..1],
+                false
+            )
+            .await
+        ),
+        ErrorCode::StaleGeneration
+    );
     c.set_generation(VOL, 5, 4).await.unwrap();
     assert_eq!(code(c.set_generation(VOL, 5, 3).await), ErrorCode::StaleGeneration);
-    assert_eq!(code(c.write(VOL, 5, 0, pattern(1, 0, 1), &crcs[..1], 0, 3, false).await), ErrorCode::StaleGeneration);
-    c.write(VOL, 5, 0, pattern(1, 0, 1), &crcs[..1], 0, 4, false).await.unwrap();
-    assert_eq!(code(c.read(VOL, 5, 0, BLOCK as u32, 1, 3).await), ErrorCode::StaleGeneration);
-    c.read(VOL, 5, 0, BLOCK as u32, 1, 4).await.unwrap();
-    c.read(VOL, 5, 0, BLOCK as u32, 1, 0).await.unwrap();
+    assert_eq!(
+        code(
+            c.write(
+                ChunkAt { volume: VOL, chunk: 5, offset: 0, epoch: 0, generation: 3 },
+                pattern(1, 0, 1),
+                &crcs[..1],
+                false
+            )
+            .await
+        ),
+        ErrorCode::StaleGeneration
+    );
+    c.write(ChunkAt { volume: VOL, chunk: 5, offset: 0, epoch: 0, generation: 4 }, pattern(1, 0, 1), &crcs[..1], false)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c.read(ChunkAt { volume: VOL, chunk: 5, offset: 0, epoch: 1, generation: 3 }, BLOCK as u32).await),
+        ErrorCode::StaleGeneration
+    );
+    c.read(ChunkAt { volume: VOL, chunk: 5, offset: 0, epoch: 1, generation: 4 }, BLOCK as u32).await.unwrap();
+    c.read(ChunkAt { volume: VOL, chunk: 5, offset: 0, epoch: 1, generation: 0 }, BLOCK as u32).await.unwrap();
 
     // Range and alignment checks.
-    assert_eq!(code(c.read(VOL, 5, MIB, BLOCK as u32, 1, 0).await), ErrorCode::OutOfRange);
-    assert_eq!(code(c.read(VOL, 5, 100, BLOCK as u32, 1, 0).await), ErrorCode::Misaligned);
-    assert_eq!(code(c.read(VOL, 5, 0, 100, 1, 0).await), ErrorCode::Misaligned);
-    assert_eq!(code(c.trim(VOL, 5, MIB - BLOCK, 2 * BLOCK as u32, 0, 4, false).await), ErrorCode::OutOfRange);
-    assert_eq!(code(c.read(VOL, 77, 0, BLOCK as u32, 1, 0).await), ErrorCode::NoSuchChunk);
+    assert_eq!(
+        code(c.read(ChunkAt { volume: VOL, chunk: 5, offset: MIB, epoch: 1, generation: 0 }, BLOCK as u32).await),
+        ErrorCode::OutOfRange
+    );
+    assert_eq!(
+        code(c.read(ChunkAt { volume: VOL, chunk: 5, offset: 100, epoch: 1, generation: 0 }, BLOCK as u32).await),
+        ErrorCode::Misaligned
+    );
+    assert_eq!(
+        code(c.read(ChunkAt { volume: VOL, chunk: 5, offset: 0, epoch: 1, generation: 0 }, 100).await),
+        ErrorCode::Misaligned
+    );
+    assert_eq!(
+        code(
+            c.trim(
+                ChunkAt { volume: VOL, chunk: 5, offset: MIB - BLOCK, epoch: 0, generation: 4 },
+                2 * BLOCK as u32,
+                false
+            )
+            .await
+        ),
+        ErrorCode::OutOfRange
+    );
+    assert_eq!(
+        code(c.read(ChunkAt { volume: VOL, chunk: 77, offset: 0, epoch: 1, generation: 0 }, BLOCK as u32).await),
+        ErrorCode::NoSuchChunk
+    );
 
     // Delete: generation checked, then gone; the generation survives a restart.
     assert_eq!(code(c.delete_chunk(VOL, 6, 2).await), ErrorCode::StaleGeneration);

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_proto::frame::{block_checksums, ChunkEntry, ClientError, DataClient, ErrorCode};
+use ballast_proto::frame::{block_checksums, ChunkAt, ChunkEntry, ClientError, DataClient, ErrorCode};
 use bytes::Bytes;
 use common::{code, pattern, write, Binary, TestServer, BLOCK};
 use storage_server::BackendChoice;
@@ -36,7 +36,7 @@ async fn read_all(c: &DataClient, volume: u64, chunk: u64, size: u64) -> (Vec<u8
     let mut at = 0;
     while at < size {
         let len = MIB.min(size - at);
-        let (d, k) = c.read(volume, chunk, at, len as u32, 1, 0).await.unwrap();
+        let (d, k) = c.read(ChunkAt { volume, chunk, offset: at, epoch: 1, generation: 0 }, len as u32).await.unwrap();
         assert_eq!(k, block_checksums(&d));
         data.extend_from_slice(&d);
         crcs.extend(k);
@@ -69,7 +69,9 @@ async fn clone_round_trip(backend: BackendChoice) {
     c.create_chunk(VOL, 0, size as u32, 1).await.unwrap();
     write(&c, VOL, 0, 0, pattern(1, 0, 64), 0, false).await.unwrap();
     write(&c, VOL, 0, MIB, pattern(2, 256, 256), 0, false).await.unwrap();
-    c.trim(VOL, 0, 8 * BLOCK, 8 * BLOCK as u32, 0, 1, false).await.unwrap();
+    c.trim(ChunkAt { volume: VOL, chunk: 0, offset: 8 * BLOCK, epoch: 0, generation: 1 }, 8 * BLOCK as u32, false)
+        .await
+        .unwrap();
     // Nothing flushed: the clone must flush the source's checksum table itself.
     let (source, source_crcs) = read_all(&c, VOL, 0, size).await;
 
@@ -90,14 +92,44 @@ async fn clone_round_trip(backend: BackendChoice) {
     // From here on the two are independent.
     write(&c, VOL, 0, 0, pattern(3, 0, 4), 0, false).await.unwrap();
     let crcs = block_checksums(&pattern(4, 512, 4));
-    c.write(SNAP, 0, 2 * MIB, pattern(4, 512, 4), &crcs, 0, 7, false).await.unwrap();
-    assert_eq!(c.read(SNAP, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(1, 0, 4));
-    assert!(c.read(VOL, 0, 2 * MIB, 4 * BLOCK as u32, 1, 0).await.unwrap().0.iter().all(|&b| b == 0));
+    c.write(
+        ChunkAt { volume: SNAP, chunk: 0, offset: 2 * MIB, epoch: 0, generation: 7 },
+        pattern(4, 512, 4),
+        &crcs,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        c.read(ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        pattern(1, 0, 4)
+    );
+    assert!(c
+        .read(ChunkAt { volume: VOL, chunk: 0, offset: 2 * MIB, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
+        .await
+        .unwrap()
+        .0
+        .iter()
+        .all(|&b| b == 0));
     let mut expected = source.clone();
     expected[2 * MIB as usize..2 * MIB as usize + 4 * BLOCK as usize].copy_from_slice(&pattern(4, 512, 4));
     // Changes to the clone carry its own generation.
     let crcs1 = block_checksums(&pattern(4, 0, 1));
-    assert_eq!(code(c.write(SNAP, 0, 0, pattern(4, 0, 1), &crcs1, 0, 1, false).await), ErrorCode::StaleGeneration);
+    assert_eq!(
+        code(
+            c.write(
+                ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 0, generation: 1 },
+                pattern(4, 0, 1),
+                &crcs1,
+                false
+            )
+            .await
+        ),
+        ErrorCode::StaleGeneration
+    );
 
     // Errors: a missing source, an existing target (also the source itself).
     assert_eq!(code(c.clone_chunk(VOL, 9, SNAP, 9, 1).await), ErrorCode::NoSuchChunk);
@@ -112,7 +144,13 @@ async fn clone_round_trip(backend: BackendChoice) {
     assert!(again == expected, "the clone reads back the same after a restart");
     assert_eq!(c.chunk_info(SNAP, 0).await.unwrap().generation, 7);
     assert!(c.scrub(Some(SNAP)).await.unwrap().bad.is_empty());
-    assert_eq!(c.read(VOL, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(3, 0, 4));
+    assert_eq!(
+        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        pattern(3, 0, 4)
+    );
     // A clone of a clone, after the restart.
     c.clone_chunk(SNAP, 0, SNAP + 1, 0, 1).await.unwrap();
     assert!(read_all(&c, SNAP + 1, 0, size).await.0 == expected);
@@ -170,11 +208,26 @@ async fn paused_changes_wait_until_resume(backend: BackendChoice) {
     let w = spawn_write(&engine, VOL, 0, 0, pattern(2, 0, 4));
     let trim = {
         let e = engine.clone();
-        tokio::spawn(async move { e.trim(VOL, 0, 16 * BLOCK, 4 * BLOCK as u32, 0, 1, false).await })
+        tokio::spawn(async move {
+            e.trim(
+                ChunkAt { volume: VOL, chunk: 0, offset: 16 * BLOCK, epoch: 0, generation: 1 },
+                4 * BLOCK as u32,
+                false,
+            )
+            .await
+        })
     };
     let zeroes = {
         let e = engine.clone();
-        tokio::spawn(async move { e.write_zeroes(VOL, 0, 32 * BLOCK, 4 * BLOCK as u32, 0, 1, true, true).await })
+        tokio::spawn(async move {
+            e.write_zeroes(
+                ChunkAt { volume: VOL, chunk: 0, offset: 32 * BLOCK, epoch: 0, generation: 1 },
+                4 * BLOCK as u32,
+                true,
+                true,
+            )
+            .await
+        })
     };
     still_pending(&w, Duration::from_millis(300), "a write").await;
     assert!(!trim.is_finished(), "a trim completed while the volume was paused");
@@ -182,13 +235,25 @@ async fn paused_changes_wait_until_resume(backend: BackendChoice) {
 
     // Reads (on the writers' connection too), flushes, other volumes and
     // clones of the paused volume go on.
-    let (old, _) = prompt("a read", engine.read(VOL, 0, 0, 4 * BLOCK as u32, 1, 0)).await.unwrap();
+    let (old, _) = prompt(
+        "a read",
+        engine.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32),
+    )
+    .await
+    .unwrap();
     assert_eq!(old, pattern(1, 0, 4));
     prompt("a flush", engine.flush(Some(VOL))).await.unwrap();
     prompt("a flush of all volumes", coordinator.flush(None)).await.unwrap();
     prompt("a write to another volume", write(&engine, OTHER, 0, 0, pattern(3, 0, 4), 0, true)).await.unwrap();
     prompt("a clone", coordinator.clone_chunk(VOL, 0, SNAP, 0, 1)).await.unwrap();
-    assert_eq!(coordinator.read(SNAP, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(1, 0, 4));
+    assert_eq!(
+        coordinator
+            .read(ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        pattern(1, 0, 4)
+    );
     // Pausing again renews the pause and does not release anything.
     coordinator.pause_volume(VOL, Duration::from_secs(30)).await.unwrap();
     still_pending(&w, Duration::from_millis(100), "a write").await;
@@ -197,9 +262,23 @@ async fn paused_changes_wait_until_resume(backend: BackendChoice) {
     prompt("the paused write", w).await.unwrap().unwrap();
     prompt("the paused trim", trim).await.unwrap().unwrap();
     prompt("the paused write-zeroes", zeroes).await.unwrap().unwrap();
-    assert_eq!(engine.read(VOL, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(2, 0, 4));
+    assert_eq!(
+        engine
+            .read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        pattern(2, 0, 4)
+    );
     // The clone taken while paused kept the old data.
-    assert_eq!(coordinator.read(SNAP, 0, 0, 4 * BLOCK as u32, 1, 0).await.unwrap().0, pattern(1, 0, 4));
+    assert_eq!(
+        coordinator
+            .read(ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        pattern(1, 0, 4)
+    );
 
     // Resuming is idempotent, also for a volume never paused.
     coordinator.resume_volume(VOL).await.unwrap();
@@ -252,7 +331,14 @@ async fn pause_times_out_by_itself(backend: BackendChoice) {
     still_pending(&w, Duration::from_millis(300), "a write").await;
     coordinator.resume_volume(VOL).await.unwrap();
     prompt("the write after the resume", w).await.unwrap().unwrap();
-    assert_eq!(engine.read(VOL, 0, 0, BLOCK as u32, 1, 0).await.unwrap().0, pattern(4, 0, 1));
+    assert_eq!(
+        engine
+            .read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, BLOCK as u32)
+            .await
+            .unwrap()
+            .0,
+        pattern(4, 0, 1)
+    );
     t.stop().await;
 }
 
@@ -275,7 +361,13 @@ fn stripe_block(writer: u64, i: u64) -> u64 {
 async fn stripes(c: &DataClient, volume: u64) -> Vec<u8> {
     let mut out = Vec::new();
     for w in 0..WRITERS {
-        let (data, crcs) = c.read(volume, 0, stripe_block(w, 0) * BLOCK, (STRIPE * BLOCK) as u32, 1, 0).await.unwrap();
+        let (data, crcs) = c
+            .read(
+                ChunkAt { volume, chunk: 0, offset: stripe_block(w, 0) * BLOCK, epoch: 1, generation: 0 },
+                (STRIPE * BLOCK) as u32,
+            )
+            .await
+            .unwrap();
         assert_eq!(crcs, block_checksums(&data));
         out.extend_from_slice(&data);
     }

@@ -11,7 +11,7 @@ use common::{issue, meta_raft_binary};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ballast_proto::frame::{ClientError, Connector, DataClient, ErrorCode};
+use ballast_proto::frame::{ChunkAt, ClientError, Connector, DataClient, ErrorCode};
 use ballast_proto::meta as pb;
 use ballast_testkit::meta_cluster::LocalMetaCluster;
 use ballast_tls::pki::Authority;
@@ -105,7 +105,7 @@ async fn the_data_plane_refuses_strangers_and_roles_that_may_not() {
 
     // A chunk server's certificate reads, writes and deletes nothing.
     let peer = connect_as(&issue(&ca, dir.path(), Role::Storage, "ss-2"), &server).await.expect("peer refused");
-    denied(peer.read(volume, chunk, 0, written.len() as u32, epoch, 1).await);
+    denied(peer.read(ChunkAt { volume, chunk, offset: 0, epoch, generation: 1 }, written.len() as u32).await);
     denied(common::write(&peer, volume, chunk, 0, common::pattern(3, 0, 4), epoch + 1, true).await);
     denied(peer.delete_chunk(volume, chunk, 1).await);
     denied(peer.fence_volume(volume, epoch + 10).await);
@@ -120,7 +120,8 @@ async fn the_data_plane_refuses_strangers_and_roles_that_may_not() {
     let meta = connect_as(&issue(&ca, dir.path(), Role::Meta, "m1"), &server).await.expect("meta refused");
     let listed = meta.list_chunks(Some(volume)).await.unwrap();
     assert_eq!(listed.len(), 1);
-    let (read, _) = meta.read(volume, chunk, 0, written.len() as u32, epoch, 1).await.unwrap();
+    let (read, _) =
+        meta.read(ChunkAt { volume, chunk, offset: 0, epoch, generation: 1 }, written.len() as u32).await.unwrap();
     assert_eq!(read, written, "a refused request changed the chunk");
     // No epoch was raised: the operator still writes at epoch 1.
     common::write(&admin, volume, chunk, 0, written, epoch, true).await.unwrap();

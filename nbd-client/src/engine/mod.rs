@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use ballast_proto::frame::BLOCK_SIZE;
+use ballast_proto::frame::{ChunkAt, BLOCK_SIZE};
 use ballast_proto::meta as pb;
 use ballast_proto::range_lock::{RangeGuard, RangeLock};
 use bytes::{Bytes, BytesMut};
@@ -307,7 +307,9 @@ impl Volume {
         self.replicate(chunk, |client, generation| {
             let data = data.clone();
             let checksums = &checksums;
-            async move { client.write(data_id, chunk, offset, data, checksums, epoch, generation, fua).await }
+            async move {
+                client.write(ChunkAt { volume: data_id, chunk, offset, epoch, generation }, data, checksums, fua).await
+            }
         })
         .await
     }
@@ -329,9 +331,11 @@ impl Volume {
                 (self.info.data_id, self.options.epoch, p.chunk, p.offset, p.len as u32);
             self.replicate(p.chunk, |client, generation| async move {
                 if trim {
-                    client.trim(data_id, chunk, off, n, epoch, generation, fua).await
+                    client.trim(ChunkAt { volume: data_id, chunk, offset: off, epoch, generation }, n, fua).await
                 } else {
-                    client.write_zeroes(data_id, chunk, off, n, epoch, generation, fua, true).await
+                    client
+                        .write_zeroes(ChunkAt { volume: data_id, chunk, offset: off, epoch, generation }, n, fua, true)
+                        .await
                 }
             })
             .await

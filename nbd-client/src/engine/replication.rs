@@ -5,7 +5,7 @@
 
 use std::future::Future;
 
-use ballast_proto::frame::{ClientError, DataClient, ErrorCode};
+use ballast_proto::frame::{ChunkAt, ClientError, DataClient, ErrorCode};
 use ballast_proto::meta as pb;
 use futures::future::{join_all, try_join_all};
 
@@ -219,7 +219,7 @@ impl Volume {
                 let (epoch, generation) = (self.options.epoch, view.generation);
                 let read = self
                     .on_replica(&replica, |c| async move {
-                        c.read(self.info.data_id, chunk, offset, len, epoch, generation).await
+                        c.read(ChunkAt { volume: self.info.data_id, chunk, offset, epoch, generation }, len).await
                     })
                     .await;
                 match read {

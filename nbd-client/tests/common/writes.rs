@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ballast_proto::frame::ChunkAt;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_client::MetaClient;
@@ -58,7 +59,10 @@ pub async fn replicas(meta: &MetaClient, volume: &pb::Volume, epoch: u64) -> Vec
     for set in map.chunks {
         for replica in set.replicas {
             let client = meta.chunk_servers().connect(&replica.address).await.unwrap();
-            let (data, _) = client.read(volume.data_id, set.chunk_index, 0, size, epoch, 0).await.unwrap();
+            let (data, _) = client
+                .read(ChunkAt { volume: volume.data_id, chunk: set.chunk_index, offset: 0, epoch, generation: 0 }, size)
+                .await
+                .unwrap();
             out.push((set.chunk_index, replica.server_id, data));
         }
     }

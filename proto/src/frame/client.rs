@@ -64,6 +64,25 @@ impl ClientError {
     }
 }
 
+/// Where a data request (read, write, trim, write zeroes) applies: a byte
+/// offset in one chunk of one volume, sent at the writer's fencing epoch and
+/// the chunk's replica-set generation (0 skips the generation check on reads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkAt {
+    pub volume: u64,
+    pub chunk: u64,
+    pub offset: u64,
+    pub epoch: u64,
+    pub generation: u64,
+}
+
+impl ChunkAt {
+    fn header(self, opcode: Opcode, flags: u16, length: u32) -> RequestHeader {
+        let ChunkAt { volume, chunk, offset, epoch, generation } = self;
+        RequestHeader { flags, volume, chunk, offset, length, epoch, generation, ..RequestHeader::new(opcode, 0) }
+    }
+}
+
 type ReplyResult = Result<Reply, ClientError>;
 
 enum Waiter {
@@ -364,84 +383,37 @@ impl DataClient {
         self.call(RequestHeader::new(Opcode::Ping, 0), Bytes::new(), Bytes::new()).await.map(drop)
     }
 
-    /// Writes `data` (a multiple of 4 KiB) at `offset` of the chunk.
+    /// Writes `data` (a multiple of 4 KiB) at `at`.
     /// `checksums` holds the CRC32 of each 4 KiB block ([`super::block_checksums`]).
     /// With `fua` the data is durable when this returns.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn write(
-        &self,
-        volume: u64,
-        chunk: u64,
-        offset: u64,
-        data: Bytes,
-        checksums: &[u32],
-        epoch: u64,
-        generation: u64,
-        fua: bool,
-    ) -> Result<(), ClientError> {
-        self.write_with_flags(volume, chunk, offset, data, checksums, epoch, generation, if fua { FLAG_FUA } else { 0 })
-            .await
+    pub async fn write(&self, at: ChunkAt, data: Bytes, checksums: &[u32], fua: bool) -> Result<(), ClientError> {
+        self.write_with_flags(at, data, checksums, if fua { FLAG_FUA } else { 0 }).await
     }
 
     /// [`DataClient::write`] by the holder of the volume's pause: it passes
     /// the pause (a resync that must land while the writers wait).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn write_holding_pause(
-        &self,
-        volume: u64,
-        chunk: u64,
-        offset: u64,
-        data: Bytes,
-        checksums: &[u32],
-        epoch: u64,
-        generation: u64,
-    ) -> Result<(), ClientError> {
-        self.write_with_flags(volume, chunk, offset, data, checksums, epoch, generation, FLAG_PAUSE_HOLDER).await
+    pub async fn write_holding_pause(&self, at: ChunkAt, data: Bytes, checksums: &[u32]) -> Result<(), ClientError> {
+        self.write_with_flags(at, data, checksums, FLAG_PAUSE_HOLDER).await
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn write_with_flags(
         &self,
-        volume: u64,
-        chunk: u64,
-        offset: u64,
+        at: ChunkAt,
         data: Bytes,
         checksums: &[u32],
-        epoch: u64,
-        generation: u64,
         flags: u16,
     ) -> Result<(), ClientError> {
         let length = u32::try_from(data.len()).map_err(|_| ClientError::Protocol("write too large".into()))?;
-        let header = RequestHeader {
-            flags,
-            volume,
-            chunk,
-            offset,
-            length,
-            epoch,
-            generation,
-            ..RequestHeader::new(Opcode::Write, 0)
-        };
+        let header = at.header(Opcode::Write, flags, length);
         let tail = Checksums::from_slice(checksums).into_bytes();
         self.call(header, data, tail).await.map(drop)
     }
 
-    /// Reads `length` bytes at `offset`; returns the data and its per-block
-    /// CRC32s, already verified. `generation` 0 skips the generation check.
-    /// The server refuses an `epoch` older than the volume's newest, so a
-    /// fenced node never reads the new owner's data.
-    pub async fn read(
-        &self,
-        volume: u64,
-        chunk: u64,
-        offset: u64,
-        length: u32,
-        epoch: u64,
-        generation: u64,
-    ) -> Result<(Bytes, Vec<u32>), ClientError> {
-        let header =
-            RequestHeader { volume, chunk, offset, length, epoch, generation, ..RequestHeader::new(Opcode::Read, 0) };
-        let reply = self.call(header, Bytes::new(), Bytes::new()).await?;
+    /// Reads `length` bytes at `at`; returns the data and its per-block
+    /// CRC32s, already verified. The server refuses an epoch older than
+    /// the volume's newest, so a fenced node never reads the new owner's data.
+    pub async fn read(&self, at: ChunkAt, length: u32) -> Result<(Bytes, Vec<u32>), ClientError> {
+        let reply = self.call(at.header(Opcode::Read, 0, length), Bytes::new(), Bytes::new()).await?;
         let (data, checksums) = verified_data(reply)?;
         if data.len() != length as usize {
             return Err(ClientError::Protocol(format!("asked for {length} bytes, got {}", data.len())));
@@ -456,54 +428,17 @@ impl DataClient {
         self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn zero_range(
-        &self,
-        opcode: Opcode,
-        flags: u16,
-        volume: u64,
-        chunk: u64,
-        offset: u64,
-        length: u32,
-        epoch: u64,
-        generation: u64,
-    ) -> Result<(), ClientError> {
-        let header =
-            RequestHeader { flags, volume, chunk, offset, length, epoch, generation, ..RequestHeader::new(opcode, 0) };
-        self.call(header, Bytes::new(), Bytes::new()).await.map(drop)
-    }
-
-    /// Discards a range; it reads as zeros afterwards and its space is released.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn trim(
-        &self,
-        volume: u64,
-        chunk: u64,
-        offset: u64,
-        length: u32,
-        epoch: u64,
-        generation: u64,
-        fua: bool,
-    ) -> Result<(), ClientError> {
+    /// Discards `length` bytes at `at`; they read as zeros afterwards and
+    /// their space is released.
+    pub async fn trim(&self, at: ChunkAt, length: u32, fua: bool) -> Result<(), ClientError> {
         let flags = if fua { FLAG_FUA } else { 0 };
-        self.zero_range(Opcode::Trim, flags, volume, chunk, offset, length, epoch, generation).await
+        self.call(at.header(Opcode::Trim, flags, length), Bytes::new(), Bytes::new()).await.map(drop)
     }
 
-    /// Zeroes a range; with `no_hole` its space stays allocated.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn write_zeroes(
-        &self,
-        volume: u64,
-        chunk: u64,
-        offset: u64,
-        length: u32,
-        epoch: u64,
-        generation: u64,
-        fua: bool,
-        no_hole: bool,
-    ) -> Result<(), ClientError> {
+    /// Zeroes `length` bytes at `at`; with `no_hole` their space stays allocated.
+    pub async fn write_zeroes(&self, at: ChunkAt, length: u32, fua: bool, no_hole: bool) -> Result<(), ClientError> {
         let flags = if fua { FLAG_FUA } else { 0 } | if no_hole { FLAG_NO_HOLE } else { 0 };
-        self.zero_range(Opcode::WriteZeroes, flags, volume, chunk, offset, length, epoch, generation).await
+        self.call(at.header(Opcode::WriteZeroes, flags, length), Bytes::new(), Bytes::new()).await.map(drop)
     }
 
     /// Creates an empty (all zeros) chunk of `size` bytes (a multiple of 4 KiB).

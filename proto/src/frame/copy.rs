@@ -5,7 +5,7 @@
 use futures::StreamExt;
 
 use super::client::{ClientError, DataClient};
-use super::{ErrorCode, BAD_BLOCK_HASH, BLOCK_SIZE};
+use super::{ChunkAt, ErrorCode, BAD_BLOCK_HASH, BLOCK_SIZE};
 
 /// Where a copied chunk goes and under which fencing it is written.
 #[derive(Clone, Copy, Debug)]
@@ -57,7 +57,13 @@ pub async fn copy_chunk(
             continue;
         }
         written += segment.data.len() as u64;
-        to.write(data_id, chunk, segment.offset, segment.data, &segment.checksums, epoch, generation, false).await?;
+        to.write(
+            ChunkAt { volume: data_id, chunk, offset: segment.offset, epoch, generation },
+            segment.data,
+            &segment.checksums,
+            false,
+        )
+        .await?;
     }
     to.flush(Some(data_id)).await?;
     Ok(written)
@@ -111,8 +117,10 @@ pub async fn sync_chunk(
         let copies = differing_runs(&theirs, &ours).into_iter().map(move |(first, count)| async move {
             let offset = base + (first * BLOCK_SIZE) as u64;
             let length = (count * BLOCK_SIZE) as u32;
-            let (data, checksums) = from.read(data_id, chunk, offset, length, epoch, from_generation).await?;
-            to.write(data_id, chunk, offset, data, &checksums, epoch, generation, false).await?;
+            let (data, checksums) = from
+                .read(ChunkAt { volume: data_id, chunk, offset, epoch, generation: from_generation }, length)
+                .await?;
+            to.write(ChunkAt { volume: data_id, chunk, offset, epoch, generation }, data, &checksums, false).await?;
             Ok::<u64, ClientError>(u64::from(length))
         });
         let mut copies = futures::stream::iter(copies).buffer_unordered(SYNC_IN_FLIGHT);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use ballast_proto::frame::{block_checksums, ClientError, DataClient, ErrorCode, BLOCK_SIZE};
+use ballast_proto::frame::{block_checksums, ChunkAt, ClientError, DataClient, ErrorCode, BLOCK_SIZE};
 use ballast_tls::pki::{Authority, DEFAULT_VALIDITY};
 use ballast_tls::{Identity, Role, TlsDir};
 use bytes::Bytes;
@@ -131,7 +131,7 @@ pub async fn write(
     fua: bool,
 ) -> Result<(), ClientError> {
     let crcs = block_checksums(&data);
-    client.write(volume, chunk, offset, data, &crcs, epoch, 1, fua).await
+    client.write(ChunkAt { volume, chunk, offset, epoch, generation: 1 }, data, &crcs, fua).await
 }
 
 pub fn code(result: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
