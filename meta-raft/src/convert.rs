@@ -6,8 +6,9 @@ use crate::group::GroupSnapshot;
 use crate::modify::IoLimits;
 use meta_client::now_ms;
 
-use crate::state::{Attachment, ChunkServer, CsiNode, MetaState, ReplicaSet, Snapshot, Volume};
-use crate::types::Source;
+use crate::model::Source;
+use crate::model::{Attachment, ChunkServer, CsiNode, ReplicaSet, Snapshot, Volume};
+use crate::state::MetaState;
 
 pub fn source_from_pb(source: Option<pb::ContentSource>) -> Option<Source> {
     match source?.source? {

@@ -12,7 +12,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
-use crate::state::{validate_name, MetaState, Snapshot};
+use crate::model::{validate_name, Snapshot};
+use crate::state::MetaState;
 use crate::types::Outcome;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

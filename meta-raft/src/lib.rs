@@ -2,6 +2,9 @@
 //! persisted in sled, served over gRPC. Its clients use the `meta-client`
 //! crate.
 //!
+//! - [`model`]: the entities (volumes, snapshots, chunk servers, replica
+//!   sets, attachments, nodes); [`types`]: the commands that change them
+//!   and their outcomes; [`page`]: listings in pages.
 //! - [`state`]: the metadata and the rules that change it ([`modify`]:
 //!   replica count and I/O limits of a live volume; [`group`]: snapshots
 //!   of several volumes at one instant); [`placement`]
@@ -25,9 +28,11 @@ pub mod fence;
 pub mod group;
 pub mod liveness;
 pub mod metrics;
+pub mod model;
 pub mod modify;
 pub mod network;
 pub mod node;
+pub mod page;
 pub mod placement;
 pub mod recovery;
 pub mod repair;

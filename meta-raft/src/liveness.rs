@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::state::ChunkServer;
+use crate::model::ChunkServer;
 
 pub struct Liveness {
     dead_after: Duration,

@@ -127,7 +127,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::state::{HeldChunk, ReplicaSet, Volume};
+    use crate::model::{HeldChunk, ReplicaSet, Volume};
     use crate::types::Command;
 
     const NOW: u64 = 1_000_000;

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::state::ChunkServer;
+use crate::model::ChunkServer;
 
 /// A server that missed heartbeats for this long takes no new replicas.
 pub const LIVENESS_TIMEOUT_MS: u64 = 15_000;

@@ -32,7 +32,8 @@ use futures::future::join_all;
 
 use crate::error::MetaError;
 use crate::liveness::Liveness;
-use crate::state::{volume_id, MetaState, ReplicaSet};
+use crate::model::{volume_id, ReplicaSet};
+use crate::state::MetaState;
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft, Request};
 use crate::CHUNK_SERVER_ANSWER;

@@ -19,8 +19,10 @@ use crate::convert;
 use crate::error::{not_leader, MetaError};
 use crate::fence;
 use crate::metrics::REQUEST_LATENCY;
+use crate::model::{HeldChunk, ReplicaSet, Snapshot};
 use crate::modify::VolumeChange;
-use crate::state::{page_size, paginate, HeldChunk, MetaState, ReplicaSet};
+use crate::page::{page_size, paginate};
+use crate::state::MetaState;
 use crate::store::SharedState;
 use crate::types::{Command, NodeId, Outcome, Raft};
 
@@ -217,7 +219,7 @@ impl MetaService {
 }
 
 impl MetaService {
-    fn snapshot_reply(&self, snapshot: &crate::state::Snapshot) -> Reply<pb::Snapshot> {
+    fn snapshot_reply(&self, snapshot: &Snapshot) -> Reply<pb::Snapshot> {
         self.read_local(|state| Ok(convert::snapshot(state, snapshot))).map(Response::new)
     }
 }
@@ -401,7 +403,7 @@ impl Meta for MetaService {
             let size = page_size(r.page_size)?;
             let (snapshots, next) = self
                 .read(|state| {
-                    let keep = |s: &crate::state::Snapshot| {
+                    let keep = |s: &Snapshot| {
                         (r.snapshot_id.is_empty() || s.id == r.snapshot_id)
                             && (r.source_volume_id.is_empty() || s.source_volume_id == r.source_volume_id)
                     };

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::MetaError;
 use crate::group::GroupSnapshot;
+use crate::model::{Attachment, ChunkServer, CsiNode, HeldChunk, ReplicaSet, Snapshot, Source, Volume};
 use crate::modify::{IoLimits, VolumeChange};
-use crate::state::{Attachment, ChunkServer, CsiNode, HeldChunk, ReplicaSet, Snapshot, Volume};
 
 /// Identifies a member of the metadata cluster.
 pub type NodeId = u64;
@@ -33,13 +33,6 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub struct Request {
     pub at_ms: u64,
     pub command: Command,
-}
-
-/// A content source of a new volume.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Source {
-    Snapshot(String),
-    Volume(String),
 }
 
 /// Every state change of the metadata service.
