@@ -228,7 +228,7 @@ async fn filesystem_volume_end_to_end(fs: &str, tools: &[&str]) {
     assert_eq!(entry.fs_type, fs);
     let mapping = t.mapping(&volume.volume_id).expect("attached by nbd-client");
     assert_eq!(mapping.device, entry.source);
-    eprintln!("attached as {} ({})", mapping.device, mapping.method);
+    eprintln!("attached as {} ({:?})", mapping.device.display(), mapping.method);
     n.node_publish_volume(publish_request(&volume, staging, target, &cap, false)).await.expect("NodePublishVolume");
     assert!(mounts::mounted_at(target).unwrap().is_some());
 
@@ -405,8 +405,8 @@ async fn block_volume_end_to_end_with_fio_verify() {
     n.node_stage_volume(stage_request(&volume, staging, &cap, &ctx)).await.expect("NodeStageVolume");
     n.node_publish_volume(publish_request(&volume, staging, target, &cap, false)).await.expect("NodePublishVolume");
     let mapping = t.mapping(&volume.volume_id).expect("attached by nbd-client");
-    assert!(same_device(target, &mapping.device), "{} is not {}", target.display(), mapping.device);
-    eprintln!("attached as {} ({})", mapping.device, mapping.method);
+    assert!(same_device(target, &mapping.device), "{} is not {}", target.display(), mapping.device.display());
+    eprintln!("attached as {} ({:?})", mapping.device.display(), mapping.method);
 
     let fio = Command::new("fio")
         .current_dir(t.dir.path())

@@ -171,7 +171,7 @@ async fn filesystem_volume_lifecycle() {
     let device = entry.source.clone();
     let mapping = t.mapping(&volume.volume_id).expect("nbd-client lists the volume");
     assert_eq!(mapping.device, device);
-    assert!(mapping.served, "{mapping:?}");
+    assert_eq!(mapping.served, Some(true), "{mapping:?}");
     assert_eq!(mapping.epoch.to_string(), ctx["epoch"], "attached with the epoch of the publication");
     std::fs::write(staging.join("precious"), b"data").unwrap();
 
@@ -321,7 +321,7 @@ async fn raw_block_volume_lifecycle() {
     n.node_publish_volume(publish_request(&volume, &staging, &target, &cap, false)).await.unwrap();
     assert!(std::fs::metadata(&target).unwrap().file_type().is_block_device());
     let mapping = t.mapping(&volume.volume_id).expect("nbd-client lists the volume");
-    assert!(same_device(&target, &mapping.device), "{} is {}", target.display(), mapping.device);
+    assert!(same_device(&target, &mapping.device), "{} is {}", target.display(), mapping.device.display());
     assert_eq!(blkid_type(target.to_str().unwrap()), "", "a raw volume is never formatted");
     let pattern: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8).collect();
     write_at(&target, 100 * MIB as u64, &pattern);
@@ -444,7 +444,7 @@ async fn ephemeral_inline_volumes_live_as_long_as_their_publication() {
     let attachments =
         t.meta.list_attachments(pb::ListAttachmentsRequest { volume_id: meta_volume.id.clone() }).await.unwrap();
     assert_eq!(attachments.attachments[0].node_id, NODE);
-    assert!(t.mapping(&meta_volume.id).is_some_and(|m| m.served), "{:?}", t.mapped());
+    assert!(t.mapping(&meta_volume.id).is_some_and(|m| m.served == Some(true)), "{:?}", t.mapped());
 
     n.node_unpublish_volume(unpublish_request(volume_id, &target)).await.unwrap();
     n.node_unpublish_volume(unpublish_request(volume_id, &target)).await.unwrap();
@@ -490,7 +490,7 @@ async fn ephemeral_volumes_leak_nothing_across_a_plugin_crash() {
         n.node_publish_volume(ephemeral_request(volume_id, &target, &[("size", "64Mi")])).await.unwrap();
         std::fs::write(target.join("scratch"), volume_id).unwrap();
         let meta_volume = t.meta.get_volume(ephemeral_by_name(volume_id)).await.unwrap();
-        assert!(t.mapping(&meta_volume.id).is_some_and(|m| m.served), "{:?}", t.mapped());
+        assert!(t.mapping(&meta_volume.id).is_some_and(|m| m.served == Some(true)), "{:?}", t.mapped());
         published.push((volume_id, target, meta_volume.id));
     }
 
@@ -565,7 +565,7 @@ async fn a_dead_serving_process_is_reported_and_replaced_by_staging_again() {
     {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(!t.mapping(&volume.volume_id).unwrap().served);
+    assert_eq!(t.mapping(&volume.volume_id).unwrap().served, Some(false));
     let condition = n.node_get_volume_stats(stats()).await.unwrap().into_inner().volume_condition.unwrap();
     assert!(condition.abnormal, "{condition:?}");
     assert!(condition.message.contains("has exited"), "{}", condition.message);
@@ -579,14 +579,15 @@ async fn a_dead_serving_process_is_reported_and_replaced_by_staging_again() {
     t.plugin.crash_and_restart().await;
     let mut n = t.plugin.node().await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let expected = if mapping.method == "netlink" { "serving process replaced" } else { "cannot be taken over" };
+    let expected =
+        if mapping.method.as_deref() == Some("netlink") { "serving process replaced" } else { "cannot be taken over" };
     while !t.plugin.log_text().contains(expected) {
         assert!(std::time::Instant::now() < deadline, "no recovery after the restart:\n{}", t.plugin.log_text());
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    if mapping.method != "netlink" {
+    if mapping.method.as_deref() != Some("netlink") {
         let after = t.mapping(&volume.volume_id).unwrap();
-        assert!(!after.served && after.pid == mapping.pid, "{after:?}");
+        assert!(after.served == Some(false) && after.pid == mapping.pid, "{after:?}");
     }
 
     // The kubelet tears down and sets up again: a new serving process,
@@ -597,7 +598,7 @@ async fn a_dead_serving_process_is_reported_and_replaced_by_staging_again() {
     n.node_stage_volume(stage_request(&volume, &staging, &cap, &ctx)).await.unwrap();
     n.node_publish_volume(publish_request(&volume, &staging, &target, &cap, false)).await.unwrap();
     let replaced = t.mapping(&volume.volume_id).unwrap();
-    assert!(replaced.served && replaced.pid != mapping.pid, "{replaced:?}");
+    assert!(replaced.served == Some(true) && replaced.pid != mapping.pid, "{replaced:?}");
     assert!(read_at(&target, 8 * MIB as u64, pattern.len()) == pattern, "the data survives its server");
     let condition = n.node_get_volume_stats(stats()).await.unwrap().into_inner().volume_condition.unwrap();
     assert!(!condition.abnormal, "{}", condition.message);

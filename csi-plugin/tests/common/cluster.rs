@@ -55,15 +55,7 @@ pub fn attach_possible(needs: &[&str]) -> bool {
 }
 
 /// A mapping as `nbd-client list -o json` prints it.
-#[derive(Debug, serde::Deserialize)]
-pub struct Mapped {
-    pub volume: String,
-    pub device: String,
-    pub pid: u32,
-    pub method: String,
-    pub epoch: u64,
-    pub served: bool,
-}
+pub use nbd_client::mapping::Listed as Mapped;
 
 /// Field order matters: the plugin stops before the cluster, the directory
 /// goes last (and `Drop` releases what the volumes hold before all that).
@@ -348,10 +340,10 @@ pub fn release(dir: &Path, nbd_client: &Path, state_dir: &Path) {
 }
 
 /// Whether `path` is the device node `device` (same device number).
-pub fn same_device(path: &Path, device: &str) -> bool {
+pub fn same_device(path: &Path, device: impl AsRef<Path>) -> bool {
     let rdev = |p: &Path| std::fs::metadata(p).map(|m| m.rdev()).unwrap_or(0);
     let a = rdev(path);
-    a != 0 && a == rdev(Path::new(device))
+    a != 0 && a == rdev(device.as_ref())
 }
 
 pub fn stage_request(
@@ -429,8 +421,8 @@ pub fn has_capability(bit: u32) -> bool {
 }
 
 /// The filesystem type `blkid -p` finds on a device ("" for none).
-pub fn blkid_type(device: &str) -> String {
-    let out = Command::new("blkid").args(["-p", "-s", "TYPE", "-o", "value", device]).output().unwrap();
+pub fn blkid_type(device: impl AsRef<Path>) -> String {
+    let out = Command::new("blkid").args(["-p", "-s", "TYPE", "-o", "value"]).arg(device.as_ref()).output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -443,8 +435,9 @@ pub fn df_size(path: &Path) -> i64 {
 }
 
 /// The size in bytes of a block device.
-pub fn device_bytes(device: &str) -> i64 {
+pub fn device_bytes(device: impl AsRef<Path>) -> i64 {
     use std::io::Seek;
-    let mut file = std::fs::File::open(device).unwrap_or_else(|e| panic!("opening {device}: {e}"));
+    let device = device.as_ref();
+    let mut file = std::fs::File::open(device).unwrap_or_else(|e| panic!("opening {}: {e}", device.display()));
     file.seek(std::io::SeekFrom::End(0)).unwrap() as i64
 }
