@@ -274,7 +274,7 @@ async fn volume(target: Target, command: VolumeCmd) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let created = client.create_volume(request).await?;
-            let volume = nbd_client::snapshot::populate(&client, &created).await?;
+            let volume = volume_engine::snapshot::populate(&client, &created).await?;
             print_volumes(target.output, &[volume]);
         }
         VolumeCmd::List => print_volumes(target.output, &client.all_volumes().await?),
@@ -323,7 +323,7 @@ async fn snapshot(target: Target, command: SnapshotCmd) -> anyhow::Result<()> {
             let snap = client
                 .create_snapshot(pb::CreateSnapshotRequest { name, source_volume_id, ..Default::default() })
                 .await?;
-            let snap = nbd_client::snapshot::take(&client, &snap).await?;
+            let snap = volume_engine::snapshot::take(&client, &snap).await?;
             print_snapshots(target.output, &[snap]);
         }
         SnapshotCmd::List { volume } => {

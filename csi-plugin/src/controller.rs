@@ -245,7 +245,7 @@ impl ControllerService {
                 )));
             }
             // A retry after an interrupted copy from the source copies again.
-            let existing = nbd_client::snapshot::populate(&self.meta, &existing).await?;
+            let existing = volume_engine::snapshot::populate(&self.meta, &existing).await?;
             return Ok(csi::CreateVolumeResponse { volume: Some(self.volume_response(&existing)) });
         }
 
@@ -262,7 +262,7 @@ impl ControllerService {
             })
             .await?;
         tracing::info!(id = %created.id, size, replicas = created.replicas, "volume created");
-        let created = nbd_client::snapshot::populate(&self.meta, &created).await?;
+        let created = volume_engine::snapshot::populate(&self.meta, &created).await?;
         Ok(csi::CreateVolumeResponse { volume: Some(self.volume_response(&created)) })
     }
 
@@ -468,7 +468,7 @@ impl ControllerService {
             })
             .await?;
         // Copies the data (again, if an earlier attempt was interrupted).
-        let snapshot = nbd_client::snapshot::take(&self.meta, &snapshot).await?;
+        let snapshot = volume_engine::snapshot::take(&self.meta, &snapshot).await?;
         tracing::info!(id = %snapshot.id, "snapshot created");
         Ok(csi::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&snapshot)) })
     }

@@ -118,10 +118,10 @@ impl From<Status> for CsiError {
     }
 }
 
-impl From<nbd_client::snapshot::SnapshotError> for CsiError {
-    fn from(err: nbd_client::snapshot::SnapshotError) -> Self {
+impl From<volume_engine::snapshot::SnapshotError> for CsiError {
+    fn from(err: volume_engine::snapshot::SnapshotError) -> Self {
         match err {
-            nbd_client::snapshot::SnapshotError::Meta(status) => CsiError::Meta(status),
+            volume_engine::snapshot::SnapshotError::Meta(status) => CsiError::Meta(status),
             // Copying data failed part-way: a retry of the call copies again.
             other => CsiError::Unavailable(format!("copying volume data: {other}")),
         }

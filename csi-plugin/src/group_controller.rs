@@ -42,7 +42,7 @@ impl GroupControllerService {
         let request = pb::CreateGroupSnapshotRequest { name: req.name, source_volume_ids: req.source_volume_ids };
         let group = self.meta.create_group_snapshot(request).await?;
         // Takes the members' data (again, if an earlier attempt was interrupted).
-        let group = nbd_client::snapshot::take_group(&self.meta, &group).await?;
+        let group = volume_engine::snapshot::take_group(&self.meta, &group).await?;
         tracing::info!(id = %group.id, members = group.snapshots.len(), "group snapshot created");
         Ok(csi::CreateVolumeGroupSnapshotResponse { group_snapshot: Some(csi_group(&group)) })
     }

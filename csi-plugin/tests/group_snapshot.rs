@@ -18,8 +18,8 @@ use ballast_proto::meta as pb;
 use bytes::Bytes;
 use common::cluster::*;
 use common::*;
-use nbd_client::engine::{EngineOptions, Volume};
 use tonic::Code;
+use volume_engine::engine::{EngineOptions, Volume};
 
 /// Opens `volume` for writing, published to a node of its own.
 async fn writer_engine(t: &ClusterHarness, volume_id: &str) -> Volume {

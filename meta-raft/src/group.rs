@@ -5,7 +5,7 @@
 //! A group is recorded first, naming its source volumes; then one member
 //! snapshot per volume, each an ordinary snapshot carrying the group's id
 //! (each needs a log index of its own for its data id). The data is taken
-//! for all members together (`nbd_client::snapshot::take_together`). A
+//! for all members together (`volume_engine::snapshot::take_together`). A
 //! member is deleted only with its group; the group is ready when every
 //! member is.
 

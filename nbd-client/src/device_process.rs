@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use nbd_client::attach::{self, AttachOptions, AttachedDevice};
-use nbd_client::engine::Volume;
 use nbd_client::mapping::{Mapping, StateDir};
-use nbd_client::volume_service::{self, Opened};
 use nbd_client::{handover, standby};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
+use volume_engine::engine::Volume;
+use volume_engine::volume_service::{self, Opened};
 
 use crate::{
     attach_method, open_for_serving, open_options, serve_device_command, serve_metrics, start_daemon, DeviceArgs, Role,
@@ -123,7 +123,7 @@ pub(crate) async fn serve_device(
     // Set once SIGTERM asked the standby to take the device over: if it has
     // not come by then, the device is released instead.
     let mut handing_to_standby: Option<tokio::time::Instant> = None;
-    let mut follow = tokio::time::interval(nbd_client::engine::FOLLOW_INTERVAL);
+    let mut follow = tokio::time::interval(volume_engine::engine::FOLLOW_INTERVAL);
     loop {
         let detach = tokio::select! {
             // The volume's limits, and the kernel's resending, change the

@@ -14,8 +14,8 @@ use meta_client::MetaClient;
 use nbd_client::attach::{self, AttachMethod};
 use nbd_client::mapping::{self, Mapping, StateDir, DEFAULT_STATE_DIR};
 use nbd_client::nbd::{ExportOptions, NbdServer};
-use nbd_client::volume_service::{self, OpenOptions, Opened};
 use tokio::signal::unix::{signal, SignalKind};
+use volume_engine::volume_service::{self, OpenOptions, Opened};
 
 mod device_process;
 

@@ -13,7 +13,7 @@ use ballast_proto::meta as pb;
 use ballast_tls::Role;
 use bytes::Bytes;
 use meta_client::MetaClient;
-use nbd_client::engine::{EngineError, EngineOptions, Volume};
+use volume_engine::engine::{EngineError, EngineOptions, Volume};
 
 use common::MIB;
 

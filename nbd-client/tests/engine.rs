@@ -7,7 +7,7 @@ use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_client::MetaClient;
-use nbd_client::engine::{EngineError, EngineOptions, Volume};
+use volume_engine::engine::{EngineError, EngineOptions, Volume};
 
 const MIB: u64 = 1 << 20;
 

@@ -14,8 +14,8 @@ use ballast_proto::frame::ChunkAt;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_client::MetaClient;
-use nbd_client::engine::FOLLOW_INTERVAL;
-use nbd_client::volume_service::{self, OpenOptions};
+use volume_engine::engine::FOLLOW_INTERVAL;
+use volume_engine::volume_service::{self, OpenOptions};
 
 use common::{Served, MIB};
 

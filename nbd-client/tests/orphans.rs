@@ -222,8 +222,8 @@ async fn a_survivor_of_a_lost_metadata_majority_becomes_the_cluster_again() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(created.name, "after");
-    let options = nbd_client::engine::EngineOptions { epoch, ..Default::default() };
-    let volume = nbd_client::engine::Volume::open(alone.clone(), &info.id, options).await.unwrap();
+    let options = volume_engine::engine::EngineOptions { epoch, ..Default::default() };
+    let volume = volume_engine::engine::Volume::open(alone.clone(), &info.id, options).await.unwrap();
     assert!(volume.read_at(0, VOLUME).await.unwrap()[..] == written[..], "the volume reads back");
 
     // The chunk servers keep serving it and delete nothing (three

@@ -17,7 +17,7 @@ use ballast_proto::frame::ChunkAt;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_client::MetaClient;
-use nbd_client::engine::{EngineOptions, Volume};
+use volume_engine::engine::{EngineOptions, Volume};
 
 use common::MIB;
 const VOLUME: u64 = 8 * MIB;

@@ -6,8 +6,8 @@ use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_client::MetaClient;
-use nbd_client::engine::{EngineOptions, Volume};
-use nbd_client::snapshot;
+use volume_engine::engine::{EngineOptions, Volume};
+use volume_engine::snapshot;
 
 const MIB: u64 = 1 << 20;
 

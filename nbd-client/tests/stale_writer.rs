@@ -15,7 +15,7 @@ use ballast_proto::meta as pb;
 use bytes::Bytes;
 use common::writes::{assert_replicas_identical, replicas};
 use meta_client::MetaClient;
-use nbd_client::engine::{EngineError, EngineOptions, Volume};
+use volume_engine::engine::{EngineError, EngineOptions, Volume};
 
 const MIB: u64 = 1 << 20;
 const CHUNKS: u64 = 16;

@@ -22,8 +22,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::attach::AttachError;
-use crate::export::BlockExport;
 use crate::nbd::{ExportInfo, ExportOptions, NbdServer, Served};
+use volume_engine::export::BlockExport;
 
 /// Hands the kernel end of a new connection to the driver in place of a
 /// dropped one (netlink `NBD_CMD_RECONFIGURE`). Blocking.

@@ -21,7 +21,7 @@ use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
 use crate::attach::io_flusher;
-use crate::export::{BlockExport, ExportError};
+use volume_engine::export::{BlockExport, ExportError};
 
 /// Name of the one file in the file system.
 pub const VOLUME_FILE: &str = "volume";

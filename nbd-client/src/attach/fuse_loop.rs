@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::attach::fuse_fs::{VolumeFs, VOLUME_FILE};
 use crate::attach::loop_dev::{set_capacity, LoopDevice, LoopOptions};
 use crate::attach::AttachError;
-use crate::export::BlockExport;
+use volume_engine::export::BlockExport;
 
 /// How long detach waits for the loop device to let go of the file.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -45,7 +45,7 @@ use crate::attach::connections::{KernelConnections, Replacer};
 use crate::attach::fuse_loop::{FuseLoop, FuseLoopOptions};
 use crate::attach::ioctl::{IoctlConfig, IoctlDevice};
 use crate::attach::netlink::{ConnectParams, NbdNetlink, ReconfigureParams};
-use crate::export::BlockExport;
+use volume_engine::export::BlockExport;
 
 /// How long detach waits for the kernel to close its connections.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);

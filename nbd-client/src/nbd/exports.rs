@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use crate::export::BlockExport;
 use crate::nbd::proto;
+use volume_engine::export::BlockExport;
 
 /// How one export is offered to clients.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use crate::export::BlockExport;
 use crate::nbd::exports::{ExportEntry, ExportRegistry};
 use crate::nbd::proto::{self, put_option_reply};
 use crate::nbd::shutdown::ShutdownSignal;
 use crate::nbd::NbdError;
+use volume_engine::export::BlockExport;
 
 /// Runs the handshake. `Ok(Some(export))` enters transmission with that
 /// export; `Ok(None)` means the client aborted (or the server is stopping)

@@ -3,7 +3,7 @@
 //!
 //! A reader follows a request in this order: [`server`] accepts a
 //! connection, [`handshake`] picks the export, [`transmission`] parses each
-//! request and hands it to the [`BlockExport`](crate::export::BlockExport),
+//! request and hands it to the [`BlockExport`](volume_engine::export::BlockExport),
 //! and [`proto`] holds the wire format both use.
 
 mod error;

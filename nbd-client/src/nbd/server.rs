@@ -12,11 +12,11 @@ use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
 use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::export::BlockExport;
 use crate::nbd::exports::{ExportInfo, ExportOptions, ExportRegistry};
 use crate::nbd::shutdown::ShutdownTrigger;
 use crate::nbd::transmission::Served;
 use crate::nbd::{handshake, transmission, NbdError};
+use volume_engine::export::BlockExport;
 
 /// Tunables of a server.
 #[derive(Debug, Clone)]

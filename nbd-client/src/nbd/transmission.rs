@@ -12,11 +12,11 @@ use tokio::io::{
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
-use crate::export::{BlockExport, ExportError};
 use crate::nbd::exports::ExportEntry;
 use crate::nbd::proto::{self, RequestHeader, SimpleReplyHeader};
 use crate::nbd::shutdown::ShutdownSignal;
 use crate::nbd::NbdError;
+use volume_engine::export::{BlockExport, ExportError};
 
 /// Read buffering: big enough that a burst of small requests costs one
 /// syscall, small enough to be irrelevant per connection.

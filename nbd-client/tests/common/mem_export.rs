@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use nbd_client::{BlockExport, ExportError};
+use volume_engine::{BlockExport, ExportError};
 
 pub struct TestMemExport {
     data: RwLock<Vec<u8>>,

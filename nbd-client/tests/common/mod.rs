@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ballast_cli::dev::DevCluster;
 use ballast_proto::meta as pb;
 use meta_client::MetaClient;
-use nbd_client::engine::{EngineOptions, Volume};
+use volume_engine::engine::{EngineOptions, Volume};
 
 pub const NBD_CLIENT: &str = env!("CARGO_BIN_EXE_nbd-client");
 pub const MIB: u64 = 1 << 20;

@@ -9,7 +9,7 @@ use ballast_proto::frame::ChunkAt;
 use ballast_proto::meta as pb;
 use bytes::Bytes;
 use meta_client::MetaClient;
-use nbd_client::engine::Volume;
+use volume_engine::engine::Volume;
 
 use super::MIB;
 
