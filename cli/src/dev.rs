@@ -462,7 +462,7 @@ pub fn down(dir: &Path) -> anyhow::Result<Vec<String>> {
 /// mount outlives the cluster.
 fn release_devices(dir: &Path, state: &ClusterState) {
     let nbd_state = dir.join("nbd");
-    let Ok(mappings) = nbd_client::mapping::StateDir::new(&nbd_state).and_then(|s| s.all()) else {
+    let Ok(mappings) = nbd_records::mapping::StateDir::new(&nbd_state).and_then(|s| s.all()) else {
         return;
     };
     let bin = state
@@ -473,7 +473,7 @@ fn release_devices(dir: &Path, state: &ClusterState) {
         .and_then(|exe| exe.parent().map(|d| d.join("nbd-client")));
     for mapping in mappings {
         // Bind mounts first (newest first), then the device's own mount.
-        let mut mounts = nbd_client::mapping::mount_points(&mapping.device);
+        let mut mounts = nbd_records::mapping::mount_points(&mapping.device);
         mounts.reverse();
         for mount in mounts {
             let _ = nix::mount::umount2(mount.as_str(), nix::mount::MntFlags::MNT_DETACH);

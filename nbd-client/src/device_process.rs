@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use nbd_client::attach::{self, AttachOptions, AttachedDevice};
-use nbd_client::mapping::{Mapping, StateDir};
 use nbd_client::{handover, standby};
+use nbd_records::mapping::{Mapping, StateDir};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use volume_engine::engine::Volume;

@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use meta_client::ClientArgs;
 use meta_client::MetaClient;
 use nbd_client::attach::{self, AttachMethod};
-use nbd_client::mapping::{self, Mapping, StateDir, DEFAULT_STATE_DIR};
 use nbd_client::nbd::{ExportOptions, NbdServer};
+use nbd_records::mapping::{self, Mapping, StateDir, DEFAULT_STATE_DIR};
 use tokio::signal::unix::{signal, SignalKind};
 use volume_engine::volume_service::{self, OpenOptions, Opened};
 

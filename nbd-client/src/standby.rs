@@ -11,7 +11,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::mapping::{Mapping, StateDir};
+use nbd_records::mapping::{Mapping, StateDir};
 
 /// Waits until process `pid` has exited (a pidfd becomes readable then).
 /// Returns at once if it is already gone.

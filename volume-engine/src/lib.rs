@@ -7,7 +7,7 @@
 //! - [`snapshot`]: crash-consistent snapshots and volumes populated from them.
 //!
 //! Nothing here knows about NBD, the kernel or FUSE: the CSI controller
-//! and the CLI take snapshots with this crate alone.
+//! and the CLI take snapshots with this crate and link no NBD code.
 
 pub mod engine;
 pub mod export;

@@ -33,7 +33,7 @@ const RESIZE_LIMIT: Duration = Duration::from_secs(60);
 const PROBE_LIMIT: Duration = Duration::from_secs(30);
 
 /// One attached volume, as `nbd-client list` reports it.
-pub use nbd_client::mapping::Listed as Mapping;
+pub use nbd_records::mapping::Listed as Mapping;
 
 /// How `nbd-client probe` says devices attach on this host.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -97,7 +97,7 @@ impl NbdClient {
 
     /// Where `nbd-client` keeps its records and the serving processes' logs.
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir.clone().unwrap_or_else(|| PathBuf::from(nbd_client::mapping::DEFAULT_STATE_DIR))
+        self.state_dir.clone().unwrap_or_else(|| PathBuf::from(nbd_records::mapping::DEFAULT_STATE_DIR))
     }
 
     /// `--state-dir DIR`, when configured.

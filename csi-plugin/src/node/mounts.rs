@@ -13,10 +13,10 @@ use nix::mount::{MntFlags, MsFlags};
 
 use crate::error::{CsiError, Result};
 
-pub use nbd_client::mountinfo::MountEntry;
+pub use nbd_records::mountinfo::MountEntry;
 
 pub fn mount_table() -> Result<Vec<MountEntry>> {
-    nbd_client::mountinfo::read().map_err(|e| CsiError::io("reading", "/proc/self/mountinfo", e))
+    nbd_records::mountinfo::read().map_err(|e| CsiError::io("reading", "/proc/self/mountinfo", e))
 }
 
 /// The path as the mount table spells it: symlinks resolved when it exists.

@@ -55,7 +55,7 @@ pub fn attach_possible(needs: &[&str]) -> bool {
 }
 
 /// A mapping as `nbd-client list -o json` prints it.
-pub use nbd_client::mapping::Listed as Mapped;
+pub use nbd_records::mapping::Listed as Mapped;
 
 /// Field order matters: the plugin stops before the cluster, the directory
 /// goes last (and `Drop` releases what the volumes hold before all that).

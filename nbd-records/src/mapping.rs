@@ -109,7 +109,7 @@ impl StateDir {
     }
 
     /// Where the serving process listens for a successor to take its
-    /// device over (see [`crate::handover`]).
+    /// device over (nbd-client's `handover` module).
     pub fn handover_path(&self, volume_id: &str) -> PathBuf {
         self.dir.join(format!("{volume_id}.handover"))
     }
