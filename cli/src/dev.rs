@@ -11,11 +11,13 @@
 //! (ports, data), so `up` twice or after `down` gives back the same cluster.
 //! Every connection is mutual TLS unless the cluster is started insecure.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -617,14 +619,40 @@ impl Drop for DevCluster {
 
 /// Ports that were free a moment ago. They come from below the kernel's
 /// ephemeral range, so outgoing connections (which take their source port
-/// from that range) cannot grab one before its server binds it.
+/// from that range) cannot grab one before its server binds it, and this
+/// process never hands out the same port twice: clusters started side by
+/// side (tests) would otherwise race for a port that is free between the
+/// pick and the bind.
 pub fn free_ports(count: usize) -> Vec<u16> {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().expect("port registry poisoned");
+    assert!(handed_out.len() + count < 20_000, "this process has used up the ports below 32000");
     let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
     while listeners.len() < count {
         let port = rand::random_range(10_000..32_000);
+        if handed_out.contains(&port) {
+            continue;
+        }
         if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            handed_out.insert(port);
             listeners.push(listener);
         }
     }
     listeners.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_port_is_handed_out_twice() {
+        // 2000 random picks among 22000 ports would repeat dozens of times.
+        let mut seen = BTreeSet::new();
+        for _ in 0..100 {
+            for port in free_ports(20) {
+                assert!(seen.insert(port), "port {port} handed out twice");
+            }
+        }
+    }
 }
