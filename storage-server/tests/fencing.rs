@@ -4,7 +4,7 @@
 mod common;
 
 use ballast_proto::frame::{ChunkAt, ClientError, ErrorCode};
-use common::{code, pattern, write, TestServer, BLOCK};
+use common::{code, pattern, read_data, write, TestServer, BLOCK};
 use storage_server::BackendChoice;
 
 const VOL: u64 = 9;
@@ -48,7 +48,7 @@ async fn stale_epochs_are_refused(backend: BackendChoice) {
         ErrorCode::StaleEpoch
     );
     assert_eq!(
-        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 5, generation: 0 }, BLOCK as u32).await.unwrap().0,
+        read_data(&c, ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 5, generation: 0 }, BLOCK as u32).await,
         pattern(2, 0, 1)
     );
     // Epochs are per volume.
@@ -63,14 +63,14 @@ async fn stale_epochs_are_refused(backend: BackendChoice) {
         ErrorCode::StaleEpoch
     );
     assert_eq!(
-        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 5, generation: 0 }, BLOCK as u32).await.unwrap().0,
+        read_data(&c, ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 5, generation: 0 }, BLOCK as u32).await,
         pattern(2, 0, 1)
     );
     write(&c, VOL, 0, 0, pattern(6, 0, 1), 5, false).await.unwrap();
     write(&c, VOL, 0, 0, pattern(7, 0, 1), 6, false).await.unwrap();
     assert_eq!(code(write(&c, VOL, 0, 0, pattern(8, 0, 1), 5, false).await), ErrorCode::StaleEpoch);
     assert_eq!(
-        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 6, generation: 0 }, BLOCK as u32).await.unwrap().0,
+        read_data(&c, ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 6, generation: 0 }, BLOCK as u32).await,
         pattern(7, 0, 1)
     );
     t.stop().await;

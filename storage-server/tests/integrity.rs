@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 
 use ballast_proto::frame::{block_checksums, BadBlocks, ChunkAt, ErrorCode, BAD_BLOCK_HASH};
-use common::{code, pattern, write, TestServer, BLOCK};
+use common::{code, pattern, read_data, write, TestServer, BLOCK};
 use storage_server::BackendChoice;
 
 const MIB: u64 = 1 << 20;
@@ -92,10 +92,7 @@ async fn flipped_byte_is_reported_not_served(backend: BackendChoice) {
     );
     write(&c, VOL, 0, 5 * BLOCK, data.slice(5 * BLOCK as usize..6 * BLOCK as usize), 0, false).await.unwrap();
     assert_eq!(
-        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 16 * BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(&c, ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 16 * BLOCK as u32).await,
         data
     );
     c.trim(ChunkAt { volume: VOL, chunk: 0, offset: 300 * BLOCK, epoch: 0, generation: 1 }, BLOCK as u32, false)
@@ -123,10 +120,7 @@ async fn mismatched_payload_is_refused(backend: BackendChoice) {
     assert_eq!(err.code(), Some(ErrorCode::ChecksumMismatch));
     // Nothing landed, not even the blocks before the bad one.
     assert_eq!(
-        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(c, ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32).await,
         old
     );
     // Too few checksums are a malformed frame.
@@ -142,10 +136,7 @@ async fn mismatched_payload_is_refused(backend: BackendChoice) {
     let reply = common_raw::round_trip(t.addr(), &raw).await;
     assert_eq!(reply.header.status, Err(ErrorCode::BadFrame));
     assert_eq!(
-        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(c, ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32).await,
         old
     );
     t.stop().await;

@@ -9,7 +9,7 @@ use ballast_proto::frame::{
     decode_reply, ChunkAt, ErrorCode, Opcode, Reply, RequestHeader, BLOCK_SIZE, MAX_PAYLOAD, REQUEST_MAGIC,
 };
 use bytes::BytesMut;
-use common::{pattern, write, TestServer, BLOCK};
+use common::{pattern, read_data, write, TestServer, BLOCK};
 use storage_server::BackendChoice;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -112,7 +112,7 @@ async fn malformed_frames(backend: BackendChoice) {
     t.client.ping().await.unwrap();
     let fresh = t.connect().await;
     assert_eq!(
-        fresh.read(ChunkAt { volume: 1, chunk: 0, offset: 0, epoch: 1, generation: 0 }, BLOCK as u32).await.unwrap().0,
+        read_data(&fresh, ChunkAt { volume: 1, chunk: 0, offset: 0, epoch: 1, generation: 0 }, BLOCK as u32).await,
         pattern(1, 0, 1)
     );
     t.stop().await;

@@ -4,7 +4,7 @@ mod common;
 
 use ballast_proto::frame::{block_checksums, ChunkAt, ChunkEntry, DataClient, ErrorCode, DIRTY_RECOVERED};
 use bytes::Bytes;
-use common::{code, pattern, write, TestServer, BLOCK};
+use common::{code, pattern, read_data, write, TestServer, BLOCK};
 use storage_server::BackendChoice;
 
 const MIB: u64 = 1 << 20;
@@ -54,20 +54,15 @@ async fn write_and_read_round_trip(backend: BackendChoice) {
     let big = pattern(2, 256, 512);
     write(c, VOL, 0, MIB, big.clone(), 1, true).await.unwrap();
     assert_eq!(
-        c.read(ChunkAt { volume: VOL, chunk: 0, offset: MIB, epoch: 1, generation: 0 }, 2 * MIB as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(c, ChunkAt { volume: VOL, chunk: 0, offset: MIB, epoch: 1, generation: 0 }, 2 * MIB as u32).await,
         big
     );
     // The last block of the chunk.
     let last = pattern(3, 1023, 1);
     write(c, VOL, 0, 4 * MIB - BLOCK, last.clone(), 1, false).await.unwrap();
     assert_eq!(
-        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 4 * MIB - BLOCK, epoch: 1, generation: 0 }, BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(c, ChunkAt { volume: VOL, chunk: 0, offset: 4 * MIB - BLOCK, epoch: 1, generation: 0 }, BLOCK as u32)
+            .await,
         last
     );
     c.flush(Some(VOL)).await.unwrap();
@@ -76,10 +71,12 @@ async fn write_and_read_round_trip(backend: BackendChoice) {
     // Unix socket too.
     let unix = DataClient::connect_unix(t.server().unix_path().unwrap()).await.unwrap();
     assert_eq!(
-        unix.read(ChunkAt { volume: VOL, chunk: 0, offset: 3 * BLOCK, epoch: 1, generation: 0 }, 5 * BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(
+            &unix,
+            ChunkAt { volume: VOL, chunk: 0, offset: 3 * BLOCK, epoch: 1, generation: 0 },
+            5 * BLOCK as u32
+        )
+        .await,
         data
     );
     assert!(!unix.is_closed());

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ballast_proto::frame::{block_checksums, ChunkAt, ChunkEntry, ClientError, DataClient, ErrorCode};
 use bytes::Bytes;
-use common::{code, pattern, write, Binary, TestServer, BLOCK};
+use common::{code, pattern, read_data, write, Binary, TestServer, BLOCK};
 use storage_server::BackendChoice;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
@@ -101,19 +101,17 @@ async fn clone_round_trip(backend: BackendChoice) {
     .await
     .unwrap();
     assert_eq!(
-        c.read(ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(&c, ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32).await,
         pattern(1, 0, 4)
     );
-    assert!(c
-        .read(ChunkAt { volume: VOL, chunk: 0, offset: 2 * MIB, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
-        .await
-        .unwrap()
-        .0
-        .iter()
-        .all(|&b| b == 0));
+    assert!(read_data(
+        &c,
+        ChunkAt { volume: VOL, chunk: 0, offset: 2 * MIB, epoch: 1, generation: 0 },
+        4 * BLOCK as u32
+    )
+    .await
+    .iter()
+    .all(|&b| b == 0));
     let mut expected = source.clone();
     expected[2 * MIB as usize..2 * MIB as usize + 4 * BLOCK as usize].copy_from_slice(&pattern(4, 512, 4));
     // Changes to the clone carry its own generation.
@@ -145,10 +143,7 @@ async fn clone_round_trip(backend: BackendChoice) {
     assert_eq!(c.chunk_info(SNAP, 0).await.unwrap().generation, 7);
     assert!(c.scrub(Some(SNAP)).await.unwrap().bad.is_empty());
     assert_eq!(
-        c.read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(&c, ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32).await,
         pattern(3, 0, 4)
     );
     // A clone of a clone, after the restart.
@@ -247,11 +242,12 @@ async fn paused_changes_wait_until_resume(backend: BackendChoice) {
     prompt("a write to another volume", write(&engine, OTHER, 0, 0, pattern(3, 0, 4), 0, true)).await.unwrap();
     prompt("a clone", coordinator.clone_chunk(VOL, 0, SNAP, 0, 1)).await.unwrap();
     assert_eq!(
-        coordinator
-            .read(ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(
+            coordinator,
+            ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 1, generation: 0 },
+            4 * BLOCK as u32
+        )
+        .await,
         pattern(1, 0, 4)
     );
     // Pausing again renews the pause and does not release anything.
@@ -263,20 +259,18 @@ async fn paused_changes_wait_until_resume(backend: BackendChoice) {
     prompt("the paused trim", trim).await.unwrap().unwrap();
     prompt("the paused write-zeroes", zeroes).await.unwrap().unwrap();
     assert_eq!(
-        engine
-            .read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(&engine, ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
+            .await,
         pattern(2, 0, 4)
     );
     // The clone taken while paused kept the old data.
     assert_eq!(
-        coordinator
-            .read(ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 1, generation: 0 }, 4 * BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(
+            coordinator,
+            ChunkAt { volume: SNAP, chunk: 0, offset: 0, epoch: 1, generation: 0 },
+            4 * BLOCK as u32
+        )
+        .await,
         pattern(1, 0, 4)
     );
 
@@ -332,11 +326,7 @@ async fn pause_times_out_by_itself(backend: BackendChoice) {
     coordinator.resume_volume(VOL).await.unwrap();
     prompt("the write after the resume", w).await.unwrap().unwrap();
     assert_eq!(
-        engine
-            .read(ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, BLOCK as u32)
-            .await
-            .unwrap()
-            .0,
+        read_data(&engine, ChunkAt { volume: VOL, chunk: 0, offset: 0, epoch: 1, generation: 0 }, BLOCK as u32).await,
         pattern(4, 0, 1)
     );
     t.stop().await;

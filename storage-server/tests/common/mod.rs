@@ -120,6 +120,11 @@ pub fn pattern(tag: u64, first_block: u64, blocks: usize) -> Bytes {
     Bytes::from(out)
 }
 
+/// The data `len` bytes at `at` read back (checksums verified by the client).
+pub async fn read_data(client: &DataClient, at: ChunkAt, len: u32) -> Bytes {
+    client.read(at, len).await.unwrap_or_else(|e| panic!("reading {len} bytes at {at:?}: {e}")).0
+}
+
 /// Writes `data` with correct checksums.
 pub async fn write(
     client: &DataClient,
