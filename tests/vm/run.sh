@@ -11,7 +11,9 @@
 # (QEMU's shared libraries, cpio) with apt-get.
 #
 # Environment:
-#   VM_TIMEOUT=secs   wall-clock limit for the VM (default 600)
+#   VM_TIMEOUT=secs   wall-clock limit for the VM (default 900; a passing run
+#                     takes about 6 minutes here, and emulation on a busy
+#                     host is slower)
 #   VM_ONLY=a,b       scenarios to run (default all): basic-netlink,
 #                     basic-ioctl, grow-netlink, grow-ioctl, identity,
 #                     csi-node, restart-sigkill, restart-sigkill-both,
@@ -31,7 +33,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$ROOT/tests/vm
 CACHE=${VM_CACHE:-$ROOT/.cache/vm}
-TIMEOUT=${VM_TIMEOUT:-600}
+TIMEOUT=${VM_TIMEOUT:-900}
 ONLY=${VM_ONLY:-all}
 LOAD_SECS=${VM_LOAD_SECS:-6}
 BIN_DIR=${VM_BIN_DIR:-$ROOT/target/release}

@@ -16,6 +16,7 @@ use nix::sys::ioctl::ioctl_num_type;
 use nix::{ioctl_none_bad, ioctl_write_int_bad, request_code_none};
 use tracing::{debug, warn};
 
+use crate::attach::netlink::connect_timeout_seconds;
 use crate::attach::{sysfs, AttachError};
 
 const NBD_IOCTL_TYPE: u8 = 0xab;
@@ -54,6 +55,8 @@ pub struct IoctlConfig {
     pub size_bytes: u64,
     pub block_size: u32,
     pub transmission_flags: u16,
+    /// Per-request timeout; `None` sets the kernel's default (30 s), as
+    /// netlink's [`ConnectParams::timeout`](super::netlink::ConnectParams).
     pub timeout: Option<Duration>,
 }
 
@@ -103,10 +106,8 @@ impl IoctlDevice {
         set_size_blocks(file_fd(&file), blocks).map_err(ioctl_err("NBD_SET_SIZE_BLOCKS"))?;
         unsafe {
             nbd_set_flags(fd, libc::c_int::from(config.transmission_flags)).map_err(ioctl_err("NBD_SET_FLAGS"))?;
-            if let Some(timeout) = config.timeout {
-                nbd_set_timeout(fd, timeout.as_secs().min(i32::MAX as u64) as libc::c_int)
-                    .map_err(ioctl_err("NBD_SET_TIMEOUT"))?;
-            }
+            let timeout = connect_timeout_seconds(config.timeout);
+            nbd_set_timeout(fd, timeout.min(i32::MAX as u64) as libc::c_int).map_err(ioctl_err("NBD_SET_TIMEOUT"))?;
             for socket in sockets {
                 if let Err(e) = nbd_set_sock(fd, socket.as_raw_fd()) {
                     let _ = nbd_clear_sock(fd);

@@ -97,7 +97,7 @@ pub struct AttachOptions {
     /// was on, which the serving process replaces at once. It is also how
     /// long requests stranded on the connections of a crashed serving
     /// process wait before they reach its successor, so it bounds the I/O
-    /// pause of a restart. Ioctl devices keep the kernel's default: they
+    /// pause of a restart. Ioctl devices get the kernel's default: they
     /// cannot be given replacement connections.
     pub io_timeout: Option<Duration>,
     /// How long the kernel keeps requests while every connection is dead,
@@ -620,7 +620,8 @@ async fn attach_ioctl<E: BlockExport>(
         size_bytes: size,
         block_size: options.block_size,
         transmission_flags: connections.info().transmission_flags,
-        // A connection the kernel drops on timeout cannot be replaced here.
+        // A connection the kernel drops on timeout cannot be replaced here:
+        // the kernel's default, not what a netlink user left on the device.
         timeout: None,
     };
     let index = options.index;

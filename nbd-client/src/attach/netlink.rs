@@ -112,7 +112,9 @@ pub struct ConnectParams {
     /// NBD transmission flags of the export (what a handshake would report).
     pub server_flags: u64,
     pub client_flags: u64,
-    /// Per-request timeout; `None` leaves the kernel default (no timeout).
+    /// Per-request timeout; `None` sets the kernel's default (30 s). Always
+    /// sent: the block layer keeps a device's timer from one connection to
+    /// the next, so an earlier user's short timeout would otherwise apply.
     pub timeout: Option<Duration>,
     /// How long requests wait for a reconnect after every socket died.
     pub dead_conn_timeout: Option<Duration>,
@@ -194,6 +196,12 @@ fn whole_seconds(timeout: Duration) -> u64 {
     timeout.as_millis().div_ceil(1000).max(1) as u64
 }
 
+/// The request timeout a new connection gives the kernel: 0 sets its
+/// default (30 s) and makes it keep a request on a single connection.
+pub(crate) fn connect_timeout_seconds(timeout: Option<Duration>) -> u64 {
+    timeout.map_or(0, whole_seconds)
+}
+
 pub fn connect_message(params: &ConnectParams, sockets: &[BorrowedFd<'_>]) -> Result<NbdMessage, NetlinkError> {
     let mut attrs = Vec::new();
     if let Some(index) = params.index {
@@ -203,9 +211,7 @@ pub fn connect_message(params: &ConnectParams, sockets: &[BorrowedFd<'_>]) -> Re
     attrs.push(attr(NbdAttr::BlockSizeBytes, params.block_size)?);
     attrs.push(attr(NbdAttr::ServerFlags, params.server_flags)?);
     attrs.push(attr(NbdAttr::ClientFlags, params.client_flags)?);
-    if let Some(timeout) = params.timeout {
-        attrs.push(attr(NbdAttr::Timeout, whole_seconds(timeout))?);
-    }
+    attrs.push(attr(NbdAttr::Timeout, connect_timeout_seconds(params.timeout))?);
     if let Some(timeout) = params.dead_conn_timeout {
         attrs.push(attr(NbdAttr::DeadConnTimeout, timeout.as_secs())?);
     }
@@ -421,6 +427,7 @@ mod tests {
             12, 0, 3, 0, 0, 0x10, 0, 0, 0, 0, 0, 0,         // BLOCK_SIZE_BYTES u64 4096
             12, 0, 5, 0, 0x6d, 0x01, 0, 0, 0, 0, 0, 0,      // SERVER_FLAGS u64
             12, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0,            // CLIENT_FLAGS u64 0
+            12, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0,            // TIMEOUT u64 0: the kernel's default
             12, 0, 8, 0, 120, 0, 0, 0, 0, 0, 0, 0,          // DEAD_CONN_TIMEOUT u64 120
             10, 0, 10, 0, b'v', b'o', b'l', b'-', b'1', 0, 0, 0, // BACKEND_IDENTIFIER "vol-1\0" + pad
             28, 0, 7, 0x80,                                 // SOCKETS, nested
