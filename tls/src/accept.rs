@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
 use crate::identity::Identity;
+use crate::socket::{socket, Socket};
 
 /// A peer that does not finish its handshake in this time is dropped.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
@@ -30,7 +31,7 @@ pub struct Peer {
 
 /// A mutual-TLS connection and the identity of its peer.
 pub struct TlsConnection {
-    stream: TlsStream<TcpStream>,
+    stream: TlsStream<Socket>,
     peer: Peer,
 }
 
@@ -71,8 +72,7 @@ impl Acceptor {
     /// Runs the handshake on `tcp`; the client must present a certificate
     /// of the authority that names an identity.
     pub async fn accept(&self, tcp: TcpStream, addr: SocketAddr) -> Result<TlsConnection, RefusedConnection> {
-        let _ = tcp.set_nodelay(true);
-        let stream = tokio::time::timeout(HANDSHAKE_LIMIT, self.inner.accept(tcp))
+        let stream = tokio::time::timeout(HANDSHAKE_LIMIT, self.inner.accept(socket(tcp)))
             .await
             .map_err(|_| RefusedConnection::Timeout)?
             .map_err(RefusedConnection::Handshake)?;

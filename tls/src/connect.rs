@@ -10,10 +10,11 @@ use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::socket::{socket, Socket};
+
 /// Connects to `addr` (`host:port`).
-pub async fn connect(config: Arc<ClientConfig>, addr: &str) -> io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
+pub async fn connect(config: Arc<ClientConfig>, addr: &str) -> io::Result<TlsStream<Socket>> {
+    let tcp = socket(TcpStream::connect(addr).await?);
     // The verifier checks the authority and the role, not this name; it
     // only has to be a valid one.
     let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host).trim_start_matches('[').trim_end_matches(']');
@@ -26,12 +27,8 @@ pub async fn connect(config: Arc<ClientConfig>, addr: &str) -> io::Result<TlsStr
 /// the endpoint's URI is `http://host:port`, and TLS happens here.
 pub fn grpc_connector(
     config: Arc<ClientConfig>,
-) -> impl tower::Service<
-    http::Uri,
-    Response = TokioIo<TlsStream<TcpStream>>,
-    Error = io::Error,
-    Future = impl Send + 'static,
-> + Clone
+) -> impl tower::Service<http::Uri, Response = TokioIo<TlsStream<Socket>>, Error = io::Error, Future = impl Send + 'static>
+       + Clone
        + Send
        + 'static {
     tower::service_fn(move |uri: http::Uri| {

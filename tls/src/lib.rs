@@ -13,6 +13,7 @@
 //! - [`config`]: rustls server and client configurations for mutual TLS.
 //! - [`accept`]: the server side of a connection, with the peer's identity.
 //! - [`connect`]: the client side, also as a connector for tonic.
+//! - [`socket`]: the TCP socket under a session, read through a buffer.
 //! - [`serving`]: a server's `--tls-dir` or explicit `--insecure`.
 
 pub mod accept;
@@ -23,6 +24,7 @@ pub mod files;
 pub mod identity;
 pub mod pki;
 pub mod serving;
+pub mod socket;
 
 pub use accept::{Acceptor, Peer, TlsConnection};
 pub use capability::{Capability, CapabilityError, CapabilityIssuer, CapabilityVerifier};
