@@ -16,7 +16,7 @@ use nix::sys::ioctl::ioctl_num_type;
 use nix::{ioctl_none_bad, ioctl_write_int_bad, request_code_none};
 use tracing::{debug, warn};
 
-use crate::attach::netlink::connect_timeout_seconds;
+use crate::attach::request_timeout::connect_timeout_seconds;
 use crate::attach::{sysfs, AttachError};
 
 const NBD_IOCTL_TYPE: u8 = 0xab;

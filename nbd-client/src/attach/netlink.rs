@@ -20,6 +20,8 @@ use neli::router::synchronous::NlRouter;
 use neli::types::{Buffer, GenlBuffer};
 use neli::utils::Groups;
 
+use crate::attach::request_timeout::{connect_timeout_seconds, whole_seconds};
+
 pub const NBD_GENL_FAMILY_NAME: &str = "nbd";
 pub const NBD_GENL_VERSION: u8 = 1;
 
@@ -187,19 +189,6 @@ fn message(cmd: NbdCmd, attrs: Vec<Nlattr<NbdAttr, Buffer>>) -> Result<NbdMessag
         .attrs(attrs.into_iter().collect::<GenlBuffer<_, _>>())
         .build()
         .map_err(encode_err)
-}
-
-/// The driver counts its request timeout in seconds and reads 0 as "none":
-/// round up, so a sub-second timeout (set exactly through sysfs afterwards)
-/// never turns into no timeout at all.
-fn whole_seconds(timeout: Duration) -> u64 {
-    timeout.as_millis().div_ceil(1000).max(1) as u64
-}
-
-/// The request timeout a new connection gives the kernel: 0 sets its
-/// default (30 s) and makes it keep a request on a single connection.
-pub(crate) fn connect_timeout_seconds(timeout: Option<Duration>) -> u64 {
-    timeout.map_or(0, whole_seconds)
 }
 
 pub fn connect_message(params: &ConnectParams, sockets: &[BorrowedFd<'_>]) -> Result<NbdMessage, NetlinkError> {
@@ -395,14 +384,6 @@ mod tests {
     /// Descriptors only appear as numbers in the message; nothing is opened.
     fn fds(raw: &[i32]) -> Vec<BorrowedFd<'static>> {
         raw.iter().map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) }).collect()
-    }
-
-    #[test]
-    fn sub_second_timeouts_round_up_to_a_whole_second() {
-        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
-        assert_eq!(whole_seconds(Duration::from_millis(1000)), 1);
-        assert_eq!(whole_seconds(Duration::from_millis(1001)), 2);
-        assert_eq!(whole_seconds(Duration::from_secs(8)), 8);
     }
 
     #[test]

@@ -56,9 +56,30 @@ impl RequestTimeout {
     }
 }
 
+/// The driver counts its request timeout in seconds and reads 0 as "none":
+/// round up, so a sub-second timeout (set exactly through sysfs afterwards)
+/// never turns into no timeout at all.
+pub(crate) fn whole_seconds(timeout: Duration) -> u64 {
+    timeout.as_millis().div_ceil(1000).max(1) as u64
+}
+
+/// The request timeout a new connection gives the kernel: 0 sets its
+/// default (30 s) and makes it keep a request on a single connection.
+pub(crate) fn connect_timeout_seconds(timeout: Option<Duration>) -> u64 {
+    timeout.map_or(0, whole_seconds)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sub_second_timeouts_round_up_to_a_whole_second() {
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_millis(1000)), 1);
+        assert_eq!(whole_seconds(Duration::from_millis(1001)), 2);
+        assert_eq!(whole_seconds(Duration::from_secs(8)), 8);
+    }
 
     #[test]
     fn dropped_connections_raise_the_timeout_and_calm_lowers_it() {
