@@ -4,9 +4,10 @@
 //! addresses (what a StatefulSet re-created without its volumes does) knows
 //! no volume, and would once have had every chunk deleted as an orphan
 //! within a minute. And what metadata does call an orphan waits in the
-//! trash, from where an admin can restore it. And losing most metadata
-//! members has a way back: a survivor becomes a one-member cluster with
-//! everything it knew, and no chunk is lost.
+//! trash, from where an admin can restore it, for as long as live data does
+//! not need its space. And losing most metadata members has a way back: a
+//! survivor becomes a one-member cluster with everything it knew, and no
+//! chunk is lost.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -63,6 +64,31 @@ async fn written_volume(cluster: &DevCluster, name: &str) -> (pb::Volume, Vec<u8
     volume.write_at(0, Bytes::from(written.clone()), true).await.unwrap();
     volume.flush().await.unwrap();
     (info, written, volume.epoch())
+}
+
+fn volume_of_1_mib_chunks(name: &str, size: u64, replicas: u32) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: size,
+        replicas,
+        chunk_size_bytes: MIB,
+        ..Default::default()
+    }
+}
+
+/// Detaches and deletes `info` (the only volume), and waits until two
+/// reconciliations (10 s apart) agreed and its chunks left every store.
+async fn delete_until_unserved(cluster: &DevCluster, info: &pb::Volume) {
+    let meta = cluster.meta();
+    meta.unpublish_volume(pb::UnpublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into() })
+        .await
+        .unwrap();
+    meta.delete_volume(pb::DeleteVolumeRequest { id: info.id.clone() }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held(cluster).await.iter().any(|(_, n)| *n > 0) {
+        assert!(Instant::now() < deadline, "the deleted volume's chunks are still served");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -123,20 +149,9 @@ async fn a_wiped_metadata_cluster_makes_no_chunk_server_delete_its_chunks() {
 async fn orphans_wait_in_the_trash_and_an_admin_restores_them() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = DevCluster::start(dir.path(), 1, 3).await.unwrap();
-    let meta = cluster.meta();
     let (info, written, epoch) = written_volume(&cluster, "deleted").await;
-    meta.unpublish_volume(pb::UnpublishVolumeRequest { volume_id: info.id.clone(), node_id: "n1".into() })
-        .await
-        .unwrap();
-    meta.delete_volume(pb::DeleteVolumeRequest { id: info.id.clone() }).await.unwrap();
-
-    // Two reconciliations (10 s apart) agree: the chunks leave the store...
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while held(&cluster).await.iter().any(|(_, n)| *n > 0) {
-        assert!(Instant::now() < deadline, "the deleted volume's chunks are still served");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    // ...for the trash, where `trash list` shows them.
+    delete_until_unserved(&cluster, &info).await;
+    // The chunks went to the trash, where `trash list` shows them.
     let data_dir = cluster.dir.join("storage1");
     let list =
         Command::new(storage_server_bin()).args(["trash", "list", "--data-dir"]).arg(&data_dir).output().unwrap();
@@ -184,13 +199,7 @@ async fn a_survivor_of_a_lost_metadata_majority_becomes_the_cluster_again() {
     }
     let survivor = cluster.process("meta1").address.clone();
     let alone = cluster.meta_at(&survivor);
-    let create = |name: &str| pb::CreateVolumeRequest {
-        name: name.into(),
-        size_bytes: MIB,
-        replicas: 3,
-        chunk_size_bytes: MIB,
-        ..Default::default()
-    };
+    let create = |name: &str| volume_of_1_mib_chunks(name, MIB, 3);
     let stuck = tokio::time::timeout(Duration::from_secs(10), alone.create_volume(create("during"))).await;
     assert!(!matches!(stuck, Ok(Ok(_))), "a minority member accepted a change: {stuck:?}");
 
@@ -238,4 +247,88 @@ async fn a_survivor_of_a_lost_metadata_majority_becomes_the_cluster_again() {
     let states = chunk_states(&cluster, &["--meta", &survivor]);
     assert_eq!(states.len(), 24);
     assert!(states.iter().all(|s| s == "replica"), "{states:?}");
+}
+
+/// A tmpfs of `size` mounted at `at` for as long as it lives.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs at {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+
+    /// Bytes free and the filesystem's size.
+    fn space(&self) -> (u64, u64) {
+        let stat = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        let block = stat.fragment_size();
+        (stat.blocks_available() * block, stat.blocks() * block)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: a process of a failed test may still hold a file open.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A deleted volume's chunks wait in the trash, but the space they hold is
+/// not taken from live data: on a full disk a new volume's chunks replace
+/// the oldest trash, and the trash never keeps the filesystem's last tenth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_trash_gives_its_space_back_when_live_chunks_need_it() {
+    if !ballast_testkit::machine_has(&[ballast_testkit::ROOT, "mount", "umount"]) {
+        return;
+    }
+    const SIZE: u64 = 32 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    // The chunk server's data directory on a 40 MiB filesystem. Declared
+    // before the cluster, so it is unmounted after the cluster stopped.
+    let disk = Tmpfs::mount(&dir.path().join("storage1"), "40m");
+    let cluster = DevCluster::start(dir.path(), 1, 1).await.unwrap();
+    let meta = cluster.meta();
+    let create = |name: &str| volume_of_1_mib_chunks(name, SIZE, 1);
+
+    // Volume `first` fills 32 of the 40 MiB, and is deleted: its chunks go
+    // to the trash, where they still take their space.
+    let first = meta.create_volume(create("first")).await.unwrap();
+    let volume = common::publish_and_open(&meta, &first).await;
+    volume.write_at(0, Bytes::from(pattern(SIZE as usize)), true).await.unwrap();
+    volume.flush().await.unwrap();
+    drop(volume);
+    delete_until_unserved(&cluster, &first).await;
+    let (free, _) = disk.space();
+    assert!(free < SIZE, "the trash holds the deleted volume ({free} bytes free)");
+
+    // Volume `second` needs that space: every byte of it is written.
+    let second = meta.create_volume(create("second")).await.unwrap();
+    let volume = common::publish_and_open(&meta, &second).await;
+    let written: Vec<u8> = pattern(SIZE as usize).into_iter().rev().collect();
+    volume
+        .write_at(0, Bytes::from(written.clone()), true)
+        .await
+        .expect("writing a new volume while the trash holds a deleted one");
+    volume.flush().await.unwrap();
+    assert!(volume.read_at(0, SIZE).await.unwrap()[..] == written[..], "the new volume reads back");
+    let log = std::fs::read_to_string(cluster.dir.join("logs/storage1.log")).unwrap();
+    assert!(log.contains("before its grace period ended"), "the server says it emptied the trash early");
+
+    // Between reconciliations the trash gives back the filesystem's last
+    // tenth as well.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (free, size) = disk.space();
+        if free >= size / 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the trash keeps the last tenth of the disk: {free} of {size} bytes free");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -11,13 +11,15 @@
 //! - [`activity_log`]: dirty regions to resync after a crash.
 //! - [`fencing`]: newest attachment epoch per volume.
 //! - [`scrub`]: background and on-demand verification of every block.
-//! - [`trash`]: orphaned chunks wait there before they are deleted.
+//! - [`trash`]: orphaned chunks wait there before they are deleted, or
+//!   until their space is needed ([`disk_space`] measures it).
 //! - [`durable`]: files replaced whole or not at all.
 //! - [`metrics`], [`identity`], [`registration`].
 
 pub mod activity_log;
 pub mod checksum;
 pub mod config;
+pub mod disk_space;
 pub mod durable;
 pub mod error;
 pub mod fencing;

@@ -7,7 +7,8 @@
 //! heartbeat: a metadata cluster with another id (bootstrapped afresh after
 //! losing its data, or a wrong address) refuses the server, so it never
 //! learns of orphans from a cluster that does not know its chunks. Orphans
-//! go to the trash (`crate::trash`), deleted after `--orphan-grace`.
+//! go to the trash (`crate::trash`), deleted after `--orphan-grace`, or
+//! earlier when the disk is short of free space.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -216,13 +217,21 @@ async fn trash_orphan(store: &Store, key: ChunkKey, grace: Duration) {
     }
 }
 
+/// Deletes the trash whose grace period ended, and the oldest trash while
+/// the filesystem is short of its free floor.
 async fn purge_trash(data_dir: &std::path::Path, grace: Duration) {
     let data_dir = data_dir.to_owned();
-    match tokio::task::spawn_blocking(move || trash::purge(&data_dir, grace)).await {
-        Ok(Ok(purged)) => {
-            for chunk in purged {
+    let purged = tokio::task::spawn_blocking(move || {
+        let expired = trash::purge(&data_dir, grace)?;
+        Ok::<_, std::io::Error>((expired, trash::keep_free_floor(&data_dir)?))
+    })
+    .await;
+    match purged {
+        Ok(Ok((expired, early))) => {
+            for chunk in expired {
                 tracing::info!(chunk = %chunk.key, "deleted a chunk whose grace period in the trash ended");
             }
+            trash::log_early_deletions(&early, "the disk is short of free space");
         }
         Ok(Err(e)) => tracing::warn!(error = %e, "emptying the trash"),
         Err(e) => tracing::warn!(error = %e, "emptying the trash"),

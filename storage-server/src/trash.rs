@@ -7,15 +7,25 @@
 //! (`--orphan-grace`, 24 h by default). `storage-server trash list` shows
 //! what waits; `storage-server trash restore` (server stopped) puts chunks
 //! back where the server loads them.
+//!
+//! The trash keeps only what space allows: a chunk that needs room, and the
+//! filesystem's last tenth ([`FREE_FLOOR_DIVISOR`]), take it back from the
+//! oldest trash first ([`make_room`]). Live data never fails for lack of
+//! space that deleted data holds, and a disk shared with other services is
+//! never filled by it.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::disk_space;
 use crate::durable::sync_dir;
 use crate::store::chunk::ChunkKey;
 
 pub const DIR: &str = "trash";
+
+/// The trash never holds the last `1 / FREE_FLOOR_DIVISOR` of its filesystem.
+pub const FREE_FLOOR_DIVISOR: u64 = 10;
 
 /// One chunk in the trash.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,12 +77,58 @@ pub fn purge(data_dir: &Path, grace: Duration) -> io::Result<Vec<TrashedChunk>> 
     let cutoff = now_secs().saturating_sub(grace.as_secs());
     let expired: Vec<TrashedChunk> = list(data_dir)?.into_iter().filter(|c| c.trashed_at < cutoff).collect();
     for chunk in &expired {
-        std::fs::remove_file(&chunk.path)?;
+        match std::fs::remove_file(&chunk.path) {
+            // Deleted meanwhile to make room.
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
     if !expired.is_empty() {
         sync_dir(&data_dir.join(DIR))?;
     }
     Ok(expired)
+}
+
+/// Deletes the oldest chunks of the trash, grace period or not, until the
+/// filesystem of `data_dir` has `wanted` bytes free or the trash is empty;
+/// returns those deleted.
+pub fn make_room(data_dir: &Path, wanted: u64) -> io::Result<Vec<TrashedChunk>> {
+    let mut deleted = Vec::new();
+    if disk_space::of(data_dir)?.free >= wanted {
+        return Ok(deleted);
+    }
+    let mut trashed = list(data_dir)?.into_iter();
+    while disk_space::of(data_dir)?.free < wanted {
+        let Some(chunk) = trashed.next() else { break };
+        match std::fs::remove_file(&chunk.path) {
+            Ok(()) => deleted.push(chunk),
+            // Purged meanwhile by the grace period.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !deleted.is_empty() {
+        sync_dir(&data_dir.join(DIR))?;
+    }
+    Ok(deleted)
+}
+
+/// [`make_room`] for the filesystem's last tenth.
+pub fn keep_free_floor(data_dir: &Path) -> io::Result<Vec<TrashedChunk>> {
+    make_room(data_dir, disk_space::of(data_dir)?.size / FREE_FLOOR_DIVISOR)
+}
+
+/// Logs chunks [`make_room`] deleted, and why their space was needed.
+pub fn log_early_deletions(deleted: &[TrashedChunk], reason: &str) {
+    for chunk in deleted {
+        tracing::warn!(chunk = %chunk.key, bytes = chunk.bytes, reason,
+            "deleted a chunk from the trash before its grace period ended");
+    }
+}
+
+/// Bytes the trash of `data_dir` holds.
+pub fn bytes(data_dir: &Path) -> io::Result<u64> {
+    Ok(list(data_dir)?.iter().map(|c| c.bytes).sum())
 }
 
 /// Moves trashed chunks that pass `keep` back to where the server loads
@@ -132,6 +188,23 @@ mod tests {
         let restored = restore(dir.path(), at, |_| true).unwrap();
         assert_eq!(restored.len(), 1);
         assert_eq!(std::fs::read(at(key)).unwrap(), b"fresh");
+        assert!(list(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn making_room_deletes_the_oldest_trash_first() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(DIR)).unwrap();
+        for (chunk, age) in [(1, 30), (2, 20), (3, 10)] {
+            let name = format!("{:016x}-{:016x}.{}.chunk", 0x2a, chunk, now_secs() - age);
+            std::fs::write(dir.path().join(DIR).join(name), b"trashed").unwrap();
+        }
+        assert_eq!(bytes(dir.path()).unwrap(), 21);
+        // Room already there: nothing goes.
+        assert!(make_room(dir.path(), 0).unwrap().is_empty());
+        // Room the disk cannot have: everything goes, oldest first.
+        let deleted = make_room(dir.path(), u64::MAX).unwrap();
+        assert_eq!(deleted.iter().map(|c| c.key.chunk).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert!(list(dir.path()).unwrap().is_empty());
     }
 }

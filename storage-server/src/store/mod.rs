@@ -17,9 +17,7 @@ pub mod chunk;
 pub mod pause;
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -41,6 +39,7 @@ use buf::BufPool;
 use chunk::{Chunk, ChunkKey, MAX_CHUNK_SIZE, REGION_SIZE};
 
 use crate::durable::sync_dir;
+use crate::{disk_space, trash};
 use pause::Pauses;
 
 /// The pause holder a fence drains with (holders of snapshots and rebuilds
@@ -48,6 +47,9 @@ use pause::Pauses;
 const FENCE_HOLDER: u64 = u64::MAX;
 /// How long a fence waits for the changes in flight to finish.
 const FENCE_DRAIN: Duration = Duration::from_secs(30);
+/// Free space kept beyond a new chunk file, for the filesystem's own
+/// bookkeeping of it (extent blocks, directory entries).
+const ROOM_SLACK: u64 = 1 << 20;
 
 /// What a change must prove: the attachment epoch and the chunk generation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -101,17 +103,6 @@ pub fn lock_data_dir(data_dir: &Path) -> io::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Free bytes of the filesystem holding `path`.
-fn free_space(path: &Path) -> io::Result<u64> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 /// Where the store of `data_dir` keeps chunk `key`.
 pub fn chunk_file(data_dir: &Path, key: ChunkKey) -> PathBuf {
     chunk_path(&data_dir.join("chunks"), key)
@@ -151,7 +142,8 @@ fn load_chunks(chunks_dir: &Path, backend: &dyn IoBackend, pool: &BufPool) -> io
 
 impl Store {
     /// Opens (or initialises) the store in `data_dir`. `capacity` defaults
-    /// to the free space of its filesystem plus what chunks already use.
+    /// to the free space of its filesystem plus what chunks already use,
+    /// and what the trash holds (which makes way when chunks need it).
     pub async fn open(
         data_dir: &Path,
         capacity: Option<u64>,
@@ -171,7 +163,10 @@ impl Store {
         let used: u64 = loaded.iter().map(|c| c.file_len()).sum();
         let capacity = match capacity {
             Some(c) => c,
-            None => free_space(data_dir).map_err(|e| StoreError::io("measuring free space", e))? + used,
+            None => {
+                let measure = || Ok::<_, io::Error>(disk_space::of(data_dir)?.free + trash::bytes(data_dir)?);
+                measure().map_err(|e| StoreError::io("measuring free space", e))? + used
+            }
         };
         let chunks: HashMap<ChunkKey, Arc<Chunk>> = loaded.into_iter().map(|c| (c.key, Arc::new(c))).collect();
         let log = ActivityLog::open(&data_dir.join("activity.log"))
@@ -414,10 +409,7 @@ impl Store {
             return Err(StoreError::ChunkExists { volume: key.volume, chunk: key.chunk });
         }
         let needed = chunk::file_len(size);
-        let available = self.capacity.saturating_sub(self.used.load(Ordering::Acquire));
-        if needed > available {
-            return Err(StoreError::NoSpace { needed, available });
-        }
+        self.make_room(needed).await?;
         let path = chunk_path(&self.chunks_dir, key);
         let (backend, pool, chunks_dir) = (self.backend.clone(), self.pool.clone(), self.chunks_dir.clone());
         let chunk = tokio::task::spawn_blocking(move || {
@@ -439,6 +431,28 @@ impl Store {
         Ok(())
     }
 
+    /// Makes sure a new chunk file of `needed` bytes fits: within the
+    /// capacity, where the trash counts as free, and on the disk, where the
+    /// oldest trash makes way for it.
+    async fn make_room(&self, needed: u64) -> Result<(), StoreError> {
+        let available = self.capacity.saturating_sub(self.used.load(Ordering::Acquire));
+        if needed > available {
+            return Err(StoreError::NoSpace { needed, available });
+        }
+        let data_dir = self.data_dir().to_owned();
+        let deleted = tokio::task::spawn_blocking(move || trash::make_room(&data_dir, needed + ROOM_SLACK))
+            .await
+            .map_err(|e| StoreError::io("emptying the trash", io::Error::other(e)))?
+            .map_err(|e| StoreError::io("emptying the trash", e))?;
+        trash::log_early_deletions(&deleted, "a new chunk needed the space");
+        Ok(())
+    }
+
+    /// The data directory this store keeps its chunks, trash and logs in.
+    fn data_dir(&self) -> &Path {
+        self.chunks_dir.parent().expect("chunks directory has a parent")
+    }
+
     /// Deletes a chunk; `generation` 0 deletes any generation.
     pub async fn delete_chunk(&self, key: ChunkKey, generation: u64) -> Result<(), StoreError> {
         self.remove_chunk(key, generation, None).await
@@ -447,8 +461,7 @@ impl Store {
     /// Moves chunk `key` into the trash of the data directory (see
     /// [`crate::trash`]) instead of deleting it.
     pub async fn trash_chunk(&self, key: ChunkKey) -> Result<(), StoreError> {
-        let data_dir = self.chunks_dir.parent().expect("chunks directory has a parent");
-        self.remove_chunk(key, 0, Some(crate::trash::path_for(data_dir, key))).await
+        self.remove_chunk(key, 0, Some(trash::path_for(self.data_dir(), key))).await
     }
 
     /// Takes chunk `key` out of the store: its file is deleted, or renamed
@@ -507,10 +520,7 @@ impl Store {
             return Err(StoreError::ChunkExists { volume: target.volume, chunk: target.chunk });
         }
         let needed = chunk.file_len();
-        let available = self.capacity.saturating_sub(self.used.load(Ordering::Acquire));
-        if needed > available {
-            return Err(StoreError::NoSpace { needed, available });
-        }
+        self.make_room(needed).await?;
         // No change lands in the source from here until the copy is done,
         // and its checksum table on disk matches its data.
         let locked = chunk.lock_for_copy().await;
