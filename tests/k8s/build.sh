@@ -212,9 +212,9 @@ main() {
     [[ " ${STEPS[*]} " == *" $step "* ]] || die "unknown step $step (steps: ${STEPS[*]})"
     "$step"
   done
-  if [[ ${K8S_DROP_GO_BUILD_CACHE:-0} == 1 ]]; then
-    log "dropping the Go build cache ($(du -sh "$GOCACHE" 2>/dev/null | cut -f1))"
-    go clean -cache
+  if [[ ${K8S_DROP_GO_CACHES:-0} == 1 ]]; then
+    log "dropping the Go build and module caches ($(du -sh "$CACHE/go" 2>/dev/null | cut -f1))"
+    go clean -cache -modcache
   fi
 }
 
