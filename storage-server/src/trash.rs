@@ -77,16 +77,22 @@ pub fn purge(data_dir: &Path, grace: Duration) -> io::Result<Vec<TrashedChunk>> 
     let cutoff = now_secs().saturating_sub(grace.as_secs());
     let expired: Vec<TrashedChunk> = list(data_dir)?.into_iter().filter(|c| c.trashed_at < cutoff).collect();
     for chunk in &expired {
-        match std::fs::remove_file(&chunk.path) {
-            // Deleted meanwhile to make room.
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+        remove_if_present(&chunk.path)?;
     }
     if !expired.is_empty() {
         sync_dir(&data_dir.join(DIR))?;
     }
     Ok(expired)
+}
+
+/// Deletes `path`; false if it was gone already (the grace period and
+/// [`make_room`] may both be deleting).
+fn remove_if_present(path: &Path) -> io::Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Deletes the oldest chunks of the trash, grace period or not, until the
@@ -100,11 +106,8 @@ pub fn make_room(data_dir: &Path, wanted: u64) -> io::Result<Vec<TrashedChunk>> 
     let mut trashed = list(data_dir)?.into_iter();
     while disk_space::of(data_dir)?.free < wanted {
         let Some(chunk) = trashed.next() else { break };
-        match std::fs::remove_file(&chunk.path) {
-            Ok(()) => deleted.push(chunk),
-            // Purged meanwhile by the grace period.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        if remove_if_present(&chunk.path)? {
+            deleted.push(chunk);
         }
     }
     if !deleted.is_empty() {
