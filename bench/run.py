@@ -7,6 +7,9 @@ Targets, all measured in the same run on the same machine:
   ballast-r1   a Ballast volume with replicas=1 served by `nbd-client serve`, ioengine=nbd
   ballast-r3   the same with replicas=3
   ballast-r3-plain  replicas=3 on a second cluster started --insecure: what mutual TLS costs
+  ballast-r3-overloaded  replicas=3 with one of the three chunk servers held to
+               5% of a CPU (cgroup cpu controller) during its jobs: a node
+               overloaded by its other tenants
   ceph-rbd     with PEERS=ceph: a 3-OSD Ceph cluster on this host, pool size 3,
                fio's rbd engine (bench/ceph.py); installs Debian's Ceph if missing
 
@@ -21,9 +24,11 @@ Writes bench/results/<timestamp>.json, .md (tables with ratios to qemu-nbd
 and to Ceph, the machine and the commit) and .svg (chart). Environment:
 BENCH_RUNTIME (s, default 10), BENCH_SIZE (default 512MiB), BENCH_TARGETS
 (comma list, default all but the peers), PEERS (comma list: ceph),
-BENCH_DIR (work directory).
+BENCH_JOBS (comma list of job names, default all in bench/jobs), BENCH_DIR
+(work directory).
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -42,16 +47,20 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "bench" / "jobs"
 RESULTS = ROOT / "bench" / "results"
 BIN = ROOT / "target" / "release"
-ALL_TARGETS = ["local-file", "qemu-nbd", "ceph-rbd", "ballast-r1", "ballast-r3", "ballast-r3-plain"]
+ALL_TARGETS = ["local-file", "qemu-nbd", "ceph-rbd", "ballast-r1", "ballast-r3", "ballast-r3-plain",
+               "ballast-r3-overloaded"]
 # Measured only when asked for (PEERS=ceph): they need packages and minutes.
 PEER_TARGETS = {"ceph": "ceph-rbd"}
 RAMP_S = 2
+# The share of a CPU left to the overloaded target's slowed chunk server.
+OVERLOADED_CPU_PERCENT = 5
 BASELINE = "qemu-nbd"
 # The peer Ballast is compared with when it ran, and the Ballast target compared.
 PEER, OURS = "ceph-rbd", "ballast-r3"
 DAEMONS = ["meta-raft", "storage-server", "nbd-client"]
-# Where each job's headline figure comes from.
-JOB_ORDER = [p.stem for p in sorted(JOBS.glob("*.fio"))]
+ALL_JOBS = [p.stem for p in sorted(JOBS.glob("*.fio"))]
+# The jobs this run measures, in report order.
+JOB_ORDER = [j for j in ALL_JOBS if j in os.environ.get("BENCH_JOBS", ",".join(ALL_JOBS)).split(",")]
 
 
 def log(msg):
@@ -82,6 +91,8 @@ class Target:
         self.cpu_pids = list(cpu_pids)
         # Added to fio's environment.
         self.env = env or {}
+        # What holds while its jobs run (a context manager factory).
+        self.condition = contextlib.nullcontext
 
     def cpu_seconds(self):
         ticks = 0
@@ -101,6 +112,45 @@ class Target:
                     p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+class CpuLimit:
+    """Holds a process to a share of one CPU: a cgroup of its own with the cpu
+    controller's bandwidth limit (v1 cpu.cfs_quota_us, else v2 cpu.max); it
+    goes back to its own cgroup on exit."""
+
+    V1, V2, PERIOD_US = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup"), 100_000
+
+    def __init__(self, pid, percent):
+        self.pid, self.quota_us = pid, self.PERIOD_US * percent // 100
+        self.v1 = (self.V1 / "cpu.cfs_quota_us").exists()
+        self.root = self.V1 if self.v1 else self.V2
+
+    def own_cgroup(self):
+        for line in Path(f"/proc/{self.pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if ("cpu" in controllers.split(",")) if self.v1 else not controllers:
+                return self.root / path.lstrip("/")
+        raise RuntimeError(f"process {self.pid} is in no cpu cgroup")
+
+    def __enter__(self):
+        self.home = self.own_cgroup()
+        self.dir = self.root / f"ballast-bench-cpu-{self.pid}"
+        self.dir.mkdir()
+        if self.v1:
+            (self.dir / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.dir / "cpu.cfs_quota_us").write_text(str(self.quota_us))
+        else:
+            (self.root / "cgroup.subtree_control").write_text("+cpu")
+            (self.dir / "cpu.max").write_text(f"{self.quota_us} {self.PERIOD_US}")
+        (self.dir / "cgroup.procs").write_text(str(self.pid))
+        log(f"process {self.pid} held to {self.quota_us * 100 // self.PERIOD_US}% of a CPU")
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            (self.home / "cgroup.procs").write_text(str(self.pid))
+        self.dir.rmdir()
 
 
 def fio(target, job, size, runtime, workdir, time_based=True):
@@ -245,7 +295,9 @@ def markdown(report):
         lines.append("| " + " | ".join(row) + " |")
     lines += peer_ratios(report)
     lines += cpu_per_io(report)
-    lines += tls_cost(report)
+    lines += beside(report, "ballast-r3", "ballast-r3-plain", "Mutual TLS", ("TLS", "plain"))
+    lines += beside(report, "ballast-r3-overloaded", "ballast-r3",
+                    f"One of three chunk servers held to {OVERLOADED_CPU_PERCENT}% of a CPU", ("overloaded", "all well"))
     lines += ["", "Peak RSS (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(report["peak_rss_mib"].items()))]
     return "\n".join(lines) + "\n"
 
@@ -310,15 +362,16 @@ def cpu_per_io(report):
     return lines
 
 
-def tls_cost(report):
-    """ballast-r3 (mutual TLS) beside ballast-r3-plain, when both ran."""
-    secured, plain = (report["results"].get(t) for t in ("ballast-r3", "ballast-r3-plain"))
-    if not secured or not plain:
+def beside(report, first, second, caption, labels):
+    """Two targets side by side, when both ran: IOPS, their ratio, CPU per I/O."""
+    a, b = (report["results"].get(t) for t in (first, second))
+    if not a or not b:
         return []
-    lines = ["", "Mutual TLS: `ballast-r3` beside `ballast-r3-plain` (same run).", "",
-             "| job | IOPS TLS | IOPS plain | TLS/plain | CPU µs/IO TLS | CPU µs/IO plain |", "|---|---|---|---|---|---|"]
+    x, y = labels
+    lines = ["", f"{caption}: `{first}` beside `{second}` (same run).", "",
+             f"| job | IOPS {x} | IOPS {y} | {x}/{y} | CPU µs/IO {x} | CPU µs/IO {y} |", "|---|---|---|---|---|---|"]
     for job in JOB_ORDER:
-        s, p = secured.get(job), plain.get(job)
+        s, p = a.get(job), b.get(job)
         if not s or not p:
             continue
         ratio = s["headline"]["iops"] / p["headline"]["iops"] if p["headline"]["iops"] else 0
@@ -330,7 +383,7 @@ def tls_cost(report):
 def svg(report):
     """Grouped bars: IOPS of each target per job, normalised to the baseline."""
     targets = [t for t in ALL_TARGETS if t in report["results"]]
-    colors = ["#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
+    colors = ["#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
     width, height, left, bottom = 900, 360, 60, 80
     group = (width - left - 20) / max(1, len(JOB_ORDER))
     bar = group * 0.8 / max(1, len(targets))
@@ -376,6 +429,8 @@ def main():
             sys.exit(f"unknown peer {peer} (known: {', '.join(PEER_TARGETS)})")
     default = [t for t in ALL_TARGETS if t not in PEER_TARGETS.values() or any(PEER_TARGETS[p] == t for p in peers)]
     wanted = os.environ.get("BENCH_TARGETS", ",".join(default)).split(",")
+    if not JOB_ORDER:
+        sys.exit(f"BENCH_JOBS names none of the jobs ({', '.join(ALL_JOBS)})")
     for tool in ["fio", "qemu-nbd"]:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (apt-get install fio qemu-utils)")
@@ -404,26 +459,32 @@ def main():
                 ceph.ensure_installed(log)
                 clusters["ceph"] = ceph.CephCluster(workdir, log)
                 targets.append(start_ceph(clusters["ceph"], size_bytes))
-            elif name in ("ballast-r1", "ballast-r3", "ballast-r3-plain"):
+            elif name in ("ballast-r1", "ballast-r3", "ballast-r3-plain", "ballast-r3-overloaded"):
                 insecure = name.endswith("-plain")
                 if insecure not in clusters:
                     clusters[insecure] = Cluster(workdir, insecure)
-                replicas = int(name.removesuffix("-plain")[-1])
-                targets.append(clusters[insecure].volume_target(name, replicas, size_bytes, workdir))
+                cluster = clusters[insecure]
+                replicas = int(name.removeprefix("ballast-r")[0])
+                target = cluster.volume_target(name, replicas, size_bytes, workdir)
+                if name.endswith("-overloaded"):
+                    slowed = cluster.storage_pids[-1]
+                    target.condition = lambda pid=slowed: CpuLimit(pid, OVERLOADED_CPU_PERCENT)
+                targets.append(target)
             else:
                 sys.exit(f"unknown target {name}")
         for target in targets:
             log(f"{target.name}: filling {size} so reads hit written data")
             fio(target, "[fill]\nrw=write\nbs=1m\niodepth=8\n", size_bytes, runtime, workdir, time_based=False)
             results = {}
-            for job in JOB_ORDER:
-                log(f"{target.name}: {job}")
-                cpu_before = target.cpu_seconds()
-                results[job] = summarize(fio(target, jobs[job], size_bytes, runtime, workdir))
-                results[job]["headline"] = headline(results[job])
-                ios = results[job]["headline"]["iops"] * (runtime + RAMP_S)
-                if target.cpu_pids and ios:
-                    results[job]["cpu_us_per_io"] = (target.cpu_seconds() - cpu_before) * 1e6 / ios
+            with target.condition():
+                for job in JOB_ORDER:
+                    log(f"{target.name}: {job}")
+                    cpu_before = target.cpu_seconds()
+                    results[job] = summarize(fio(target, jobs[job], size_bytes, runtime, workdir))
+                    results[job]["headline"] = headline(results[job])
+                    ios = results[job]["headline"]["iops"] * (runtime + RAMP_S)
+                    if target.cpu_pids and ios:
+                        results[job]["cpu_us_per_io"] = (target.cpu_seconds() - cpu_before) * 1e6 / ios
             report["results"][target.name] = results
         report["peak_rss_mib"] = peak_rss_mib()
     finally:

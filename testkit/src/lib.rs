@@ -1,7 +1,8 @@
 //! What Ballast's system tests need from the machine (root, device nodes,
 //! external tools), checked in one place; network namespaces for the
 //! tests that cut the network ([`netns`]); reading metrics ([`metrics`]);
-//! a local metadata cluster of real members ([`meta_cluster`]).
+//! a local metadata cluster of real members ([`meta_cluster`]); a process
+//! held to a share of a CPU ([`cpu_limit`]).
 //!
 //! A test starts with `if !ballast_testkit::machine_has(&[...]) { return; }`.
 //! What happens when something is missing depends on `BALLAST_SYSTEM_TESTS`,
@@ -13,6 +14,7 @@
 //!   file the skip is appended to it (`test<TAB>missing`) for the run's
 //!   summary.
 
+pub mod cpu_limit;
 pub mod meta_cluster;
 pub mod metrics;
 pub mod netns;

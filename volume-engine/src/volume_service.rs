@@ -45,7 +45,6 @@ pub async fn open(meta: &MetaClient, volume: &str, options: &OpenOptions) -> Res
         epoch,
         min_replicas: options.min_replicas,
         replica_timeout: options.replica_timeout,
-        prefer_address: None,
         readonly: options.readonly,
     };
     let volume = Arc::new(Volume::open(meta.clone(), &info.id, engine_options).await?);

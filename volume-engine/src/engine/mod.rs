@@ -6,6 +6,7 @@
 //! - [`pool`]: pipelined connections to chunk servers.
 //! - [`capability`]: a node's capability for the volume, kept renewed.
 //! - [`replication`]: fan-out of changes, failure handling, read failover.
+//! - [`read_choice`]: which replica a read tries first.
 //! - [`limits`]: the volume's I/O limits, followed while it is served.
 
 mod capability;
@@ -15,6 +16,7 @@ mod layout;
 pub mod limits;
 mod metrics;
 mod pool;
+mod read_choice;
 mod replication;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -48,20 +50,12 @@ pub struct EngineOptions {
     /// How long one replica may take for one request before it is
     /// considered failed.
     pub replica_timeout: Duration,
-    /// Reads prefer replicas whose address starts with this (the local node).
-    pub prefer_address: Option<String>,
     pub readonly: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions {
-            epoch: 0,
-            min_replicas: 2,
-            replica_timeout: Duration::from_secs(5),
-            prefer_address: None,
-            readonly: false,
-        }
+        EngineOptions { epoch: 0, min_replicas: 2, replica_timeout: Duration::from_secs(5), readonly: false }
     }
 }
 
@@ -93,6 +87,7 @@ pub struct Volume {
     changes: RangeLock,
     allocation: Mutex<()>,
     read_rotation: AtomicUsize,
+    read_choice: read_choice::ReadChoice,
 }
 
 impl Volume {
@@ -110,6 +105,7 @@ impl Volume {
             changes: RangeLock::default(),
             allocation: Mutex::new(()),
             read_rotation: AtomicUsize::new(0),
+            read_choice: read_choice::ReadChoice::default(),
             size: AtomicU64::new(info.size_bytes),
             info,
             options,

@@ -1,7 +1,8 @@
 //! Replication: a change goes to every replica of the chunk's current set
 //! and is acknowledged only when each of them has it, or when the ones that
 //! failed have been removed from the set through the metadata service and
-//! enough replicas remain. Reads go to one replica and fail over.
+//! enough replicas remain. Reads go to one replica, the one expected to
+//! answer soonest, and fail over.
 
 use std::future::Future;
 
@@ -217,11 +218,17 @@ impl Volume {
             let mut stale = false;
             for replica in self.read_order(&view) {
                 let (epoch, generation) = (self.options.epoch, view.generation);
+                let pending = self.read_choice.start(&replica.server_id);
                 let read = self
                     .on_replica(&replica, |c| async move {
                         c.read(ChunkAt { volume: self.info.data_id, chunk, offset, epoch, generation }, len).await
                     })
                     .await;
+                match &read {
+                    // No answer: the connection failed, timed out, or carried corrupt data.
+                    Err(e) if e.code().is_none() => pending.failed(self.options.replica_timeout),
+                    _ => pending.answered(),
+                }
                 match read {
                     Ok((data, _checksums)) => {
                         if !failed.is_empty() {
@@ -260,8 +267,9 @@ impl Volume {
         Err(EngineError::Unreadable { chunk, last })
     }
 
-    /// Replicas in the order a read tries them: the local node first, then
-    /// the others rotated so that reads spread over the set.
+    /// Replicas in the order a read tries them: the one expected to answer
+    /// soonest first ([`read_choice`](super::read_choice)), replicas alike
+    /// in that rotated so that reads spread over the set.
     fn read_order(&self, view: &ChunkView) -> Vec<Replica> {
         let mut order = view.replicas.clone();
         if order.is_empty() {
@@ -269,9 +277,7 @@ impl Volume {
         }
         let rotation = self.next_rotation() % order.len();
         order.rotate_left(rotation);
-        if let Some(local) = &self.options.prefer_address {
-            order.sort_by_key(|r| !r.address.starts_with(local.as_str()));
-        }
+        self.read_choice.order(&mut order);
         order
     }
 
