@@ -39,19 +39,27 @@ impl CpuLimit {
         let root = Path::new(if v1 { V1 } else { V2 });
         let home = root.join(own_cgroup(pid, v1)?.trim_start_matches('/'));
         let dir = root.join(format!("ballast-cpu-limit-{pid}"));
-        std::fs::create_dir(&dir)?;
+        std::fs::create_dir(&dir).map_err(|e| context(e, &dir))?;
         let limit = CpuLimit { dir, home, pid };
+        let mut settings = vec![];
         if v1 {
-            std::fs::write(limit.dir.join("cpu.cfs_period_us"), PERIOD_US.to_string())?;
-            std::fs::write(limit.dir.join("cpu.cfs_quota_us"), quota_us.to_string())?;
+            settings.push((limit.dir.join("cpu.cfs_period_us"), PERIOD_US.to_string()));
+            settings.push((limit.dir.join("cpu.cfs_quota_us"), quota_us.to_string()));
         } else {
             // The root may not hand the controller down yet.
-            std::fs::write(root.join("cgroup.subtree_control"), "+cpu")?;
-            std::fs::write(limit.dir.join("cpu.max"), format!("{quota_us} {PERIOD_US}"))?;
+            settings.push((root.join("cgroup.subtree_control"), "+cpu".to_string()));
+            settings.push((limit.dir.join("cpu.max"), format!("{quota_us} {PERIOD_US}")));
         }
-        std::fs::write(limit.dir.join("cgroup.procs"), pid.to_string())?;
+        settings.push((limit.dir.join("cgroup.procs"), pid.to_string()));
+        for (file, value) in settings {
+            std::fs::write(&file, &value).map_err(|e| context(e, &file))?;
+        }
         Ok(limit)
     }
+}
+
+fn context(e: io::Error, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("limiting CPU through {}: {e}", path.display()))
 }
 
 impl Drop for CpuLimit {
