@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs the fio jobs in bench/jobs against the baselines and Ballast, in one go.
 
-Targets, all measured in the same run on the same machine:
+Targets, all measured in the same run on the same machine, each job on every
+target before the next job starts:
   local-file   a file in the work directory, ioengine=io_uring, direct=1 (the disk's ceiling)
   qemu-nbd     qemu-nbd serving a file (cache=none), ioengine=nbd (the ceiling behind NBD on loopback)
   ballast-r1   a Ballast volume with replicas=1 served by `nbd-client serve`, ioengine=nbd
@@ -267,7 +268,8 @@ def markdown(report):
         "",
         f"size {report['size']} bytes, runtime {report['runtime_s']} s per job, fio {report['fio']}.",
         f"Commit {report.get('commit', '?')}; machine: {describe_machine(report.get('machine', {}))}.",
-        f"Ratios are against `{BASELINE}` from the same run (IOPS; for latency, ours / baseline).",
+        f"Ratios are against `{BASELINE}` from the same run (IOPS; for latency, ours / baseline);",
+        "each job ran on every target before the next job started.",
         "",
         "| "
         + " | ".join(
@@ -475,17 +477,22 @@ def main():
         for target in targets:
             log(f"{target.name}: filling {size} so reads hit written data")
             fio(target, "[fill]\nrw=write\nbs=1m\niodepth=8\n", size_bytes, runtime, workdir, time_based=False)
-            results = {}
-            with target.condition():
-                for job in JOB_ORDER:
-                    log(f"{target.name}: {job}")
+            report["results"][target.name] = {}
+        # Every target runs a job before the next job starts: the runs a
+        # ratio compares are a minute or two apart, not a whole target's
+        # jobs apart, on a machine whose load drifts.
+        for job in JOB_ORDER:
+            for target in targets:
+                log(f"{target.name}: {job}")
+                with target.condition():
                     cpu_before = target.cpu_seconds()
-                    results[job] = summarize(fio(target, jobs[job], size_bytes, runtime, workdir))
-                    results[job]["headline"] = headline(results[job])
-                    ios = results[job]["headline"]["iops"] * (runtime + RAMP_S)
-                    if target.cpu_pids and ios:
-                        results[job]["cpu_us_per_io"] = (target.cpu_seconds() - cpu_before) * 1e6 / ios
-            report["results"][target.name] = results
+                    result = summarize(fio(target, jobs[job], size_bytes, runtime, workdir))
+                    cpu_seconds = target.cpu_seconds() - cpu_before
+                result["headline"] = headline(result)
+                ios = result["headline"]["iops"] * (runtime + RAMP_S)
+                if target.cpu_pids and ios:
+                    result["cpu_us_per_io"] = cpu_seconds * 1e6 / ios
+                report["results"][target.name][job] = result
         report["peak_rss_mib"] = peak_rss_mib()
     finally:
         for target in targets:
