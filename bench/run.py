@@ -18,8 +18,9 @@ Ballast clusters run with mutual TLS (as `ballast dev up` does) unless the
 target says plain. The report gives the CPU time each target's server side
 spent per I/O (µs; user+system time of its processes over the job divided
 by IOPS × the job's duration with its ramp): qemu-nbd; for Ballast the
-serving process and the chunk servers; for Ceph the monitor and the OSDs
-(its client library runs inside fio and is not counted).
+serving process, the chunk servers and the metadata service; for Ceph the
+monitor and the OSDs (its client library runs inside fio and is not
+counted).
 
 Writes bench/results/<timestamp>.json, .md (tables with ratios to qemu-nbd
 and to Ceph, the machine and the commit) and .svg (chart). Environment:
@@ -226,6 +227,7 @@ class Cluster:
         self.env = {k: v for k, v in os.environ.items() if k != "BALLAST_TLS_DIR"} | cluster_env
         state = json.loads((self.dir / "cluster.json").read_text())
         self.storage_pids = [p["pid"] for p in state["processes"] if p["binary"] == "storage-server"]
+        self.meta_pids = [p["pid"] for p in state["processes"] if p["binary"] == "meta-raft"]
 
     def volume_target(self, target, replicas, size, workdir):
         name = f"bench-{target}"
@@ -238,7 +240,7 @@ class Cluster:
         )
         wait_for(sock)
         return Target(target, ["ioengine=nbd", f"uri=nbd+unix:///?socket={sock}"], [proc],
-                      [proc.pid] + self.storage_pids)
+                      [proc.pid] + self.storage_pids + self.meta_pids)
 
     def down(self):
         subprocess.run([BIN / "ballast", "dev", "down", "--dir", self.dir], stdout=subprocess.DEVNULL)
