@@ -90,45 +90,58 @@ impl ReadChoice {
     }
 
     /// Counts a read of `server` in flight until the returned guard goes.
-    pub fn start(&self, server: &str) -> PendingRead<'_> {
+    pub fn start<'a>(&'a self, server: &'a str) -> PendingRead<'a> {
         let now = Instant::now();
         let mut servers = self.servers.lock().expect("read choice lock");
-        servers.entry(server.to_string()).or_insert_with(|| Estimate::new(now)).start(now);
-        PendingRead { choice: self, server: server.to_string(), started: now }
+        match servers.get_mut(server) {
+            Some(estimate) => estimate.start(now),
+            None => servers.entry(server.to_string()).or_insert_with(|| Estimate::new(now)).start(now),
+        }
+        PendingRead { choice: self, server, started: now, ended: false }
     }
 }
 
 /// One read in flight on one server.
 pub struct PendingRead<'a> {
     choice: &'a ReadChoice,
-    server: String,
+    server: &'a str,
     started: Instant,
+    /// Taken out of the in-flight count already.
+    ended: bool,
 }
 
 impl PendingRead<'_> {
     /// The server answered (data or a refusal): its latency counts.
-    pub fn answered(self) {
+    pub fn answered(mut self) {
         let now = Instant::now();
-        self.observe(now.duration_since(self.started), now);
+        let latency = now.duration_since(self.started);
+        self.leave(Some((latency, now)));
     }
 
     /// The server failed to answer: counted as taking `penalty`.
-    pub fn failed(self, penalty: Duration) {
-        self.observe(penalty, Instant::now());
+    pub fn failed(mut self, penalty: Duration) {
+        self.leave(Some((penalty, Instant::now())));
     }
 
-    fn observe(&self, latency: Duration, now: Instant) {
-        if let Some(estimate) = self.choice.servers.lock().expect("read choice lock").get_mut(&self.server) {
-            estimate.observe(latency.as_nanos() as f64, now);
+    /// Leaves the in-flight count (once), recording `sample` (latency,
+    /// when) if there is one.
+    fn leave(&mut self, sample: Option<(Duration, Instant)>) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        if let Some(estimate) = self.choice.servers.lock().expect("read choice lock").get_mut(self.server) {
+            estimate.in_flight -= 1;
+            if let Some((latency, now)) = sample {
+                estimate.observe(latency.as_nanos() as f64, now);
+            }
         }
     }
 }
 
+/// A read abandoned before it ended (its caller gave up) leaves no sample.
 impl Drop for PendingRead<'_> {
     fn drop(&mut self) {
-        if let Some(estimate) = self.choice.servers.lock().expect("read choice lock").get_mut(&self.server) {
-            estimate.in_flight -= 1;
-        }
+        self.leave(None);
     }
 }
 
@@ -147,9 +160,9 @@ mod tests {
     }
 
     fn answered_in(choice: &ReadChoice, server: &str, latency: Duration) {
-        let pending = choice.start(server);
+        let mut pending = choice.start(server);
         let answered_at = pending.started + latency;
-        pending.observe(latency, answered_at);
+        pending.leave(Some((latency, answered_at)));
     }
 
     #[test]
@@ -189,6 +202,15 @@ mod tests {
         // An answer ends the wait.
         estimate.observe(100e3, later);
         assert!(estimate.cost(later) < 1e6);
+    }
+
+    #[test]
+    fn an_abandoned_read_leaves_the_count_without_a_sample() {
+        let choice = ReadChoice::default();
+        drop(choice.start("a"));
+        let servers = choice.servers.lock().unwrap();
+        assert_eq!(servers["a"].in_flight, 0);
+        assert_eq!(servers["a"].latency_ns, 0.0);
     }
 
     #[test]
