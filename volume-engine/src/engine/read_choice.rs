@@ -7,11 +7,11 @@
 //! While reads wait on a server that has answered none of them for longer
 //! than its estimate, that wait is its estimate: a server that stalls, or
 //! has never answered yet, stops getting reads at once. A server's cost is
-//! that latency times its reads in flight plus one. Reads
-//! at a high queue depth thus spread over every replica, and a server on
-//! an overloaded node, or behind a congested link, gets reads only while
-//! its peers are busier still. A read that fails counts as one that took
-//! the whole replica timeout.
+//! that latency times its reads in flight plus one. Reads at a high queue
+//! depth thus spread over every replica, and a server on an overloaded
+//! node, or behind a congested link, gets reads only while its peers are
+//! busier still. A read that fails counts as one that took the whole
+//! replica timeout.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
