@@ -22,12 +22,23 @@ serving process, the chunk servers and the metadata service; for Ceph the
 monitor and the OSDs (its client library runs inside fio and is not
 counted).
 
+With BENCH_CLUSTER=FILE the Ballast targets use a cluster that is already
+running, on other machines: FILE holds its BALLAST_META and BALLAST_TLS_DIR
+(an admin certificate) as KEY=VALUE lines, as `ballast dev up` writes them
+to cluster.env. Their volumes are created there, served by `nbd-client serve`
+on this machine, and deleted at the end. The chunk servers' CPU is not seen
+from here, so their CPU per I/O is the serving process's alone; the targets
+that need the cluster's processes at hand (`-plain`, `-overloaded`) are
+left out. On one machine every replica shares its cores and its disk: a
+3-replica volume does three times the server work of qemu-nbd on the same
+cores, which a cluster of separate machines does not.
+
 Writes bench/results/<timestamp>.json, .md (tables with ratios to qemu-nbd
 and to Ceph, the machine and the commit) and .svg (chart). Environment:
 BENCH_RUNTIME (s, default 10), BENCH_SIZE (default 512MiB), BENCH_TARGETS
 (comma list, default all but the peers), PEERS (comma list: ceph),
 BENCH_JOBS (comma list of job names, default all in bench/jobs), BENCH_DIR
-(work directory).
+(work directory), BENCH_CLUSTER (see above).
 """
 
 import contextlib
@@ -59,6 +70,8 @@ OVERLOADED_CPU_PERCENT = 5
 BASELINE = "qemu-nbd"
 # The peer Ballast is compared with when it ran, and the Ballast target compared.
 PEER, OURS = "ceph-rbd", "ballast-r3"
+# Targets that need the cluster's processes on this machine.
+LOCAL_ONLY = ("ballast-r3-plain", "ballast-r3-overloaded")
 DAEMONS = ["meta-raft", "storage-server", "nbd-client"]
 ALL_JOBS = [p.stem for p in sorted(JOBS.glob("*.fio"))]
 # The jobs this run measures, in report order.
@@ -85,20 +98,24 @@ def wait_for(path, timeout=30):
 class Target:
     """Where fio sends I/O: the [global] lines that point it there."""
 
-    def __init__(self, name, global_lines, processes=(), cpu_pids=(), env=None):
+    def __init__(self, name, global_lines, processes=(), cpu_pids=(), env=None, node_pids=()):
         self.name = name
         self.global_lines = global_lines
         self.processes = list(processes)
         # Whose CPU time counts as this target's (empty: not measured).
         self.cpu_pids = list(cpu_pids)
+        # Of those, the process serving the device on the node: what stays
+        # on this machine when the servers run on others.
+        self.node_pids = list(node_pids)
         # Added to fio's environment.
         self.env = env or {}
         # What holds while its jobs run (a context manager factory).
         self.condition = contextlib.nullcontext
 
-    def cpu_seconds(self):
+    def cpu_seconds(self, pids=None):
+        """User and system time of `pids`, by default every process counted for this target."""
         ticks = 0
-        for pid in self.cpu_pids:
+        for pid in self.cpu_pids if pids is None else pids:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
@@ -217,22 +234,24 @@ def start_ceph(cluster, size):
     return Target("ceph-rbd", cluster.image("bench", size), cpu_pids=cluster.cpu_pids(), env=cluster.env())
 
 
-class Cluster:
-    def __init__(self, workdir, insecure=False):
-        self.dir = Path(workdir) / ("cluster-plain" if insecure else "cluster")
-        run([BIN / "ballast", "dev", "up", "--dir", self.dir] + (["--insecure"] if insecure else []),
-            stdout=subprocess.DEVNULL)
-        # BALLAST_META, and BALLAST_TLS_DIR unless insecure: for every command.
-        cluster_env = dict(l.split("=", 1) for l in (self.dir / "cluster.env").read_text().split() if "=" in l)
-        self.env = {k: v for k, v in os.environ.items() if k != "BALLAST_TLS_DIR"} | cluster_env
-        state = json.loads((self.dir / "cluster.json").read_text())
-        self.storage_pids = [p["pid"] for p in state["processes"] if p["binary"] == "storage-server"]
-        self.meta_pids = [p["pid"] for p in state["processes"] if p["binary"] == "meta-raft"]
+def read_env_file(path):
+    """KEY=VALUE lines, as `ballast dev up` writes cluster.env."""
+    return dict(l.split("=", 1) for l in Path(path).read_text().split() if "=" in l)
 
-    def volume_target(self, target, replicas, size, workdir):
-        name = f"bench-{target}"
+
+class Cluster:
+    """A Ballast cluster the Ballast targets create their volumes on."""
+
+    # The volumes of this run, deleted when it ends.
+    volumes = ()
+    # Whose CPU counts beside the serving process's.
+    server_pids = ()
+
+    def volume_target(self, target, replicas, size, workdir, run_id):
+        name = f"bench-{target}-{run_id}"
         run([BIN / "ballast", "volume", "create", name, "--size", str(size), "--replicas", str(replicas)],
             stdout=subprocess.DEVNULL, env=self.env)
+        self.volumes = [*self.volumes, name]
         sock = Path(workdir) / f"{name}.sock"
         proc = subprocess.Popen(
             [BIN / "nbd-client", "serve", name, "--listen", f"unix:{sock}"],
@@ -240,10 +259,44 @@ class Cluster:
         )
         wait_for(sock)
         return Target(target, ["ioengine=nbd", f"uri=nbd+unix:///?socket={sock}"], [proc],
-                      [proc.pid] + self.storage_pids + self.meta_pids)
+                      [proc.pid, *self.server_pids], node_pids=[proc.pid])
+
+    def delete_volumes(self):
+        for name in self.volumes:
+            subprocess.run([BIN / "ballast", "volume", "delete", name], stdout=subprocess.DEVNULL, env=self.env)
+
+
+class LocalCluster(Cluster):
+    """`ballast dev up` on this machine, stopped at the end."""
+
+    def __init__(self, workdir, insecure=False):
+        self.dir = Path(workdir) / ("cluster-plain" if insecure else "cluster")
+        run([BIN / "ballast", "dev", "up", "--dir", self.dir] + (["--insecure"] if insecure else []),
+            stdout=subprocess.DEVNULL)
+        # BALLAST_META, and BALLAST_TLS_DIR unless insecure: for every command.
+        self.env = {k: v for k, v in os.environ.items() if k != "BALLAST_TLS_DIR"} | read_env_file(
+            self.dir / "cluster.env")
+        state = json.loads((self.dir / "cluster.json").read_text())
+        self.storage_pids = [p["pid"] for p in state["processes"] if p["binary"] == "storage-server"]
+        meta_pids = [p["pid"] for p in state["processes"] if p["binary"] == "meta-raft"]
+        self.server_pids = self.storage_pids + meta_pids
 
     def down(self):
         subprocess.run([BIN / "ballast", "dev", "down", "--dir", self.dir], stdout=subprocess.DEVNULL)
+
+
+class ExistingCluster(Cluster):
+    """A cluster already running elsewhere (BENCH_CLUSTER): left running,
+    without the volumes this run created."""
+
+    def __init__(self, env_file):
+        self.env = os.environ | read_env_file(env_file)
+        if not self.env.get("BALLAST_META"):
+            sys.exit(f"{env_file} names no BALLAST_META")
+        run([BIN / "ballast", "volume", "list"], stdout=subprocess.DEVNULL, env=self.env)
+
+    def down(self):
+        self.delete_volumes()
 
 
 def peak_rss_mib():
@@ -272,6 +325,8 @@ def markdown(report):
         f"Commit {report.get('commit', '?')}; machine: {describe_machine(report.get('machine', {}))}.",
         f"Ratios are against `{BASELINE}` from the same run (IOPS; for latency, ours / baseline);",
         "each job ran on every target before the next job started.",
+        *(["Ballast's volumes were on a cluster running elsewhere (`BENCH_CLUSTER`); the machine above",
+           "is the node that served them."] if report.get("cluster") == "existing" else []),
         "",
         "| "
         + " | ".join(
@@ -349,19 +404,32 @@ def peer_ratios(report):
 
 
 def cpu_per_io(report):
-    """Server-side CPU µs per I/O of every target that has it, and ours against the baseline's."""
+    """Server-side CPU µs per I/O of every target that has it, ours against the
+    baseline's, and what of ours is the serving process on the node."""
     measured = [t for t in ALL_TARGETS if any("cpu_us_per_io" in r for r in report["results"].get(t, {}).values())]
     if not measured:
         return []
     compare = OURS in measured and BASELINE in measured
-    lines = ["", "Server-side CPU µs per I/O (same run).", "",
-             "| job | " + " | ".join(measured) + (f" | {OURS}/{BASELINE} |" if compare else " |"),
-             "|---" * (1 + len(measured) + compare) + "|"]
+    whose = ("; Ballast's is its serving process's alone, its chunk servers being elsewhere"
+             if report.get("cluster") == "existing" else "")
+    head = ["job", *measured]
+    if compare:
+        head += [f"{OURS}/{BASELINE}", f"{OURS} serving process", f"serving process/{BASELINE}"]
+    lines = ["", f"Server-side CPU µs per I/O (same run{whose}). The serving process is what stays on",
+             "the node when the chunk servers run on other machines.", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if a and b else "-"
+
     for job in JOB_ORDER:
-        cpu = {t: report["results"][t].get(job, {}).get("cpu_us_per_io") for t in measured}
+        results = {t: report["results"][t].get(job, {}) for t in measured}
+        cpu = {t: r.get("cpu_us_per_io") for t, r in results.items()}
         row = [job] + [f"{cpu[t]:.1f}" if cpu[t] is not None else "-" for t in measured]
         if compare:
-            row.append(f"{cpu[OURS] / cpu[BASELINE]:.2f}" if cpu[OURS] and cpu[BASELINE] else "-")
+            node = results[OURS].get("node_cpu_us_per_io")
+            row += [ratio(cpu[OURS], cpu[BASELINE]), f"{node:.1f}" if node is not None else "-",
+                    ratio(node, cpu[BASELINE])]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -431,8 +499,14 @@ def main():
     for peer in peers:
         if peer not in PEER_TARGETS:
             sys.exit(f"unknown peer {peer} (known: {', '.join(PEER_TARGETS)})")
+    existing = os.environ.get("BENCH_CLUSTER")
     default = [t for t in ALL_TARGETS if t not in PEER_TARGETS.values() or any(PEER_TARGETS[p] == t for p in peers)]
+    if existing:
+        default = [t for t in default if t not in LOCAL_ONLY]
     wanted = os.environ.get("BENCH_TARGETS", ",".join(default)).split(",")
+    if existing and set(wanted) & set(LOCAL_ONLY):
+        sys.exit(f"{', '.join(sorted(set(wanted) & set(LOCAL_ONLY)))} need a cluster on this machine: "
+                 "leave BENCH_CLUSTER unset for them")
     if not JOB_ORDER:
         sys.exit(f"BENCH_JOBS names none of the jobs ({', '.join(ALL_JOBS)})")
     for tool in ["fio", "qemu-nbd"]:
@@ -447,6 +521,7 @@ def main():
         "fio": subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip(),
         "commit": commit(),
         "machine": machine(),
+        "cluster": "existing" if existing else "local",
         "results": {},
         "peak_rss_mib": {},
     }
@@ -466,10 +541,10 @@ def main():
             elif name in ("ballast-r1", "ballast-r3", "ballast-r3-plain", "ballast-r3-overloaded"):
                 insecure = name.endswith("-plain")
                 if insecure not in clusters:
-                    clusters[insecure] = Cluster(workdir, insecure)
+                    clusters[insecure] = ExistingCluster(existing) if existing else LocalCluster(workdir, insecure)
                 cluster = clusters[insecure]
                 replicas = int(name.removeprefix("ballast-r")[0])
-                target = cluster.volume_target(name, replicas, size_bytes, workdir)
+                target = cluster.volume_target(name, replicas, size_bytes, workdir, report["timestamp"])
                 if name.endswith("-overloaded"):
                     slowed = cluster.storage_pids[-1]
                     target.condition = lambda pid=slowed: CpuLimit(pid, OVERLOADED_CPU_PERCENT)
@@ -487,13 +562,16 @@ def main():
             for target in targets:
                 log(f"{target.name}: {job}")
                 with target.condition():
-                    cpu_before = target.cpu_seconds()
+                    cpu_before = target.cpu_seconds(), target.cpu_seconds(target.node_pids)
                     result = summarize(fio(target, jobs[job], size_bytes, runtime, workdir))
-                    cpu_seconds = target.cpu_seconds() - cpu_before
+                    cpu_all, cpu_node = (after - before for after, before in
+                                         zip((target.cpu_seconds(), target.cpu_seconds(target.node_pids)), cpu_before))
                 result["headline"] = headline(result)
                 ios = result["headline"]["iops"] * (runtime + RAMP_S)
                 if target.cpu_pids and ios:
-                    result["cpu_us_per_io"] = cpu_seconds * 1e6 / ios
+                    result["cpu_us_per_io"] = cpu_all * 1e6 / ios
+                if target.node_pids and ios:
+                    result["node_cpu_us_per_io"] = cpu_node * 1e6 / ios
                 report["results"][target.name][job] = result
         report["peak_rss_mib"] = peak_rss_mib()
     finally:
