@@ -38,7 +38,8 @@ and to Ceph, the machine and the commit) and .svg (chart). Environment:
 BENCH_RUNTIME (s, default 10), BENCH_SIZE (default 512MiB), BENCH_TARGETS
 (comma list, default all but the peers), PEERS (comma list: ceph),
 BENCH_JOBS (comma list of job names, default all in bench/jobs), BENCH_DIR
-(work directory), BENCH_CLUSTER (see above).
+(work directory), BENCH_CLUSTER (see above), BENCH_BIN (Ballast's binaries,
+default target/release), BENCH_RESULTS (default bench/results).
 """
 
 import contextlib
@@ -58,8 +59,8 @@ import ceph
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "bench" / "jobs"
-RESULTS = ROOT / "bench" / "results"
-BIN = ROOT / "target" / "release"
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or ROOT / "bench" / "results")
+BIN = Path(os.environ.get("BENCH_BIN") or ROOT / "target" / "release")
 ALL_TARGETS = ["local-file", "qemu-nbd", "ceph-rbd", "ballast-r1", "ballast-r3", "ballast-r3-plain",
                "ballast-r3-overloaded"]
 # Measured only when asked for (PEERS=ceph): they need packages and minutes.

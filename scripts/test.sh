@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: every Rust test (unit, multi-process clusters, end
-# to end through FUSE, loop devices, mkfs and real NBD clients) and the
-# Kubernetes manifest checks. `make test` runs it after `scripts/deps.sh`.
+# to end through FUSE, loop devices, mkfs and real NBD clients), the
+# Kubernetes manifest checks and the benchmark at a tiny size. `make test`
+# runs it after `scripts/deps.sh`.
 #
 # A test that lacks something from the machine (root, a device, a tool)
 # fails, so a green run has tested everything. SKIP_SYSTEM_TESTS=1 asks for
@@ -43,6 +44,12 @@ fi
 python=$("$ROOT/scripts/deps.sh" --python)
 [ -x "$python" ] || python=python3
 "$python" deploy/check.py || status=1
+# `make bench` end to end at a tiny size: fio, qemu-nbd and a local cluster.
+if [ "$BALLAST_SYSTEM_TESTS" = required ] || { command -v fio && command -v qemu-nbd; } >/dev/null; then
+  python3 bench/smoke_test.py || status=1
+else
+  printf 'bench/smoke_test.py\tfio and qemu-nbd\n' >>"$BALLAST_SKIP_LOG"
+fi
 
 echo
 skipped=$(grep -c . "$BALLAST_SKIP_LOG" || true)
