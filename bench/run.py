@@ -243,16 +243,19 @@ def read_env_file(path):
 class Cluster:
     """A Ballast cluster the Ballast targets create their volumes on."""
 
-    # The volumes of this run, deleted when it ends.
-    volumes = ()
-    # Whose CPU counts beside the serving process's.
-    server_pids = ()
+    def __init__(self, env, server_pids=()):
+        # BALLAST_META, and BALLAST_TLS_DIR unless insecure: for every command.
+        self.env = env
+        # Whose CPU counts beside the serving process's.
+        self.server_pids = list(server_pids)
+        # The volumes this run created.
+        self.volumes = []
 
     def volume_target(self, target, replicas, size, workdir, run_id):
         name = f"bench-{target}-{run_id}"
         run([BIN / "ballast", "volume", "create", name, "--size", str(size), "--replicas", str(replicas)],
             stdout=subprocess.DEVNULL, env=self.env)
-        self.volumes = [*self.volumes, name]
+        self.volumes.append(name)
         sock = Path(workdir) / f"{name}.sock"
         proc = subprocess.Popen(
             [BIN / "nbd-client", "serve", name, "--listen", f"unix:{sock}"],
@@ -262,10 +265,6 @@ class Cluster:
         return Target(target, ["ioengine=nbd", f"uri=nbd+unix:///?socket={sock}"], [proc],
                       [proc.pid, *self.server_pids], node_pids=[proc.pid])
 
-    def delete_volumes(self):
-        for name in self.volumes:
-            subprocess.run([BIN / "ballast", "volume", "delete", name], stdout=subprocess.DEVNULL, env=self.env)
-
 
 class LocalCluster(Cluster):
     """`ballast dev up` on this machine, stopped at the end."""
@@ -274,13 +273,11 @@ class LocalCluster(Cluster):
         self.dir = Path(workdir) / ("cluster-plain" if insecure else "cluster")
         run([BIN / "ballast", "dev", "up", "--dir", self.dir] + (["--insecure"] if insecure else []),
             stdout=subprocess.DEVNULL)
-        # BALLAST_META, and BALLAST_TLS_DIR unless insecure: for every command.
-        self.env = {k: v for k, v in os.environ.items() if k != "BALLAST_TLS_DIR"} | read_env_file(
-            self.dir / "cluster.env")
+        env = {k: v for k, v in os.environ.items() if k != "BALLAST_TLS_DIR"} | read_env_file(self.dir / "cluster.env")
         state = json.loads((self.dir / "cluster.json").read_text())
         self.storage_pids = [p["pid"] for p in state["processes"] if p["binary"] == "storage-server"]
         meta_pids = [p["pid"] for p in state["processes"] if p["binary"] == "meta-raft"]
-        self.server_pids = self.storage_pids + meta_pids
+        super().__init__(env, self.storage_pids + meta_pids)
 
     def down(self):
         subprocess.run([BIN / "ballast", "dev", "down", "--dir", self.dir], stdout=subprocess.DEVNULL)
@@ -291,13 +288,14 @@ class ExistingCluster(Cluster):
     without the volumes this run created."""
 
     def __init__(self, env_file):
-        self.env = os.environ | read_env_file(env_file)
+        super().__init__(os.environ | read_env_file(env_file))
         if not self.env.get("BALLAST_META"):
             sys.exit(f"{env_file} names no BALLAST_META")
         run([BIN / "ballast", "volume", "list"], stdout=subprocess.DEVNULL, env=self.env)
 
     def down(self):
-        self.delete_volumes()
+        for name in self.volumes:
+            subprocess.run([BIN / "ballast", "volume", "delete", name], stdout=subprocess.DEVNULL, env=self.env)
 
 
 def peak_rss_mib():

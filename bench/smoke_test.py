@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from run import read_env_file
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("BENCH_BIN") or ROOT / "target" / "debug")
 
@@ -30,7 +32,7 @@ def main():
                        stdout=subprocess.DEVNULL)
         try:
             env_file = cluster / "cluster.env"
-            env = os.environ | dict(l.split("=", 1) for l in env_file.read_text().split() if "=" in l)
+            env = os.environ | read_env_file(env_file)
             results = tmp / "results"
             bench = os.environ | {
                 "BENCH_CLUSTER": str(env_file), "BENCH_BIN": str(BIN), "BENCH_RESULTS": str(results),
