@@ -113,10 +113,15 @@ class Target:
         # What holds while its jobs run (a context manager factory).
         self.condition = contextlib.nullcontext
 
-    def cpu_seconds(self, pids=None):
-        """User and system time of `pids`, by default every process counted for this target."""
+    def cpu_seconds(self):
+        """User and system time so far: of every process counted for this
+        target, and of its serving process alone."""
+        return self.seconds_of(self.cpu_pids), self.seconds_of(self.node_pids)
+
+    @staticmethod
+    def seconds_of(pids):
         ticks = 0
-        for pid in self.cpu_pids if pids is None else pids:
+        for pid in pids:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
@@ -561,10 +566,9 @@ def main():
             for target in targets:
                 log(f"{target.name}: {job}")
                 with target.condition():
-                    cpu_before = target.cpu_seconds(), target.cpu_seconds(target.node_pids)
+                    cpu_before = target.cpu_seconds()
                     result = summarize(fio(target, jobs[job], size_bytes, runtime, workdir))
-                    cpu_all, cpu_node = (after - before for after, before in
-                                         zip((target.cpu_seconds(), target.cpu_seconds(target.node_pids)), cpu_before))
+                    cpu_all, cpu_node = (after - before for after, before in zip(target.cpu_seconds(), cpu_before))
                 result["headline"] = headline(result)
                 ios = result["headline"]["iops"] * (runtime + RAMP_S)
                 if target.cpu_pids and ios:
